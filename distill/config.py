@@ -1,0 +1,229 @@
+"""Typed run configuration: dataclasses loaded from YAML plus `key.sub=value` overrides, validated before any
+model is loaded. Unknown keys are rejected with the closest valid name."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, explained in words a user can act on."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "offline:rotten_tomatoes"
+    """Dataset: `offline:NAME`, a Hub id (optionally `hub:ID`), or a local .csv/.json/.jsonl/.parquet file."""
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    hub_config: Optional[str] = None
+    """Dataset configuration name for Hub datasets that have several."""
+    validation_fraction: float = 0.1
+    """Used only when the data lacks a validation split; carved from train with `split_seed`."""
+    test_fraction: float = 0.2
+    """Used only when the data lacks a test split."""
+    split_seed: int = 42
+    max_length: int = 64
+    max_train_examples: Optional[int] = None
+    """Truncate each split (for smoke tests and quick looks); None keeps everything."""
+    max_eval_examples: Optional[int] = None
+
+
+@dataclass
+class StudentConfig:
+    init: str = "copy_layers"
+    """`copy_layers` (subset of teacher layers, DistilBERT/TinyBERT init), `fresh` (new narrower config,
+    random weights) or `pretrained` (load `model` as it is)."""
+    layers: Optional[list[int]] = None
+    """0-based teacher layers to copy; None picks `num_layers` evenly spaced layers ending at the last."""
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    model: Optional[str] = None
+    """For `init: pretrained`: a model path or id."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "ce"
+    """A registered loss: see `distill.losses.LOSSES`."""
+    weight: float = 1.0
+    temperature: float = 1.0
+    """Softening temperature for `kl` (scaled by T^2)."""
+    head_match: str = "exact"
+    """Attention losses: `exact` (equal head counts), `group` (average groups of teacher heads), `average`."""
+
+
+@dataclass
+class LayerMapConfig:
+    kind: str = "uniform"
+    """`uniform` (TinyBERT: student layer j <- teacher layer j*k), `last` (top layers), `explicit` (`layers`)."""
+    layers: Optional[list[int]] = None
+    """For `explicit`: the 0-based teacher layer matched to each student layer, in order (like
+    `student.layers`). Embedding outputs are always matched too."""
+
+
+@dataclass
+class StageConfig:
+    name: str = "distill"
+    epochs: float = 3.0
+    learning_rate: float = 5e-5
+    losses: list[LossConfig] = field(default_factory=lambda: [LossConfig()])
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    """`no`, `bf16` or `fp16` (passed to Accelerate)."""
+    log_steps: int = 20
+    save_steps: int = 200
+    """Checkpoint every N optimizer steps (and at every epoch end) for resume after a kill."""
+    max_steps_per_stage: Optional[int] = None
+    """Stop a stage early after this many optimizer steps (smoke tests)."""
+    select_best: bool = True
+    """Keep the weights of the epoch with the best validation metric rather than the last."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune a model (for example a headless offline encoder) into a task teacher."""
+    model: str = "offline:all-MiniLM-L6-v2"
+    output_dir: str = "runs/teacher"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=lambda: StageConfig(name="finetune", learning_rate=5e-5))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class DistillConfig:
+    """Distil a fine-tuned teacher into a smaller student, in one or more stages."""
+    teacher: str = "runs/teacher/model"
+    output_dir: str = "runs/student"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys with the closest valid name."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def apply_override(values: dict[str, Any], dotted: str, raw: str) -> None:
+    """Set `a.b.c` (list items by index: `stages.0.epochs`) in a nested dict; the value is parsed as YAML."""
+    keys = dotted.split(".")
+    node: Any = values
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            node = node[_index(key, node, dotted)]
+        else:
+            node = node.setdefault(key, {})
+    value = yaml.safe_load(raw) if raw != "" else None
+    if isinstance(node, list):
+        node[_index(keys[-1], node, dotted)] = value
+    else:
+        node[keys[-1]] = value
+
+
+def _index(key: str, items: list, dotted: str) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        raise ConfigError(f"override '{dotted}': '{key}' is not an index into a list of {len(items)}")
+    return int(key)
+
+
+def parse_args(cls: type, argv: list[str], defaults: dict[str, Any] | None = None) -> Any:
+    """`--config file.yaml` then any number of `--a.b=value`, `--a.b value` or `a.b=value` overrides."""
+    values: dict[str, Any] = dataclasses.asdict(cls()) if defaults is None else defaults
+    overrides: list[tuple[str, str]] = []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        key, eq, raw = arg.lstrip("-").partition("=")
+        if not eq:
+            if not args:
+                raise ConfigError(f"argument '{arg}' has no value")
+            raw = args.pop(0)
+        if key == "config":
+            path = Path(raw)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: expected a mapping at the top level")
+            values = _merge(values, loaded)
+        else:
+            overrides.append((key, raw))
+    for key, raw in overrides:
+        apply_override(values, key, raw)
+    return from_dict(cls, values)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def save_yaml(config: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

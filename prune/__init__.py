@@ -1,0 +1,1 @@
+"""Pruning (structured, unstructured, low-rank): to come."""

@@ -1,0 +1,1 @@
+"""Quantization (bitsandbytes, dynamic int8, half precision): to come."""

@@ -1,0 +1,24 @@
+"""Distil a fine-tuned teacher into a smaller student (TinyBERT-style stages are listed in the config).
+
+    accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/distill_student.py \
+        --config recipes/distill_tinybert.yaml [key.sub=value ...]
+    python recipes/distill_student.py --config recipes/distill_tinybert.yaml seed=1 output_dir=runs/student-s1
+"""
+import json
+import sys
+
+from distill.config import ConfigError, DistillConfig, parse_args
+from distill.run import distill
+
+
+def main(argv: list[str]) -> None:
+    try:
+        cfg = parse_args(DistillConfig, argv)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    result = distill(cfg)
+    print(json.dumps({"student": f"{cfg.output_dir}/model", **result.metrics}, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,69 @@
+"""Tiny, offline fixtures: a word-level BERT tokenizer, a synthetic sentiment CSV, and small BERT models."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+POSITIVE = ["good", "great", "fine", "superb", "lovely", "moving"]
+NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "flat"]
+NEUTRAL = ["the", "film", "movie", "plot", "was", "a", "story", "acting", "and", "very", "quite", "it"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_tokenizer(folder: Path, words: list[str]) -> BertTokenizerFast:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(SPECIAL + words) + "\n")
+    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+
+
+def make_sentences(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Sentences whose label is carried by one sentiment word among neutral filler."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = rng.choices(NEUTRAL, k=rng.randint(3, 9))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "pos" else NEGATIVE))
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def tiny_bert_config(vocab_size: int, **overrides) -> BertConfig:
+    values = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                  id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test builds its own Accelerator; Accelerate keeps process-wide singletons between them."""
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "sentiment.csv"
+    rows = make_sentences(200)
+    path.write_text("review,sentiment\n" + "\n".join(f"{text},{label}" for text, label in rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_teacher_dir(tmp_path: Path) -> Path:
+    """A saved random-init 4-layer BERT classifier with its word-level tokenizer."""
+    folder = tmp_path / "teacher"
+    tokenizer = make_tokenizer(folder, POSITIVE + NEGATIVE + NEUTRAL)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(len(tokenizer)))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
