@@ -144,14 +144,15 @@ def _ensure_splits(raw: datasets.DatasetDict, cfg: DataConfig) -> datasets.Datas
 
 
 def _labels_to_ids(raw: datasets.DatasetDict, column: str) -> datasets.DatasetDict:
-    feature = raw["train"].features[column]
-    if isinstance(feature, datasets.ClassLabel):
+    """Integer labels 0..n-1 stay as they are; anything else (strings, sparse ids) becomes a ClassLabel."""
+    if isinstance(raw["train"].features[column], datasets.ClassLabel):
         return raw
     values = sorted({v for split in raw.values() for v in split[column]}, key=str)
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and values == list(range(len(values))):
         return raw
     to_id = {v: i for i, v in enumerate(values)}
-    return raw.map(lambda v: {column: to_id[v]}, input_columns=column)
+    mapped = raw.map(lambda v: {column: to_id[v]}, input_columns=column, desc="label ids")
+    return mapped.cast_column(column, datasets.ClassLabel(names=[str(v) for v in values]))
 
 
 def label_names(splits: datasets.DatasetDict) -> list[str]:

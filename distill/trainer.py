@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from .config import LossConfig, StageConfig, TrainConfig
 from .evaluate import accuracy
@@ -27,16 +28,19 @@ from .losses import LossInputs, LossSetup, build_losses
 
 
 class EpochSampler(Sampler[int]):
-    """A permutation that depends only on (seed, epoch), so a resumed run replays the same order."""
+    """An order that depends only on (seed, epoch), so a resumed run replays the same batches. With `lengths`,
+    examples of similar length are batched together (less padding, faster steps), as transformers' Trainer does."""
 
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int, lengths: Optional[list[int]] = None, batch_size: int = 1):
+        self.size, self.seed, self.lengths, self.batch_size, self.epoch = size, seed, lengths, batch_size, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.lengths is not None:
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
     def __len__(self) -> int:
@@ -93,9 +97,14 @@ class Trainer:
     ):
         self.accelerator, self.student, self.teacher = accelerator, student, teacher
         self.cfg, self.run_dir, self.on_step = train_cfg, Path(run_dir), on_step
-        self.sampler = EpochSampler(len(datasets["train"]), seed)
+        train_set = datasets["train"]
+        lengths = [len(ids) for ids in train_set["input_ids"]] if train_cfg.group_by_length else None
+        self.sampler = EpochSampler(len(train_set), seed, lengths, train_cfg.batch_size)
         self.collate = collate
-        train_loader = DataLoader(datasets["train"], train_cfg.batch_size, sampler=self.sampler, collate_fn=collate)
+        # A private generator: creating a loader iterator must not draw from the global RNG (dropout), or a
+        # resumed run, which creates one more iterator mid-epoch, would diverge from an uninterrupted one.
+        train_loader = DataLoader(train_set, train_cfg.batch_size, sampler=self.sampler, collate_fn=collate,
+                                  generator=torch.Generator().manual_seed(seed))
         self.train_loader = accelerator.prepare(train_loader)
         self.eval_loader = self.eval_loader_for(datasets["validation"])
         if teacher is not None:

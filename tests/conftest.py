@@ -15,10 +15,8 @@ NEUTRAL = ["the", "film", "movie", "plot", "was", "a", "story", "acting", "and",
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def make_tokenizer(folder: Path, words: list[str]) -> BertTokenizerFast:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(SPECIAL + words) + "\n")
-    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+def make_tokenizer(words: list[str]) -> BertTokenizerFast:
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(SPECIAL + words)})
 
 
 def make_sentences(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -61,7 +59,7 @@ def sentiment_csv(tmp_path: Path) -> Path:
 def tiny_teacher_dir(tmp_path: Path) -> Path:
     """A saved random-init 4-layer BERT classifier with its word-level tokenizer."""
     folder = tmp_path / "teacher"
-    tokenizer = make_tokenizer(folder, POSITIVE + NEGATIVE + NEUTRAL)
+    tokenizer = make_tokenizer(POSITIVE + NEGATIVE + NEUTRAL)
     torch.manual_seed(0)
     model = BertForSequenceClassification(tiny_bert_config(len(tokenizer)))
     model.save_pretrained(folder)

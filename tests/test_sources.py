@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from distill.config import ConfigError, DataConfig
+from distill.sources import label_names, load_splits, resolve_model, tokenize
+
+from .conftest import make_sentences, make_tokenizer
+
+
+def test_csv_with_custom_columns_and_string_labels_gets_deterministic_splits(sentiment_csv):
+    cfg = DataConfig(source=str(sentiment_csv), text_column="review", label_column="sentiment",
+                     validation_fraction=0.1, test_fraction=0.2)
+    splits = load_splits(cfg)
+    assert {name: len(split) for name, split in splits.items()} == {"train": 139, "validation": 20, "test": 41}
+    assert label_names(splits) == ["neg", "pos"]
+    assert set(splits["train"]["label"]) == {0, 1}
+    again = load_splits(cfg)
+    assert again["test"]["text"] == splits["test"]["text"]
+    other_seed = load_splits(DataConfig(**{**cfg.__dict__, "split_seed": 7}))
+    assert other_seed["test"]["text"] != splits["test"]["text"]
+    assert sorted(list(splits["train"]["text"]) + list(splits["validation"]["text"]) + list(splits["test"]["text"])) == sorted(
+        text for text, _ in make_sentences(200))
+
+
+def test_json_lines_with_many_classes_and_existing_splits_are_kept(tmp_path):
+    rows = [{"sentence": text, "topic": ["a", "b", "c"][i % 3]} for i, (text, _) in enumerate(make_sentences(30))]
+    path = tmp_path / "topics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    splits = load_splits(DataConfig(source=str(path), text_column="sentence", label_column="topic"))
+    assert label_names(splits) == ["a", "b", "c"]
+    assert sum(len(s) for s in splits.values()) == 30
+
+
+def test_tokenize_truncates_and_keeps_labels(sentiment_csv):
+    tokenizer = make_tokenizer(["the", "film", "good", "bad"])
+    splits = load_splits(DataConfig(source=str(sentiment_csv), text_column="review", label_column="sentiment"))
+    tokenized = tokenize(splits, tokenizer, max_length=6)
+    assert set(tokenized["train"].column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+    assert max(len(ids) for ids in tokenized["train"]["input_ids"]) == 6
+
+
+def test_missing_column_and_file_are_clear_errors(sentiment_csv, tmp_path):
+    with pytest.raises(ConfigError, match="data.text_column='text' is not a column.*columns: review, sentiment"):
+        load_splits(DataConfig(source=str(sentiment_csv), label_column="sentiment"))
+    with pytest.raises(ConfigError, match="data file not found"):
+        load_splits(DataConfig(source=str(tmp_path / "absent.csv")))
+    with pytest.raises(ConfigError, match="unknown offline dataset 'sst2'"):
+        load_splits(DataConfig(source="offline:sst2"))
+    with pytest.raises(ConfigError, match="model path not found"):
+        resolve_model("./no/such/model")
+    with pytest.raises(ConfigError, match="unknown offline model"):
+        resolve_model("offline:bert-huge")
+
+
+def test_offline_rotten_tomatoes_split_sizes():
+    splits = load_splits(DataConfig(source="offline:rotten_tomatoes"))
+    sizes = {name: len(split) for name, split in splits.items()}
+    assert sum(sizes.values()) == 8530
+    assert sizes["test"] == 1707 and sizes["validation"] == 853
+    assert set(splits["test"]["label"]) == {0, 1}
+
+
+def test_offline_model_resolves_by_alias_and_prefix():
+    path = resolve_model("offline:all-MiniLM-L6-v2")
+    assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == path
+    assert resolve_model("hub:sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
