@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from distill.config import ConfigError, DistillConfig, FinetuneConfig, parse_args
@@ -33,3 +37,13 @@ def test_type_errors_and_missing_files():
         parse_args(DistillConfig, ["--config", "nope.yaml"])
     with pytest.raises(ConfigError, match="not an index"):
         parse_args(DistillConfig, ["stages.4.epochs=1"])
+
+
+@pytest.mark.parametrize("recipe", ["distill_student.py", "finetune_teacher.py"])
+def test_recipe_scripts_reject_a_misspelt_key_before_loading_anything(recipe):
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "recipes" / recipe), "--config", str(root / "recipes" / (
+        "distill_tinybert.yaml" if recipe.startswith("distill") else "teacher.yaml")), "train.learning_rate=1e-4"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "config error: unknown config key 'train.learning_rate'" in done.stderr
