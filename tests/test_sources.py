@@ -49,6 +49,8 @@ def test_missing_column_and_file_are_clear_errors(sentiment_csv, tmp_path):
         load_splits(DataConfig(source="offline:sst2"))
     with pytest.raises(ConfigError, match="model path not found"):
         resolve_model("./no/such/model")
+    with pytest.raises(ConfigError, match="model path not found"):
+        resolve_model("runs/teacher-typo/model")
     with pytest.raises(ConfigError, match="unknown offline model"):
         resolve_model("offline:bert-huge")
 
