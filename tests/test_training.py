@@ -142,3 +142,29 @@ def test_tokenizer_mismatch_is_an_error(trained_teacher, sentiment_csv, tmp_path
                       student=StudentConfig(init="pretrained", model=str(other)))
     with pytest.raises(ConfigError, match="student and teacher tokenizers differ"):
         distill(cfg, on_step=never_train)
+
+
+def test_gradient_accumulation_matches_the_larger_batch(sentiment_csv, tmp_path):
+    folder = tmp_path / "no-dropout"
+    tokenizer = make_tokenizer(["the", "film", "good", "bad", "dull", "great", "was", "a", "movie", "plot"])
+    torch.manual_seed(0)
+    config = tiny_bert_config(len(tokenizer), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    def run(name, batch_size, accumulation):
+        train = train_cfg(batch_size=batch_size, gradient_accumulation_steps=accumulation, group_by_length=False,
+                          max_steps_per_stage=4, select_best=False)
+        cfg = FinetuneConfig(model=str(folder), output_dir=str(tmp_path / name), data=data_cfg(sentiment_csv),
+                             stage=StageConfig(epochs=1, learning_rate=1e-3, losses=[LossConfig(name="ce")]),
+                             train=train)
+        model = finetune(cfg).model
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return model
+
+    whole, accumulated = run("whole", 16, 1), run("accumulated", 8, 2)
+    initial = BertForSequenceClassification.from_pretrained(folder)
+    assert not torch.equal(whole.classifier.weight, initial.classifier.weight)
+    for (name, a), (_, b) in zip(whole.named_parameters(), accumulated.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
