@@ -236,5 +236,5 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def save_yaml(config: Any, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+def config_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import ConfigError, DistillConfig, FinetuneConfig, StageConfig, TrainConfig, save_yaml
+from .config import ConfigError, DistillConfig, FinetuneConfig, StageConfig, config_yaml
 from .evaluate import accuracy, count_parameters, disk_size_mb
 from .losses import LOSSES, LossSetup, require_loss
 from .mapping import build_layer_map
@@ -45,7 +45,7 @@ class Task:
 def finetune(cfg: FinetuneConfig, on_step: OnStep = None) -> RunResult:
     """Fine-tune `cfg.model` on the task (adding a fresh classification head if it has none)."""
     check_stages([cfg.stage])
-    accelerator, run_dir = start_run(cfg.train, cfg.seed, cfg.output_dir, cfg)
+    accelerator, run_dir = start_run(cfg)
     task = load_task(cfg.data, cfg.model)
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve_model(cfg.model), num_labels=len(task.labels),
@@ -60,7 +60,7 @@ def finetune(cfg: FinetuneConfig, on_step: OnStep = None) -> RunResult:
 def distill(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
     """Build the student from the teacher, then run each configured stage against the teacher."""
     check_stages(cfg.stages)
-    accelerator, run_dir = start_run(cfg.train, cfg.seed, cfg.output_dir, cfg)
+    accelerator, run_dir = start_run(cfg)
     task = load_task(cfg.data, cfg.teacher)
     needs_attentions = any(LOSSES[loss.name].needs_attentions for stage in cfg.stages for loss in stage.losses)
     attention = "eager" if needs_attentions else "sdpa"
@@ -105,17 +105,25 @@ def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_to
         )
 
 
-def start_run(train: TrainConfig, seed: int, output_dir: str, cfg) -> tuple[Accelerator, Path]:
-    if train.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16; got '{train.mixed_precision}'")
+def start_run(cfg: FinetuneConfig | DistillConfig) -> tuple[Accelerator, Path]:
+    """Create the Accelerator, seed everything, and record the resolved config in `output_dir`."""
+    if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16; got '{cfg.train.mixed_precision}'")
+    run_dir = Path(cfg.output_dir)
+    config_text = config_yaml(cfg)
+    recorded = run_dir / "config.yaml"
+    if (run_dir / "checkpoint").exists() and recorded.is_file() and recorded.read_text() != config_text:
+        raise ConfigError(
+            f"{run_dir} holds an unfinished run with a different config ({recorded}); resume it with that config, "
+            "or choose another output_dir"
+        )
     accelerator = Accelerator(
-        gradient_accumulation_steps=train.gradient_accumulation_steps, mixed_precision=train.mixed_precision
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=cfg.train.mixed_precision
     )
-    set_seed(seed)
-    run_dir = Path(output_dir)
+    set_seed(cfg.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
+        recorded.write_text(config_text)
     accelerator.wait_for_everyone()
     return accelerator, run_dir
 

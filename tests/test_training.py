@@ -168,3 +168,18 @@ def test_gradient_accumulation_matches_the_larger_batch(sentiment_csv, tmp_path)
     assert not torch.equal(whole.classifier.weight, initial.classifier.weight)
     for (name, a), (_, b) in zip(whole.named_parameters(), accumulated.named_parameters()):
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_resuming_with_a_different_config_is_refused(tiny_teacher_dir, sentiment_csv, tmp_path):
+    cfg = distill_cfg(sentiment_csv, tiny_teacher_dir, tmp_path / "run",
+                      stages=[StageConfig(epochs=1, learning_rate=1e-3, losses=[LossConfig(name="kl")])])
+
+    def kill(state):
+        if state.global_step == 4:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        distill(cfg, on_step=kill)
+    cfg.stages[0].learning_rate = 5e-4
+    with pytest.raises(ConfigError, match="unfinished run with a different config"):
+        distill(cfg, on_step=never_train)
