@@ -38,7 +38,9 @@ OFFLINE_DATASETS: dict[str, str] = {
     "rotten_tomatoes": "rotten_tomatoes",
     "imdb": "imdb",
 }
-DATASET_ALIASES = {"cornell-movie-review-data/rotten_tomatoes": "rotten_tomatoes", "stanfordnlp/imdb": "imdb"}
+# Hub ids whose train split the offline package carries (the Hub copies also have their own test splits)
+DATASET_ALIASES = {"cornell-movie-review-data/rotten_tomatoes": "rotten_tomatoes", "rotten_tomatoes": "rotten_tomatoes",
+                   "stanfordnlp/imdb": "imdb", "imdb": "imdb"}
 
 DATA_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 

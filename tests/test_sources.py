@@ -61,6 +61,8 @@ def test_offline_rotten_tomatoes_split_sizes():
     assert sum(sizes.values()) == 8530
     assert sizes["test"] == 1707 and sizes["validation"] == 853
     assert set(splits["test"]["label"]) == {0, 1}
+    by_hub_id = load_splits(DataConfig(source="cornell-movie-review-data/rotten_tomatoes"))  # offline copy, no network
+    assert list(by_hub_id["test"]["text"]) == list(splits["test"]["text"])
 
 
 def test_offline_model_resolves_by_alias_and_prefix():
