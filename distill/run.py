@@ -96,8 +96,8 @@ def check_stages(stages: list[StageConfig]) -> None:
 
 
 def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase):
-    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-        s, t = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    s, t = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if s != t:
         differ = len(set(s.items()) ^ set(t.items()))
         raise ConfigError(
             f"student and teacher tokenizers differ (vocabulary sizes {len(s)} and {len(t)}, {differ} entries "

@@ -69,3 +69,14 @@ def test_offline_model_resolves_by_alias_and_prefix():
     path = resolve_model("offline:all-MiniLM-L6-v2")
     assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == path
     assert resolve_model("hub:sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_parquet_file_with_integer_labels(tmp_path):
+    import pandas as pd
+
+    rows = make_sentences(40)
+    path = tmp_path / "reviews.parquet"
+    pd.DataFrame({"text": [t for t, _ in rows], "label": [int(lab == "pos") for _, lab in rows]}).to_parquet(path)
+    splits = load_splits(DataConfig(source=str(path)))
+    assert sum(len(s) for s in splits.values()) == 40
+    assert label_names(splits) == ["0", "1"]
