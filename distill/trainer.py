@@ -99,11 +99,11 @@ class Trainer:
         self.cfg, self.run_dir, self.on_step = train_cfg, Path(run_dir), on_step
         train_set = datasets["train"]
         lengths = [len(ids) for ids in train_set["input_ids"]] if train_cfg.group_by_length else None
-        self.sampler = EpochSampler(len(train_set), seed, lengths, train_cfg.batch_size)
+        sampler = EpochSampler(len(train_set), seed, lengths, train_cfg.batch_size)
         self.collate = collate
         # A private generator: creating a loader iterator must not draw from the global RNG (dropout), or a
         # resumed run, which creates one more iterator mid-epoch, would diverge from an uninterrupted one.
-        train_loader = DataLoader(train_set, train_cfg.batch_size, sampler=self.sampler, collate_fn=collate,
+        train_loader = DataLoader(train_set, train_cfg.batch_size, sampler=sampler, collate_fn=collate,
                                   generator=torch.Generator().manual_seed(seed))
         self.train_loader = accelerator.prepare(train_loader)
         self.eval_loader = self.eval_loader_for(datasets["validation"])
