@@ -15,13 +15,13 @@ from typing import Callable, Optional
 import datasets
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import ConfigError, DistillConfig, FinetuneConfig, StageConfig, config_yaml
 from .evaluate import accuracy, count_parameters, disk_size_mb
 from .losses import LOSSES, LossSetup, require_loss
 from .mapping import build_layer_map
-from .sources import collator, label_names, load_splits, load_tokenizer, resolve_model, tokenize
+from .sources import collator, label_names, load_classifier, load_splits, load_tokenizer, tokenize
 from .student import build_student
 from .trainer import Trainer, TrainState
 
@@ -47,8 +47,8 @@ def finetune(cfg: FinetuneConfig, on_step: OnStep = None) -> RunResult:
     check_stages([cfg.stage])
     accelerator, run_dir = start_run(cfg)
     task = load_task(cfg.data, cfg.model)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(cfg.model), num_labels=len(task.labels),
+    model = load_classifier(
+        cfg.model, num_labels=len(task.labels),
         id2label=dict(enumerate(task.labels)), label2id={name: i for i, name in enumerate(task.labels)},
     )
     trainer = Trainer(accelerator, model, None, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
@@ -64,7 +64,7 @@ def distill(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
     task = load_task(cfg.data, cfg.teacher)
     needs_attentions = any(LOSSES[loss.name].needs_attentions for stage in cfg.stages for loss in stage.losses)
     attention = "eager" if needs_attentions else "sdpa"
-    teacher = AutoModelForSequenceClassification.from_pretrained(resolve_model(cfg.teacher), attn_implementation=attention)
+    teacher = load_classifier(cfg.teacher, attn_implementation=attention)
     if teacher.config.num_labels != len(task.labels):
         raise ConfigError(f"teacher predicts {teacher.config.num_labels} classes, the data has {len(task.labels)}")
     student = build_student(cfg.student, teacher)
@@ -155,12 +155,15 @@ def finish_run(trainer: Trainer, model: PreTrainedModel, task: Task, run_dir: Pa
     return RunResult(model, metrics, run_dir)
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path,
+               extra_files: Optional[dict[str, str]] = None) -> None:
     """save_pretrained into a sibling temp folder, then rename: the folder appears only when complete."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -5,11 +5,13 @@ offline package carries), then the Hub. `hub:ID` forces the Hub."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Callable
 
 import datasets
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from .config import ConfigError, DataConfig
 
@@ -67,6 +69,18 @@ def resolve_model(name: str) -> str:
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a Hub id is `name` or `owner/name`
         raise ConfigError(f"model path not found: {name}")
     return name
+
+
+def load_classifier(name: str, **kwargs) -> PreTrainedModel:
+    """A sequence classifier from `name` (see `resolve_model`). Remote code is trusted only for a local checkpoint
+    that this framework compressed (its config carries `compression` and ships `modeling_compressed.py`)."""
+    path = resolve_model(name)
+    return AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=is_compressed(path), **kwargs)
+
+
+def is_compressed(path: str) -> bool:
+    config = Path(path, "config.json")
+    return config.is_file() and "compression" in json.loads(config.read_text())
 
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 import re
 
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .arch import layer_list_path
 from .config import ConfigError, StudentConfig
-from .sources import resolve_model
+from .sources import load_classifier
 
 
 def build_student(cfg: StudentConfig, teacher: PreTrainedModel) -> PreTrainedModel:
@@ -20,8 +20,8 @@ def build_student(cfg: StudentConfig, teacher: PreTrainedModel) -> PreTrainedMod
     if cfg.init == "pretrained":
         if not cfg.model:
             raise ConfigError("student.init 'pretrained' needs student.model")
-        return AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(cfg.model), num_labels=teacher.config.num_labels,
+        return load_classifier(
+            cfg.model, num_labels=teacher.config.num_labels,
             id2label=teacher.config.id2label, label2id=teacher.config.label2id,
         )
     raise ConfigError(f"student.init must be copy_layers, fresh or pretrained; got '{cfg.init}'")

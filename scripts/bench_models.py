@@ -12,9 +12,10 @@ import statistics
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from distill.evaluate import count_parameters, disk_size_mb, latency_batch, latency_ms
+from distill.sources import load_classifier
 
 SAMPLE_TEXTS = [
     "a gripping , beautifully acted drama that stays with you long after the credits roll .",
@@ -26,7 +27,7 @@ SAMPLE_TEXTS = [
 def measure(folders: list[Path], batch_size: int, max_length: int, rounds: int, threads: int | None) -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
-    models = [AutoModelForSequenceClassification.from_pretrained(f).eval() for f in folders]
+    models = [load_classifier(str(f)).eval() for f in folders]
     batch = latency_batch(AutoTokenizer.from_pretrained(folders[0]), SAMPLE_TEXTS, batch_size, max_length)
     timings: list[list[float]] = [[] for _ in models]
     for _ in range(rounds):  # alternate so that drift in machine load hits every model alike
