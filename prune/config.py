@@ -1,0 +1,97 @@
+"""Typed configuration of a pruning run: what to remove, by which criterion, in how many rounds, and how each
+round recovers (distillation from the unpruned model). Loaded like every other config: YAML plus overrides."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from distill.config import DataConfig, LossConfig, StageConfig, TrainConfig
+
+
+@dataclass
+class ImportanceConfig:
+    criterion: str = "taylor"
+    """`magnitude`, `taylor` (head-mask gradient), `fisher` (diagonal Fisher of the masks) or `random`."""
+    batches: int = 32
+    """Calibration batches (of `train.batch_size`) drawn from the training split for gradient criteria."""
+
+
+@dataclass
+class UnitPruneConfig:
+    """Attention heads or FFN neurons to remove: a fraction or a count of those the unpruned model has."""
+    fraction: Optional[float] = None
+    count: Optional[int] = None
+    scope: str = "global"
+    """`global` (one ranking over all layers, scores normalised per layer) or `layer` (same share per layer)."""
+
+    @property
+    def active(self) -> bool:
+        return bool(self.fraction) or bool(self.count)
+
+
+@dataclass
+class LayerDropConfig:
+    count: int = 0
+    strategy: str = "importance"
+    """`importance` (lowest layer-gate score), `top`, `alternate` (every other from the top) or `explicit`."""
+    layers: Optional[list[int]] = None
+    """For `explicit`: 0-based layers to drop."""
+
+    @property
+    def active(self) -> bool:
+        return bool(self.count) or bool(self.layers)
+
+
+@dataclass
+class SparsityConfig:
+    kind: str = "none"
+    """`none`, `unstructured` (magnitude) or `n:m` (semi-structured, e.g. 2:4)."""
+    sparsity: float = 0.5
+    """For `unstructured`: fraction of the selected weights set to zero."""
+    scope: str = "layer"
+    """For `unstructured`: `layer` (each Linear to the sparsity) or `global` (one threshold)."""
+    n: int = 2
+    m: int = 4
+    patterns: Optional[list[str]] = None
+    """Regexes on module paths; None selects every Linear inside the transformer layers."""
+
+
+@dataclass
+class LowRankConfig:
+    rank: Optional[int] = None
+    rank_fraction: Optional[float] = None
+    """Fraction of each Linear's full rank min(in, out): 0.5 halves it."""
+    energy: Optional[float] = None
+    """Smallest rank keeping this fraction of the squared singular values."""
+    patterns: Optional[list[str]] = None
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.rank, self.rank_fraction, self.energy))
+
+
+def default_recovery() -> StageConfig:
+    return StageConfig(name="recover", epochs=1.0, learning_rate=5e-5, losses=[
+        LossConfig(name="kl", temperature=2.0), LossConfig(name="ce", weight=0.5), LossConfig(name="hidden_mse")])
+
+
+@dataclass
+class PruneConfig:
+    """Prune (and optionally factorise or sparsify) a fine-tuned model, recovering by distillation."""
+    model: str = "runs/teacher/model"
+    teacher: Optional[str] = None
+    """The unpruned reference that recovery distils from; None uses `model`."""
+    output_dir: str = "runs/pruned"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    heads: UnitPruneConfig = field(default_factory=UnitPruneConfig)
+    ffn: UnitPruneConfig = field(default_factory=UnitPruneConfig)
+    layers: LayerDropConfig = field(default_factory=LayerDropConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    low_rank: LowRankConfig = field(default_factory=LowRankConfig)
+    rounds: int = 1
+    """Prune in this many equal steps towards the targets, recovering after each (iterative pruning)."""
+    recover: bool = True
+    recovery: StageConfig = field(default_factory=default_recovery)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,176 @@
+"""Importance criteria, found by name, scoring every attention head, FFN neuron and layer of a model.
+
+- magnitude: L2 norm of the weights a unit owns (a head's query/key/value rows and output columns, a neuron's
+  input rows and output column, all of a layer's weights).
+- taylor: first-order Taylor / head-mask gradient (Michel et al. 2019): |dL/dg| of a gate g=1 on each unit,
+  accumulated over calibration batches.
+- fisher: diagonal Fisher of the same gates (sum of (dL/dg)^2), the OBD-style second-order saliency of the
+  mask (as in Kwon et al. 2022).
+- random: a seeded baseline.
+Higher means more important."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from distill.arch import arch_of, head_dim, kv_group_size, layer_list
+from distill.config import ConfigError
+
+from .saving import layer_shapes
+
+
+@dataclass
+class Scores:
+    heads: list[torch.Tensor]
+    """Per layer, one score per query head."""
+    neurons: list[torch.Tensor]
+    """Per layer, one score per FFN intermediate neuron."""
+    layers: torch.Tensor
+
+
+Batches = Iterable[dict[str, torch.Tensor]]
+Criterion = Callable[[PreTrainedModel, Batches, int], Scores]
+CRITERIA: dict[str, Criterion] = {}
+
+
+def criterion(name: str):
+    def register(fn: Criterion) -> Criterion:
+        CRITERIA[name] = fn
+        return fn
+    return register
+
+
+def require_criterion(name: str) -> Criterion:
+    if name not in CRITERIA:
+        raise ConfigError(f"unknown importance criterion '{name}'; known: {', '.join(CRITERIA)}")
+    return CRITERIA[name]
+
+
+def score(model: PreTrainedModel, name: str, batches: Batches = (), seed: int = 0) -> Scores:
+    return require_criterion(name)(model, batches, seed)
+
+
+@criterion("magnitude")
+@torch.no_grad()
+def magnitude(model: PreTrainedModel, batches: Batches, seed: int) -> Scores:
+    arch, d, group = arch_of(model, "importance scoring"), head_dim(model.config), kv_group_size(model.config)
+    heads, neurons, layer_norms = [], [], []
+    for layer in layer_list(model, "importance scoring"):
+        q, k, v, o = (weight(layer, path) for path in (*arch.attention_inputs(), arch.attention_out))
+        per_head = lambda w: w.pow(2).view(-1, d, w.shape[1]).sum((1, 2))  # noqa: E731
+        kv = (per_head(k) + per_head(v)).repeat_interleave(group) / group  # a shared group's weight split evenly
+        owned = per_head(q) + kv + o.pow(2).t().reshape(-1, d, o.shape[0]).sum((1, 2))
+        heads.append(owned.sqrt())
+        rows = sum(weight(layer, path).pow(2).sum(1) for path in arch.ffn_in)
+        neurons.append((rows + weight(layer, arch.ffn_out).pow(2).sum(0)).sqrt())
+        layer_norms.append(sum(p.pow(2).sum() for p in layer.parameters()).sqrt())
+    return Scores(heads, neurons, torch.stack(layer_norms))
+
+
+def weight(layer: nn.Module, path: str) -> torch.Tensor:
+    module = layer.get_submodule(path)
+    if not isinstance(module, nn.Linear):
+        raise ConfigError(f"{path} is a {type(module).__name__}, not a Linear: prune structure before factorizing")
+    return module.weight.float()
+
+
+@criterion("random")
+def random_scores(model: PreTrainedModel, batches: Batches, seed: int) -> Scores:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = layer_shapes(model)
+    return Scores([torch.rand(s["heads"], generator=generator) for s in shapes],
+                  [torch.rand(s["intermediate"], generator=generator) for s in shapes],
+                  torch.rand(len(shapes), generator=generator))
+
+
+@criterion("taylor")
+def taylor(model: PreTrainedModel, batches: Batches, seed: int) -> Scores:
+    return gate_gradients(model, batches, torch.abs)
+
+
+@criterion("fisher")
+def fisher(model: PreTrainedModel, batches: Batches, seed: int) -> Scores:
+    return gate_gradients(model, batches, torch.square)
+
+
+def gate_gradients(model: PreTrainedModel, batches: Batches, reduce: Callable) -> Scores:
+    """Sum over batches of reduce(dL/dg) for gates g=1 on every head, neuron and layer (dropout off, weights
+    frozen so that only the gates get gradients)."""
+    gates = Gates(model)
+    totals = Scores([torch.zeros_like(g) for g in gates.heads], [torch.zeros_like(g) for g in gates.neurons],
+                    torch.zeros_like(gates.layers))
+    was_training = model.training
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    seen = 0
+    try:
+        for batch in tqdm(batches, desc="importance", leave=False):
+            loss = model(**batch).loss
+            grads = torch.autograd.grad(loss, [*gates.heads, *gates.neurons, gates.layers])
+            n = len(gates.heads)
+            for total, grad in zip(totals.heads + totals.neurons, grads[: 2 * n]):
+                total += reduce(grad)
+            totals.layers += reduce(grads[-1])
+            seen += 1
+    finally:
+        gates.remove()
+        model.train(was_training)
+        for p, requires_grad in frozen:
+            p.requires_grad_(requires_grad)
+    if seen == 0:
+        raise ConfigError("gradient criteria need calibration batches; got none")
+    return totals
+
+
+class Gates:
+    """Multiplicative gates (all ones) on each head's output, each FFN neuron and each layer's residual update,
+    attached with hooks: dL/dg is the first-order effect of removing that unit."""
+
+    def __init__(self, model: PreTrainedModel):
+        arch, d = arch_of(model, "importance scoring"), head_dim(model.config)
+        shapes = layer_shapes(model)
+        self.heads = [torch.ones(s["heads"], requires_grad=True) for s in shapes]
+        self.neurons = [torch.ones(s["intermediate"], requires_grad=True) for s in shapes]
+        self.layers = torch.ones(len(shapes), requires_grad=True)
+        self.handles = []
+        for i, layer in enumerate(layer_list(model, "importance scoring")):
+            self.handles.append(layer.get_submodule(arch.attention_out).register_forward_pre_hook(
+                head_gate(self.heads[i], d)))
+            self.handles.append(layer.get_submodule(arch.ffn_out).register_forward_pre_hook(
+                neuron_gate(self.neurons[i])))
+            self.handles.extend(layer_gate(layer, self.layers, i))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def head_gate(gate: torch.Tensor, d: int):
+    def hook(module, args):
+        x = args[0]
+        return ((x.unflatten(-1, (-1, d)) * gate.to(x.dtype)[:, None]).flatten(-2), *args[1:])
+    return hook
+
+
+def neuron_gate(gate: torch.Tensor):
+    def hook(module, args):
+        return (args[0] * gate.to(args[0].dtype), *args[1:])
+    return hook
+
+
+def layer_gate(layer: nn.Module, gates: torch.Tensor, i: int):
+    """output = input + g * (output - input): g scales the layer's whole update of the residual stream."""
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        first = output[0] if isinstance(output, tuple) else output
+        gated = x + gates[i].to(first.dtype) * (first - x)
+        return (gated, *output[1:]) if isinstance(output, tuple) else gated
+
+    return [layer.register_forward_hook(hook, with_kwargs=True)]
