@@ -17,6 +17,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distill.arch import arch_of, head_dim, layer_list
 from distill.run import save_model
 
+from .lowrank import is_low_rank_pair
+
 REMOTE_FILE = "modeling_compressed.py"
 COMPRESSION_KEYS = ("compression", "auto_map")
 
@@ -65,7 +67,9 @@ def compression_spec(model: PreTrainedModel) -> dict:
         reference = stock_class(model)(copy.deepcopy(model.config)).base_model
     shapes, ranks = {}, {}
     for path, module in model.base_model.named_modules():
-        if isinstance(module, nn.Sequential) and len(module) == 2 and all(isinstance(m, nn.Linear) for m in module):
+        if path.rpartition(".")[0] in ranks:
+            continue  # a half of a low-rank pair, recorded with the pair
+        if is_low_rank_pair(module):
             ranks[path] = module[0].out_features
             module = nn.Linear(module[0].in_features, module[1].out_features, device="meta")
         if isinstance(module, nn.Linear):

@@ -1,0 +1,211 @@
+"""A pruning run, round by round: score units on calibration batches, remove the least important heads, FFN
+neurons and layers (then factorise and sparsify in the last round), distil-recover from the unpruned model,
+repeat until the targets are met. Each finished round is saved, so a killed run resumes where it stopped.
+
+Targets are shares of the unpruned model: round r of R removes what is needed to reach r/R of each target."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel
+
+from distill.arch import kv_group_size
+from distill.config import ConfigError, LayerMapConfig
+from distill.evaluate import accuracy, count_parameters, disk_size_mb
+from distill.losses import LOSSES, LossSetup
+from distill.mapping import build_layer_map
+from distill.run import OnStep, RunResult, Task, check_stages, load_task, start_run, write_json_atomic
+from distill.sources import collator, load_classifier
+from distill.trainer import Trainer
+
+from .config import PruneConfig
+from .ffn import prune_ffn
+from .heads import expand_groups, group_scores, prune_heads
+from .importance import Scores, require_criterion, score
+from .layers import LAYER_STRATEGIES, drop_layers, layers_to_drop
+from .lowrank import factorize
+from .saving import layer_shapes, save_compressed
+from .selection import SCOPES, select_kept, units_to_remove
+from .sparsity import apply_masks, magnitude_masks, make_permanent, nm_masks, sparsity_report
+
+SPARSITY_KINDS = ("none", "unstructured", "n:m")
+
+
+@dataclass
+class Progress:
+    """What the rounds so far have done, saved beside each round's model."""
+    kept_layers: list[int]
+    rounds_done: int = 0
+
+
+def prune(cfg: PruneConfig, on_step: OnStep = None) -> RunResult:
+    check_prune_config(cfg)
+    accelerator, run_dir = start_run(cfg)
+    task = load_task(cfg.data, cfg.model)
+    attention = "eager" if any(LOSSES[loss.name].needs_attentions for loss in cfg.recovery.losses) else "sdpa"
+    model = load_classifier(cfg.model, attn_implementation=attention)
+    if model.config.num_labels != len(task.labels):
+        raise ConfigError(f"model predicts {model.config.num_labels} classes, the data has {len(task.labels)}")
+    original = layer_shapes(model)
+    check_targets(cfg, model, original)
+    teacher = load_classifier(cfg.teacher or cfg.model, attn_implementation=attention) if cfg.recover else None
+    evaluator = Trainer(accelerator, model, None, task.splits, collator(task.tokenizer), cfg.train, cfg.seed, run_dir)
+    test_loader = evaluator.eval_loader_for(task.splits["test"])
+    before = {"parameters": count_parameters(model), "test_accuracy": accuracy(model, test_loader, accelerator)}
+    progress, model = resume_rounds(cfg, run_dir, model)
+    for r in range(progress.rounds_done + 1, cfg.rounds + 1):
+        prune_round(cfg, model, r, original, progress, calibration_batches(cfg, task, accelerator))
+        pruned_accuracy = accuracy(model, test_loader, accelerator)
+        if cfg.recover:
+            model = recover(cfg, model, teacher, task, accelerator, run_dir / f"round-{r}", progress, on_step)
+        make_permanent(model)
+        evaluator.log({"round": r, "parameters": count_parameters(model), "test_accuracy_before_recovery":
+                       pruned_accuracy, "shapes": layer_shapes(model)})
+        progress.rounds_done = r
+        if r < cfg.rounds and accelerator.is_main_process:
+            save_round(model, task, run_dir / f"round-{r}", progress)
+        accelerator.wait_for_everyone()
+    metrics = {
+        "test_accuracy_before_recovery": pruned_accuracy if cfg.rounds == progress.rounds_done else None,
+        "validation_accuracy": accuracy(model, evaluator.eval_loader, accelerator),
+        "test_accuracy": accuracy(model, test_loader, accelerator),
+        "parameters": count_parameters(model), "test_examples": len(task.splits["test"]),
+        "unpruned": before, "kept_layers": progress.kept_layers, "shapes": layer_shapes(model),
+        "sparsity": sparsity_report(model)[-1],
+    }
+    if accelerator.is_main_process:
+        save_compressed(model, task.tokenizer, run_dir / "model")
+        metrics["disk_mb"] = disk_size_mb(run_dir / "model")
+        write_json_atomic(metrics, run_dir / "metrics.json")
+        evaluator.log({"final": metrics})
+    accelerator.wait_for_everyone()
+    return RunResult(model, metrics, run_dir)
+
+
+def check_prune_config(cfg: PruneConfig) -> None:
+    """Config-only checks, before any model is loaded."""
+    require_criterion(cfg.importance.criterion)
+    for name, unit in (("heads", cfg.heads), ("ffn", cfg.ffn)):
+        if unit.scope not in SCOPES:
+            raise ConfigError(f"{name}.scope must be one of {', '.join(SCOPES)}; got '{unit.scope}'")
+    if cfg.layers.strategy not in LAYER_STRATEGIES:
+        raise ConfigError(f"layers.strategy must be one of {', '.join(LAYER_STRATEGIES)}; got '{cfg.layers.strategy}'")
+    if cfg.sparsity.kind not in SPARSITY_KINDS:
+        raise ConfigError(f"sparsity.kind must be one of {', '.join(SPARSITY_KINDS)}; got '{cfg.sparsity.kind}'")
+    if cfg.rounds < 1:
+        raise ConfigError(f"rounds must be at least 1; got {cfg.rounds}")
+    if cfg.importance.batches < 1:
+        raise ConfigError(f"importance.batches must be at least 1; got {cfg.importance.batches}")
+    if not (cfg.heads.active or cfg.ffn.active or cfg.layers.active or cfg.low_rank.active
+            or cfg.sparsity.kind != "none"):
+        raise ConfigError("nothing to prune: set heads, ffn, layers, low_rank or sparsity")
+    if cfg.recover:
+        check_stages([cfg.recovery])
+
+
+def check_targets(cfg: PruneConfig, model: PreTrainedModel, original: list[dict]) -> None:
+    """Targets the loaded model cannot meet fail here, before any long work."""
+    group = kv_group_size(model.config)
+    if cfg.heads.active:
+        if cfg.heads.count is not None and cfg.heads.count % group:
+            raise ConfigError(f"heads.count={cfg.heads.count} is not a whole number of key/value groups of {group}")
+        units_to_remove([s["heads"] // group for s in original], cfg.heads.fraction,
+                        None if cfg.heads.count is None else cfg.heads.count // group, "heads")
+    if cfg.ffn.active:
+        units_to_remove([s["intermediate"] for s in original], cfg.ffn.fraction, cfg.ffn.count, "ffn")
+    if cfg.layers.active:
+        layers_to_drop(len(original), cfg.layers.count, cfg.layers.strategy, torch.zeros(len(original)),
+                       cfg.layers.layers)
+
+
+def resume_rounds(cfg: PruneConfig, run_dir: Path, model: PreTrainedModel) -> tuple[Progress, PreTrainedModel]:
+    """The last saved round, if any; else a fresh start."""
+    for r in range(cfg.rounds - 1, 0, -1):
+        state = run_dir / f"round-{r}" / "progress.json"
+        if state.is_file():
+            return Progress(**json.loads(state.read_text())), load_classifier(str(state.parent / "model"))
+    return Progress(kept_layers=list(range(model.config.num_hidden_layers))), model
+
+
+def calibration_batches(cfg: PruneConfig, task: Task, accelerator) -> list[dict[str, torch.Tensor]]:
+    if cfg.importance.criterion in ("magnitude", "random"):
+        return []
+    loader = DataLoader(task.splits["train"], cfg.train.batch_size, shuffle=True, collate_fn=collator(task.tokenizer),
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    batches = []
+    for batch in loader:
+        batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
+        if len(batches) == cfg.importance.batches:
+            break
+    return batches
+
+
+def prune_round(cfg: PruneConfig, model: PreTrainedModel, r: int, original: list[dict], progress: Progress,
+                batches: list[dict]) -> None:
+    share = r / cfg.rounds
+    scores = score(model, cfg.importance.criterion, batches, seed=cfg.seed * 1000 + r)
+    if cfg.layers.active:
+        count = round(cfg.layers.count * share)
+        done = len(original) - len(progress.kept_layers)
+        explicit = [progress.kept_layers.index(i) for i in cfg.layers.layers or [] if i in progress.kept_layers]
+        drop = layers_to_drop(len(progress.kept_layers), count - done, cfg.layers.strategy, scores.layers, explicit)
+        keep = drop_layers(model, drop)
+        progress.kept_layers = [progress.kept_layers[i] for i in keep]
+        scores = Scores([scores.heads[i] for i in keep], [scores.neurons[i] for i in keep], scores.layers[keep])
+    remaining = [original[i] for i in progress.kept_layers]
+    current = layer_shapes(model)
+    if cfg.heads.active:
+        group = kv_group_size(model.config)
+        sizes = [s["heads"] // group for s in current]
+        target = round(share * units_to_remove([s["heads"] // group for s in remaining], cfg.heads.fraction,
+                                               heads_in_groups(cfg, group), "heads"))
+        remove = target - (sum(s["heads"] for s in remaining) // group - sum(sizes))
+        kept = select_kept([group_scores(s, group) for s in scores.heads], max(remove, 0), cfg.heads.scope)
+        prune_heads(model, {i: expand_groups(groups, group) for i, groups in enumerate(kept)})
+    if cfg.ffn.active:
+        target = round(share * units_to_remove([s["intermediate"] for s in remaining], cfg.ffn.fraction,
+                                               cfg.ffn.count, "ffn"))
+        remove = target - (sum(s["intermediate"] for s in remaining) - sum(s["intermediate"] for s in current))
+        kept = select_kept(scores.neurons, max(remove, 0), cfg.ffn.scope)
+        prune_ffn(model, dict(enumerate(kept)))
+    if r == cfg.rounds and cfg.low_rank.active:
+        lr = cfg.low_rank
+        factorize(model, rank=lr.rank, rank_fraction=lr.rank_fraction, energy=lr.energy, patterns=lr.patterns)
+    apply_sparsity(cfg, model, share, r)
+
+
+def heads_in_groups(cfg: PruneConfig, group: int) -> Optional[int]:
+    return None if cfg.heads.count is None else cfg.heads.count // group
+
+
+def apply_sparsity(cfg: PruneConfig, model: PreTrainedModel, share: float, r: int) -> None:
+    sp = cfg.sparsity
+    if sp.kind == "unstructured":
+        apply_masks(model, magnitude_masks(model, sp.sparsity * share, scope=sp.scope, patterns=sp.patterns))
+    elif sp.kind == "n:m" and r == cfg.rounds:
+        apply_masks(model, nm_masks(model, n=sp.n, m=sp.m, patterns=sp.patterns))
+
+
+def recover(cfg: PruneConfig, model: PreTrainedModel, teacher: PreTrainedModel, task: Task, accelerator,
+            round_dir: Path, progress: Progress, on_step: OnStep) -> PreTrainedModel:
+    """Distil the pruned model from the unpruned one; hidden states of kept layers match their originals."""
+    if accelerator.is_main_process:
+        round_dir.mkdir(parents=True, exist_ok=True)
+    layer_map = build_layer_map(LayerMapConfig(kind="explicit", layers=progress.kept_layers),
+                                len(progress.kept_layers), teacher.config.num_hidden_layers)
+    trainer = Trainer(accelerator, model, teacher, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
+                      round_dir, on_step)
+    model = trainer.fit([cfg.recovery], LossSetup(model.config, teacher.config, layer_map))
+    trainer.cleanup()
+    return model
+
+
+def save_round(model: PreTrainedModel, task: Task, round_dir: Path, progress: Progress) -> None:
+    save_compressed(model, task.tokenizer, round_dir / "model")
+    write_json_atomic({"kept_layers": progress.kept_layers, "rounds_done": progress.rounds_done},
+                      round_dir / "progress.json")
