@@ -135,8 +135,10 @@ def load_task(data_cfg, model_name: str) -> Task:
     return Task(tokenizer, tokenize(raw, tokenizer, data_cfg.max_length), labels)
 
 
-def finish_run(trainer: Trainer, model: PreTrainedModel, task: Task, run_dir: Path) -> RunResult:
-    """Evaluate on validation and test, save model + tokenizer atomically, write metrics.json."""
+def finish_run(trainer: Trainer, model: PreTrainedModel, task: Task, run_dir: Path, extra: Optional[dict] = None,
+               save: Callable = None) -> RunResult:
+    """Evaluate on validation and test, save model + tokenizer atomically (with `save`, default `save_model`),
+    write metrics.json (with `extra` metrics added)."""
     acc = trainer.accelerator
     test_loader = trainer.eval_loader_for(task.splits["test"])
     metrics = {
@@ -144,9 +146,10 @@ def finish_run(trainer: Trainer, model: PreTrainedModel, task: Task, run_dir: Pa
         "test_accuracy": accuracy(model, test_loader, acc),
         "parameters": count_parameters(model),
         "test_examples": len(task.splits["test"]),
+        **(extra or {}),
     }
     if acc.is_main_process:
-        save_model(model, task.tokenizer, run_dir / "model")
+        (save or save_model)(model, task.tokenizer, run_dir / "model")
         metrics["disk_mb"] = disk_size_mb(run_dir / "model")
         write_json_atomic(metrics, run_dir / "metrics.json")
         trainer.log({"final": metrics})

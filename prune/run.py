@@ -16,10 +16,10 @@ from transformers import PreTrainedModel
 
 from distill.arch import kv_group_size
 from distill.config import ConfigError, LayerMapConfig
-from distill.evaluate import accuracy, count_parameters, disk_size_mb
+from distill.evaluate import accuracy, count_parameters
 from distill.losses import LOSSES, LossSetup
 from distill.mapping import build_layer_map
-from distill.run import OnStep, RunResult, Task, check_stages, load_task, start_run, write_json_atomic
+from distill.run import OnStep, RunResult, Task, check_stages, finish_run, load_task, start_run, write_json_atomic
 from distill.sources import collator, load_classifier
 from distill.trainer import Trainer
 
@@ -70,21 +70,12 @@ def prune(cfg: PruneConfig, on_step: OnStep = None) -> RunResult:
         if r < cfg.rounds and accelerator.is_main_process:
             save_round(model, task, run_dir / f"round-{r}", progress)
         accelerator.wait_for_everyone()
-    metrics = {
-        "test_accuracy_before_recovery": pruned_accuracy if cfg.rounds == progress.rounds_done else None,
-        "validation_accuracy": accuracy(model, evaluator.eval_loader, accelerator),
-        "test_accuracy": accuracy(model, test_loader, accelerator),
-        "parameters": count_parameters(model), "test_examples": len(task.splits["test"]),
+    extra = {
+        "test_accuracy_before_recovery": pruned_accuracy,
         "unpruned": before, "kept_layers": progress.kept_layers, "shapes": layer_shapes(model),
         "sparsity": sparsity_report(model)[-1],
     }
-    if accelerator.is_main_process:
-        save_compressed(model, task.tokenizer, run_dir / "model")
-        metrics["disk_mb"] = disk_size_mb(run_dir / "model")
-        write_json_atomic(metrics, run_dir / "metrics.json")
-        evaluator.log({"final": metrics})
-    accelerator.wait_for_everyone()
-    return RunResult(model, metrics, run_dir)
+    return finish_run(evaluator, model, task, run_dir, extra, save=save_compressed)
 
 
 def check_prune_config(cfg: PruneConfig) -> None:

@@ -48,6 +48,17 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture
+def tokenizer():
+    return make_tokenizer(POSITIVE + NEGATIVE + NEUTRAL)
+
+
+@pytest.fixture
+def bert(tokenizer):
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_bert_config(len(tokenizer))).eval()
+
+
+@pytest.fixture
 def sentiment_csv(tmp_path: Path) -> Path:
     path = tmp_path / "sentiment.csv"
     rows = make_sentences(200)

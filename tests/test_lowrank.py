@@ -1,3 +1,4 @@
+"""Low-rank factorization by truncated SVD: rank rules, the parameter-saving skip, reload with identical logits."""
 import json
 
 import pytest
@@ -12,20 +13,9 @@ from prune.remote_modeling import set_submodule
 from prune.saving import save_compressed
 from prune.sparsity import apply_masks, magnitude_masks
 
-from .conftest import NEGATIVE, NEUTRAL, POSITIVE, make_tokenizer, tiny_bert_config
+from .conftest import tiny_bert_config
 
 FFN_PATHS = [f"encoder.layer.{i}.{name}" for i in range(4) for name in ("intermediate.dense", "output.dense")]
-
-
-@pytest.fixture
-def tokenizer():
-    return make_tokenizer(POSITIVE + NEGATIVE + NEUTRAL)
-
-
-@pytest.fixture
-def bert(tokenizer):
-    torch.manual_seed(0)
-    return BertForSequenceClassification(tiny_bert_config(len(tokenizer))).eval()
 
 
 @pytest.fixture

@@ -1,26 +1,14 @@
+"""Unstructured and N:M sparsity: exact mask patterns, masks that stay fixed while training, reload."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from distill.config import ConfigError
 from distill.sources import load_classifier
 from prune.saving import save_compressed
 from prune.sparsity import apply_masks, magnitude_masks, make_permanent, nm_masks, sparsity_report
 
-from .conftest import NEGATIVE, NEUTRAL, POSITIVE, make_tokenizer, tiny_bert_config
-
 LINEARS_PER_BERT_LAYER = 6  # query, key, value, attention output, intermediate, output
-
-
-@pytest.fixture
-def tokenizer():
-    return make_tokenizer(POSITIVE + NEGATIVE + NEUTRAL)
-
-
-@pytest.fixture
-def bert(tokenizer):
-    torch.manual_seed(0)
-    return BertForSequenceClassification(tiny_bert_config(len(tokenizer))).eval()
 
 
 @pytest.fixture
