@@ -91,7 +91,11 @@ class PruneConfig:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     low_rank: LowRankConfig = field(default_factory=LowRankConfig)
     rounds: int = 1
-    """Prune in this many equal steps towards the targets, recovering after each (iterative pruning)."""
+    """Prune in this many equal steps towards the targets, recovering after each (iterative pruning). With
+    `target_parameters`, the most rounds allowed."""
+    target_parameters: Optional[int] = None
+    """A parameter budget: each round removes `heads.fraction` / `ffn.fraction` of the heads / FFN neurons still
+    there, until the model has at most this many parameters (the last round removes only what is needed)."""
     recover: bool = True
     recovery: StageConfig = field(default_factory=default_recovery)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -23,6 +23,7 @@ from distill.run import OnStep, RunResult, Task, check_stages, finish_run, load_
 from distill.sources import collator, load_classifier
 from distill.trainer import Trainer
 
+from .budget import budget_plan
 from .config import PruneConfig
 from .ffn import prune_ffn
 from .heads import expand_groups, group_scores, prune_heads
@@ -53,13 +54,17 @@ def prune(cfg: PruneConfig, on_step: OnStep = None) -> RunResult:
         raise ConfigError(f"model predicts {model.config.num_labels} classes, the data has {len(task.labels)}")
     original = layer_shapes(model)
     check_targets(cfg, model, original)
+    plan = budget_plan(model, count_parameters(model), cfg.target_parameters, cfg.heads.fraction or 0.0,
+                       cfg.ffn.fraction or 0.0, cfg.rounds) if cfg.target_parameters else None
+    rounds = len(plan) if plan is not None else cfg.rounds
     teacher = load_classifier(cfg.teacher or cfg.model, attn_implementation=attention) if cfg.recover else None
     evaluator = Trainer(accelerator, model, None, task.splits, collator(task.tokenizer), cfg.train, cfg.seed, run_dir)
     test_loader = evaluator.eval_loader_for(task.splits["test"])
     before = {"parameters": count_parameters(model), "test_accuracy": accuracy(model, test_loader, accelerator)}
-    progress, model = resume_rounds(cfg, run_dir, model)
-    for r in range(progress.rounds_done + 1, cfg.rounds + 1):
-        prune_round(cfg, model, r, original, progress, calibration_batches(cfg, task, accelerator))
+    progress, model = resume_rounds(rounds, run_dir, model)
+    for r in range(progress.rounds_done + 1, rounds + 1):
+        removals = plan[r - 1] if plan else None
+        prune_round(cfg, model, r, rounds, original, progress, calibration_batches(cfg, task, accelerator), removals)
         pruned_accuracy = accuracy(model, test_loader, accelerator)
         if cfg.recover:
             model = recover(cfg, model, teacher, task, accelerator, run_dir / f"round-{r}", progress, on_step)
@@ -67,7 +72,7 @@ def prune(cfg: PruneConfig, on_step: OnStep = None) -> RunResult:
         evaluator.log({"round": r, "parameters": count_parameters(model), "test_accuracy_before_recovery":
                        pruned_accuracy, "shapes": layer_shapes(model)})
         progress.rounds_done = r
-        if r < cfg.rounds and accelerator.is_main_process:
+        if r < rounds and accelerator.is_main_process:
             save_round(model, task, run_dir / f"round-{r}", progress)
         accelerator.wait_for_everyone()
     extra = {
@@ -97,11 +102,28 @@ def check_prune_config(cfg: PruneConfig) -> None:
         raise ConfigError("nothing to prune: set heads, ffn, layers, low_rank or sparsity")
     if cfg.recover:
         check_stages([cfg.recovery])
+    if cfg.target_parameters is not None:
+        check_budget_config(cfg)
+
+
+def check_budget_config(cfg: PruneConfig) -> None:
+    if cfg.target_parameters <= 0:
+        raise ConfigError(f"target_parameters must be positive; got {cfg.target_parameters}")
+    if cfg.heads.count is not None or cfg.ffn.count is not None or not (cfg.heads.fraction or cfg.ffn.fraction):
+        raise ConfigError("target_parameters prunes by heads.fraction and/or ffn.fraction per round; "
+                          "set at least one of them and no count")
+    if cfg.layers.active or cfg.low_rank.active:
+        raise ConfigError("target_parameters works with head and FFN pruning only, not with layers or low_rank")
+    for name, unit in (("heads", cfg.heads), ("ffn", cfg.ffn)):
+        if not 0 <= (unit.fraction or 0) < 1:
+            raise ConfigError(f"{name}.fraction must be in [0, 1); got {unit.fraction}")
 
 
 def check_targets(cfg: PruneConfig, model: PreTrainedModel, original: list[dict]) -> None:
     """Targets the loaded model cannot meet fail here, before any long work."""
     group = kv_group_size(model.config)
+    if cfg.target_parameters is not None:
+        return  # the budget plan checks itself
     if cfg.heads.active:
         if cfg.heads.count is not None and cfg.heads.count % group:
             raise ConfigError(f"heads.count={cfg.heads.count} is not a whole number of key/value groups of {group}")
@@ -114,9 +136,9 @@ def check_targets(cfg: PruneConfig, model: PreTrainedModel, original: list[dict]
                        cfg.layers.layers)
 
 
-def resume_rounds(cfg: PruneConfig, run_dir: Path, model: PreTrainedModel) -> tuple[Progress, PreTrainedModel]:
+def resume_rounds(rounds: int, run_dir: Path, model: PreTrainedModel) -> tuple[Progress, PreTrainedModel]:
     """The last saved round, if any; else a fresh start."""
-    for r in range(cfg.rounds - 1, 0, -1):
+    for r in range(rounds - 1, 0, -1):
         state = run_dir / f"round-{r}" / "progress.json"
         if state.is_file():
             return Progress(**json.loads(state.read_text())), load_classifier(str(state.parent / "model"))
@@ -136,9 +158,11 @@ def calibration_batches(cfg: PruneConfig, task: Task, accelerator) -> list[dict[
     return batches
 
 
-def prune_round(cfg: PruneConfig, model: PreTrainedModel, r: int, original: list[dict], progress: Progress,
-                batches: list[dict]) -> None:
-    share = r / cfg.rounds
+def prune_round(cfg: PruneConfig, model: PreTrainedModel, r: int, rounds: int, original: list[dict],
+                progress: Progress, batches: list[dict], removals: Optional[tuple[int, int]]) -> None:
+    """Round r of `rounds`: r/rounds of the way to the targets, or exactly `removals` (key/value groups of
+    heads, FFN neurons) when a parameter budget planned them."""
+    share = r / rounds
     scores = score(model, cfg.importance.criterion, batches, seed=cfg.seed * 1000 + r)
     if cfg.layers.active:
         count = round(cfg.layers.count * share)
@@ -156,29 +180,31 @@ def prune_round(cfg: PruneConfig, model: PreTrainedModel, r: int, original: list
         target = round(share * units_to_remove([s["heads"] // group for s in remaining], cfg.heads.fraction,
                                                heads_in_groups(cfg, group), "heads"))
         remove = target - (sum(s["heads"] for s in remaining) // group - sum(sizes))
+        remove = removals[0] if removals else remove
         kept = select_kept([group_scores(s, group) for s in scores.heads], max(remove, 0), cfg.heads.scope)
         prune_heads(model, {i: expand_groups(groups, group) for i, groups in enumerate(kept)})
     if cfg.ffn.active:
         target = round(share * units_to_remove([s["intermediate"] for s in remaining], cfg.ffn.fraction,
                                                cfg.ffn.count, "ffn"))
         remove = target - (sum(s["intermediate"] for s in remaining) - sum(s["intermediate"] for s in current))
+        remove = removals[1] if removals else remove
         kept = select_kept(scores.neurons, max(remove, 0), cfg.ffn.scope)
         prune_ffn(model, dict(enumerate(kept)))
-    if r == cfg.rounds and cfg.low_rank.active:
+    if r == rounds and cfg.low_rank.active:
         lr = cfg.low_rank
         factorize(model, rank=lr.rank, rank_fraction=lr.rank_fraction, energy=lr.energy, patterns=lr.patterns)
-    apply_sparsity(cfg, model, share, r)
+    apply_sparsity(cfg, model, share, last=r == rounds)
 
 
 def heads_in_groups(cfg: PruneConfig, group: int) -> Optional[int]:
     return None if cfg.heads.count is None else cfg.heads.count // group
 
 
-def apply_sparsity(cfg: PruneConfig, model: PreTrainedModel, share: float, r: int) -> None:
+def apply_sparsity(cfg: PruneConfig, model: PreTrainedModel, share: float, last: bool) -> None:
     sp = cfg.sparsity
     if sp.kind == "unstructured":
         apply_masks(model, magnitude_masks(model, sp.sparsity * share, scope=sp.scope, patterns=sp.patterns))
-    elif sp.kind == "n:m" and r == cfg.rounds:
+    elif sp.kind == "n:m" and last:
         apply_masks(model, nm_masks(model, n=sp.n, m=sp.m, patterns=sp.patterns))
 
 
