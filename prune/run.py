@@ -80,6 +80,8 @@ def prune(cfg: PruneConfig, on_step: OnStep = None) -> RunResult:
         "unpruned": before, "kept_layers": progress.kept_layers, "shapes": layer_shapes(model),
         "sparsity": sparsity_report(model)[-1],
     }
+    if cfg.sparsity.kind != "none":
+        extra["sparsity_per_linear"] = sparsity_report(model)[:-1]
     return finish_run(evaluator, model, task, run_dir, extra, save=save_compressed)
 
 

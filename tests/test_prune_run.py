@@ -40,6 +40,7 @@ def test_iterative_pruning_with_recovery_saves_a_smaller_model_that_reloads(trai
     assert sum(s["intermediate"] for s in metrics["shapes"]) == 3 * 48
     assert len(metrics["kept_layers"]) == 3
     assert metrics["sparsity"]["sparsity"] == pytest.approx(0.3, abs=0.01)
+    assert all(row["sparsity"] == pytest.approx(0.3, abs=0.01) for row in metrics["sparsity_per_linear"])
     assert metrics["parameters"] < metrics["unpruned"]["parameters"]
     assert metrics["test_accuracy"] >= 0.8  # the keyword task survives with recovery
     assert (tmp_path / "pruned" / "round-1" / "model" / "modeling_compressed.py").is_file()

@@ -4,13 +4,14 @@ import json
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM,
-                          RobertaConfig, RobertaForSequenceClassification)
+from transformers import (AutoModelForCausalLM, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification)
 
 from distill.config import ConfigError
 from distill.sources import load_classifier
 from prune.ffn import prune_ffn
 from prune.heads import prune_heads
+from prune.importance import score
 from prune.layers import drop_layers, layers_to_drop
 from prune.saving import layer_shapes, save_compressed
 
@@ -134,3 +135,11 @@ def test_layer_strategies_choose_the_documented_layers():
     assert layers_to_drop(6, 0, "explicit", explicit=[0, 2]) == [0, 2]
     with pytest.raises(ConfigError, match="strategy must be one of"):
         layers_to_drop(6, 1, "bottom")
+
+
+def test_unsupported_architecture_is_named():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=16, n_layer=2, n_head=2))
+    with pytest.raises(ConfigError, match="architecture 'gpt2' is not supported for head pruning; supported: bert"):
+        prune_heads(model, {0: [0]})
+    with pytest.raises(ConfigError, match="'gpt2' is not supported for importance scoring"):
+        score(model, "magnitude")
