@@ -1,8 +1,9 @@
 """Save pruned or factorised models so that they reload with `from_pretrained`.
 
 Shapes the stock config can express are written into it (layer count, a uniform FFN width, uniform head counts
-of decoders, which have an explicit `head_dim`). Anything else (per-layer head counts of encoders, per-layer FFN
-widths, low-rank factors) goes into `config.compression`, and the checkpoint ships `modeling_compressed.py`
+of decoders, which have an explicit `head_dim`; the vocabulary size is kept there by vocabulary pruning). Anything
+else (per-layer head counts of encoders, per-layer FFN widths, low-rank factors, int8 embeddings) goes into
+`config.compression`, and the checkpoint ships `modeling_compressed.py`
 (prune/remote_modeling.py) mapped through `config.auto_map`, so `from_pretrained(..., trust_remote_code=True)`
 rebuilds the same shapes."""
 from __future__ import annotations
@@ -18,6 +19,7 @@ from distill.arch import arch_of, head_dim, layer_list
 from distill.run import save_model
 
 from .lowrank import is_low_rank_pair
+from .remote_modeling import Int8Embedding, LowRankEmbedding
 
 REMOTE_FILE = "modeling_compressed.py"
 COMPRESSION_KEYS = ("compression", "auto_map")
@@ -62,13 +64,18 @@ def stock_class(model: PreTrainedModel) -> type:
 
 
 def compression_spec(model: PreTrainedModel) -> dict:
-    """Where `model` differs from the stock model its config describes: resized and factorised Linears."""
+    """Where `model` differs from the stock model its config describes: resized and factorised Linears, and
+    factorised and int8 embeddings."""
     with torch.device("meta"):
         reference = stock_class(model)(copy.deepcopy(model.config)).base_model
-    shapes, ranks = {}, {}
+    shapes, ranks, embedding_ranks, int8 = {}, {}, {}, []
     for path, module in model.base_model.named_modules():
-        if path.rpartition(".")[0] in ranks:
-            continue  # a half of a low-rank pair, recorded with the pair
+        if is_remote(module, Int8Embedding):
+            int8.append(path)
+        if is_remote(module, LowRankEmbedding):
+            embedding_ranks[path] = module.rank
+        if path.rpartition(".")[0] in ranks or any(path.startswith(f"{p}.") for p in embedding_ranks):
+            continue  # a half of a low-rank pair or embedding, recorded with it
         if is_low_rank_pair(module):
             ranks[path] = module[0].out_features
             module = nn.Linear(module[0].in_features, module[1].out_features, device="meta")
@@ -76,7 +83,15 @@ def compression_spec(model: PreTrainedModel) -> dict:
             ref = reference.get_submodule(path)
             if (ref.in_features, ref.out_features) != (module.in_features, module.out_features):
                 shapes[path] = [module.in_features, module.out_features]
-    return {key: value for key, value in (("linear_shapes", shapes), ("low_rank", ranks)) if value}
+    found = (("linear_shapes", shapes), ("low_rank", ranks), ("low_rank_embeddings", embedding_ranks),
+             ("int8_embeddings", int8))
+    return {key: value for key, value in found if value}
+
+
+def is_remote(module: nn.Module, cls: type) -> bool:
+    """isinstance by class name, so that it also holds for the copy of `cls` that a reloaded checkpoint's
+    `modeling_compressed.py` defines."""
+    return type(module).__name__ == cls.__name__
 
 
 def auto_class_names(model: PreTrainedModel) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Tiny, offline fixtures: a word-level BERT tokenizer, a synthetic sentiment CSV, and small BERT models."""
+"""Tiny, offline fixtures: a word-level BERT tokenizer, a synthetic sentiment CSV, small BERT models and a small
+Llama causal LM."""
 from __future__ import annotations
 
 import random
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
 
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "moving"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "flat"]
@@ -37,6 +38,15 @@ def tiny_bert_config(vocab_size: int, **overrides) -> BertConfig:
                   id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
     values.update(overrides)
     return BertConfig(**values)
+
+
+def tiny_causal_lm(vocab_size: int, tied: bool) -> LlamaForCausalLM:
+    """Llama with [PAD]=0, [CLS]=2 as bos and [SEP]=3 as eos, its output layer tied to the embedding or not."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
+                         tie_word_embeddings=tied, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(autouse=True)
