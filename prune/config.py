@@ -70,6 +70,29 @@ class LowRankConfig:
         return any(v is not None for v in (self.rank, self.rank_fraction, self.energy))
 
 
+@dataclass
+class VocabConfig:
+    """Vocabulary pruning (WordPiece tokenizers): keep the tokens of the training texts and of `extra_texts`."""
+    enabled: bool = False
+    extra_texts: Optional[list[str]] = None
+    """Text files, one text per line, whose tokens are kept too (e.g. unlabelled in-domain text)."""
+    max_examples: Optional[int] = None
+    """Use only the first this many training examples; None uses all."""
+
+
+@dataclass
+class EmbeddingConfig:
+    """Compression of the word embedding, after vocabulary pruning."""
+    int8: bool = False
+    """Store it as int8 with one scale per row."""
+    rank: Optional[int] = None
+    """Factorize it as a thin embedding of this width times a projection (truncated SVD); None keeps it whole."""
+
+    @property
+    def active(self) -> bool:
+        return self.int8 or self.rank is not None
+
+
 def default_recovery() -> StageConfig:
     return StageConfig(name="recover", epochs=1.0, learning_rate=5e-5, losses=[
         LossConfig(name="kl", temperature=2.0), LossConfig(name="ce", weight=0.5), LossConfig(name="hidden_mse")])
@@ -77,7 +100,8 @@ def default_recovery() -> StageConfig:
 
 @dataclass
 class PruneConfig:
-    """Prune (and optionally factorise or sparsify) a fine-tuned model, recovering by distillation."""
+    """Prune (and optionally factorise or sparsify) a fine-tuned model, recovering by distillation; then
+    optionally prune its vocabulary and compress its word embedding."""
     model: str = "runs/teacher/model"
     teacher: Optional[str] = None
     """The unpruned reference that recovery distils from; None uses `model`."""
@@ -90,6 +114,10 @@ class PruneConfig:
     layers: LayerDropConfig = field(default_factory=LayerDropConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     low_rank: LowRankConfig = field(default_factory=LowRankConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    """Applied after the last round, without training after it."""
+    embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    """Applied after vocabulary pruning, without training after it."""
     rounds: int = 1
     """Prune in this many equal steps towards the targets, recovering after each (iterative pruning). With
     `target_parameters`, the most rounds allowed."""

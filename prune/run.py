@@ -1,6 +1,8 @@
 """A pruning run, round by round: score units on calibration batches, remove the least important heads, FFN
 neurons and layers (then factorise and sparsify in the last round), distil-recover from the unpruned model,
 repeat until the targets are met. Each finished round is saved, so a killed run resumes where it stopped.
+Then, without training, prune the vocabulary to the tokens of the training texts and compress the word embedding
+(int8 and/or low rank); the final evaluation re-tokenizes the data with the pruned tokenizer, which is saved.
 
 Targets are shares of the unpruned model: round r of R removes what is needed to reach r/R of each target."""
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import datasets
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
@@ -20,11 +23,12 @@ from distill.evaluate import accuracy, count_parameters
 from distill.losses import LOSSES, LossSetup
 from distill.mapping import build_layer_map
 from distill.run import OnStep, RunResult, Task, check_stages, finish_run, load_task, start_run, write_json_atomic
-from distill.sources import collator, load_classifier
+from distill.sources import collator, load_classifier, load_splits, tokenize
 from distill.trainer import Trainer
 
 from .budget import budget_plan
-from .config import PruneConfig
+from .config import PruneConfig, VocabConfig
+from .embeddings import check_rank, compress_word_embedding, word_embedding_path
 from .ffn import prune_ffn
 from .heads import expand_groups, group_scores, prune_heads
 from .importance import Scores, require_criterion, score
@@ -33,6 +37,7 @@ from .lowrank import factorize
 from .saving import layer_shapes, save_compressed
 from .selection import SCOPES, select_kept, units_to_remove
 from .sparsity import apply_masks, magnitude_masks, make_permanent, nm_masks, sparsity_report
+from .vocab import changed_fraction, prune_vocabulary, unknown_fraction, word_embedding, wordpiece_state
 
 SPARSITY_KINDS = ("none", "unstructured", "n:m")
 
@@ -54,14 +59,17 @@ def prune(cfg: PruneConfig, on_step: OnStep = None) -> RunResult:
         raise ConfigError(f"model predicts {model.config.num_labels} classes, the data has {len(task.labels)}")
     original = layer_shapes(model)
     check_targets(cfg, model, original)
+    check_vocab_and_embeddings(cfg, model, task)
     plan = budget_plan(model, count_parameters(model), cfg.target_parameters, cfg.heads.fraction or 0.0,
                        cfg.ffn.fraction or 0.0, cfg.rounds) if cfg.target_parameters else None
-    rounds = len(plan) if plan is not None else cfg.rounds
-    teacher = load_classifier(cfg.teacher or cfg.model, attn_implementation=attention) if cfg.recover else None
+    rounds = len(plan) if plan is not None else cfg.rounds if prunes_structure(cfg) else 0
+    teacher = load_classifier(cfg.teacher or cfg.model, attn_implementation=attention) if cfg.recover and rounds \
+        else None
     evaluator = Trainer(accelerator, model, None, task.splits, collator(task.tokenizer), cfg.train, cfg.seed, run_dir)
     test_loader = evaluator.eval_loader_for(task.splits["test"])
     before = {"parameters": count_parameters(model), "test_accuracy": accuracy(model, test_loader, accelerator)}
     progress, model = resume_rounds(rounds, run_dir, model)
+    pruned_accuracy = None
     for r in range(progress.rounds_done + 1, rounds + 1):
         removals = plan[r - 1] if plan else None
         prune_round(cfg, model, r, rounds, original, progress, calibration_batches(cfg, task, accelerator), removals)
@@ -76,12 +84,19 @@ def prune(cfg: PruneConfig, on_step: OnStep = None) -> RunResult:
             save_round(model, task, run_dir / f"round-{r}", progress)
         accelerator.wait_for_everyone()
     extra = {
-        "test_accuracy_before_recovery": pruned_accuracy,
         "unpruned": before, "kept_layers": progress.kept_layers, "shapes": layer_shapes(model),
         "sparsity": sparsity_report(model)[-1],
     }
+    if pruned_accuracy is not None:
+        extra["test_accuracy_before_recovery"] = pruned_accuracy
     if cfg.sparsity.kind != "none":
         extra["sparsity_per_linear"] = sparsity_report(model)[:-1]
+    if cfg.vocab.enabled:
+        task, extra["vocab"] = compress_vocabulary(cfg, model, task)
+        evaluator = Trainer(accelerator, model, None, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
+                            run_dir)
+    if cfg.embeddings.active:
+        extra["embeddings"] = compress_word_embedding(model, int8=cfg.embeddings.int8, rank=cfg.embeddings.rank)
     return finish_run(evaluator, model, task, run_dir, extra, save=save_compressed)
 
 
@@ -99,13 +114,27 @@ def check_prune_config(cfg: PruneConfig) -> None:
         raise ConfigError(f"rounds must be at least 1; got {cfg.rounds}")
     if cfg.importance.batches < 1:
         raise ConfigError(f"importance.batches must be at least 1; got {cfg.importance.batches}")
-    if not (cfg.heads.active or cfg.ffn.active or cfg.layers.active or cfg.low_rank.active
-            or cfg.sparsity.kind != "none"):
-        raise ConfigError("nothing to prune: set heads, ffn, layers, low_rank or sparsity")
+    if not (prunes_structure(cfg) or cfg.vocab.enabled or cfg.embeddings.active):
+        raise ConfigError("nothing to prune: set heads, ffn, layers, low_rank, sparsity, vocab or embeddings")
+    check_vocab_config(cfg.vocab)
     if cfg.recover:
         check_stages([cfg.recovery])
     if cfg.target_parameters is not None:
         check_budget_config(cfg)
+
+
+def prunes_structure(cfg: PruneConfig) -> bool:
+    """Whether the config asks for rounds: heads, FFN neurons, layers, low-rank Linears or sparsity."""
+    return (cfg.heads.active or cfg.ffn.active or cfg.layers.active or cfg.low_rank.active
+            or cfg.sparsity.kind != "none")
+
+
+def check_vocab_config(cfg: VocabConfig) -> None:
+    if cfg.max_examples is not None and cfg.max_examples < 1:
+        raise ConfigError(f"vocab.max_examples must be at least 1; got {cfg.max_examples}")
+    for path in cfg.extra_texts or []:
+        if not Path(path).is_file():
+            raise ConfigError(f"vocab.extra_texts: file not found: {path}")
 
 
 def check_budget_config(cfg: PruneConfig) -> None:
@@ -136,6 +165,17 @@ def check_targets(cfg: PruneConfig, model: PreTrainedModel, original: list[dict]
     if cfg.layers.active:
         layers_to_drop(len(original), cfg.layers.count, cfg.layers.strategy, torch.zeros(len(original)),
                        cfg.layers.layers)
+
+
+def check_vocab_and_embeddings(cfg: PruneConfig, model: PreTrainedModel, task: Task) -> None:
+    """What vocabulary pruning and embedding compression will refuse, refused before the rounds."""
+    if cfg.vocab.enabled:
+        wordpiece_state(task.tokenizer)
+        word_embedding(model)
+    if cfg.embeddings.active:
+        embedding = word_embedding_path(model)[1]
+        if cfg.embeddings.rank is not None:
+            check_rank(cfg.embeddings.rank, embedding)
 
 
 def resume_rounds(rounds: int, run_dir: Path, model: PreTrainedModel) -> tuple[Progress, PreTrainedModel]:
@@ -228,3 +268,34 @@ def save_round(model: PreTrainedModel, task: Task, round_dir: Path, progress: Pr
     save_compressed(model, task.tokenizer, round_dir / "model")
     write_json_atomic({"kept_layers": progress.kept_layers, "rounds_done": progress.rounds_done},
                       round_dir / "progress.json")
+
+
+def compress_vocabulary(cfg: PruneConfig, model: PreTrainedModel, task: Task) -> tuple[Task, dict]:
+    """Prune the vocabulary of `model` and the task's tokenizer to the corpus `cfg.vocab` names; the task comes
+    back re-tokenized with the pruned tokenizer, with the numbers for the metrics."""
+    raw = load_splits(cfg.data)
+    report = prune_vocabulary(model, task.tokenizer, vocabulary_corpus(cfg.vocab, raw["train"]))
+    test_texts = texts_of(raw["test"])
+    metrics = {"tokens_kept": report.kept, "original_vocab_size": report.original,
+               "test_unknown_fraction": unknown_fraction(report.tokenizer, test_texts),
+               "test_unknown_fraction_before": unknown_fraction(task.tokenizer, test_texts),
+               "test_texts_changed": changed_fraction(task.tokenizer, report.tokenizer, test_texts)}
+    return Task(report.tokenizer, tokenize(raw, report.tokenizer, cfg.data.max_length), task.labels), metrics
+
+
+def vocabulary_corpus(cfg: VocabConfig, train: datasets.Dataset) -> list[str]:
+    """The training texts (the first `max_examples`, if set), then the lines of each `extra_texts` file."""
+    if cfg.max_examples is not None:
+        train = train.select(range(min(len(train), cfg.max_examples)))
+    corpus = texts_of(train)
+    for path in cfg.extra_texts or []:
+        corpus.extend(line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    return corpus
+
+
+def texts_of(split: datasets.Dataset) -> list[str]:
+    """The `text` column, and the `text_pair` column of pair tasks."""
+    texts = list(split["text"])
+    if "text_pair" in split.column_names:
+        texts.extend(split["text_pair"])
+    return texts
