@@ -63,8 +63,8 @@ def prune(cfg: PruneConfig, on_step: OnStep = None) -> RunResult:
     plan = budget_plan(model, count_parameters(model), cfg.target_parameters, cfg.heads.fraction or 0.0,
                        cfg.ffn.fraction or 0.0, cfg.rounds) if cfg.target_parameters else None
     rounds = len(plan) if plan is not None else cfg.rounds if prunes_structure(cfg) else 0
-    teacher = load_classifier(cfg.teacher or cfg.model, attn_implementation=attention) if cfg.recover and rounds \
-        else None
+    recovering = cfg.recover and rounds > 0
+    teacher = load_classifier(cfg.teacher or cfg.model, attn_implementation=attention) if recovering else None
     evaluator = Trainer(accelerator, model, None, task.splits, collator(task.tokenizer), cfg.train, cfg.seed, run_dir)
     test_loader = evaluator.eval_loader_for(task.splits["test"])
     before = {"parameters": count_parameters(model), "test_accuracy": accuracy(model, test_loader, accelerator)}
