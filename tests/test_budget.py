@@ -1,6 +1,5 @@
 """A parameter budget as the pruning target: unit costs, the round plan, and a run that lands on the budget."""
 import pytest
-import torch
 
 from distill.config import ConfigError
 from distill.evaluate import count_parameters
