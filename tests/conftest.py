@@ -1,5 +1,5 @@
-"""Tiny, offline fixtures: a word-level BERT tokenizer, a synthetic sentiment CSV, small BERT models and a small
-Llama causal LM."""
+"""Tiny, offline fixtures: a word-level BERT tokenizer, a synthetic sentiment CSV, small BERT and Llama models,
+and a tiny teacher fine-tuned on the CSV."""
 from __future__ import annotations
 
 import random
@@ -9,6 +9,9 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+from distill.config import DataConfig, FinetuneConfig, LossConfig, StageConfig, TrainConfig
+from distill.run import finetune
 
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "moving"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "flat"]
@@ -86,3 +89,21 @@ def tiny_teacher_dir(tmp_path: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def data_cfg(csv):
+    return DataConfig(source=str(csv), text_column="review", label_column="sentiment", max_length=16)
+
+
+def train_cfg(**overrides):
+    values = dict(batch_size=16, eval_batch_size=32, save_steps=3, log_steps=2, warmup_ratio=0.0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture
+def trained_teacher(sentiment_csv, tiny_teacher_dir, tmp_path):
+    cfg = FinetuneConfig(model=str(tiny_teacher_dir), output_dir=str(tmp_path / "teacher-run"), data=data_cfg(sentiment_csv),
+                         stage=StageConfig(epochs=10, learning_rate=3e-3, losses=[LossConfig(name="ce")]),
+                         train=train_cfg())
+    return finetune(cfg)

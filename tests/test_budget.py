@@ -11,7 +11,6 @@ from prune.run import check_prune_config, prune
 
 from .test_prune_run import prune_cfg
 from .test_structured_pruning import tiny_encoder, tiny_llama
-from .test_training import trained_teacher  # noqa: F401
 
 
 @pytest.mark.parametrize("make", [tiny_encoder, tiny_llama])

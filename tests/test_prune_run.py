@@ -15,7 +15,8 @@ from prune.run import check_targets, prune
 from prune.saving import layer_shapes
 
 from .test_structured_pruning import tiny_llama
-from .test_training import Interrupt, data_cfg, logits_of, never_train, train_cfg, trained_teacher  # noqa: F401
+from .conftest import data_cfg, train_cfg
+from .test_training import Interrupt, logits_of, never_train
 
 RECOVERY = StageConfig(name="recover", epochs=1, learning_rate=1e-3,
                        losses=[LossConfig(name="kl", temperature=2.0), LossConfig(name="hidden_mse")])

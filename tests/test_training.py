@@ -7,20 +7,10 @@ from accelerate.state import AcceleratorState, GradientState
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification
 
 from distill.config import ConfigError, DataConfig, DistillConfig, FinetuneConfig, LayerMapConfig, LossConfig
-from distill.config import StageConfig, StudentConfig, TrainConfig
+from distill.config import StageConfig, StudentConfig
 from distill.run import distill, finetune
 
-from .conftest import make_tokenizer, tiny_bert_config
-
-
-def data_cfg(csv):
-    return DataConfig(source=str(csv), text_column="review", label_column="sentiment", max_length=16)
-
-
-def train_cfg(**overrides):
-    values = dict(batch_size=16, eval_batch_size=32, save_steps=3, log_steps=2, warmup_ratio=0.0)
-    values.update(overrides)
-    return TrainConfig(**values)
+from .conftest import data_cfg, make_tokenizer, tiny_bert_config, train_cfg
 
 
 TINYBERT_LOSSES = [LossConfig(name="kl", temperature=2.0), LossConfig(name="ce", weight=0.5),
@@ -33,14 +23,6 @@ def distill_cfg(csv, teacher, out, **overrides):
                   stages=[StageConfig(epochs=2, learning_rate=1e-3, losses=TINYBERT_LOSSES)], train=train_cfg())
     values.update(overrides)
     return DistillConfig(**values)
-
-
-@pytest.fixture
-def trained_teacher(sentiment_csv, tiny_teacher_dir, tmp_path):
-    cfg = FinetuneConfig(model=str(tiny_teacher_dir), output_dir=str(tmp_path / "teacher-run"), data=data_cfg(sentiment_csv),
-                         stage=StageConfig(epochs=10, learning_rate=3e-3, losses=[LossConfig(name="ce")]),
-                         train=train_cfg())
-    return finetune(cfg)
 
 
 def logits_of(model, tokenizer, texts):

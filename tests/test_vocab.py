@@ -18,7 +18,7 @@ from prune.vocab import changed_fraction, prune_vocabulary, unknown_fraction
 
 from .conftest import make_tokenizer, tiny_bert_config, tiny_causal_lm
 from .test_prune_run import prune_cfg
-from .test_training import logits_of, never_train, trained_teacher  # noqa: F401
+from .test_training import logits_of, never_train
 
 WORDS = ["the", "film", "movie", "was", "good", "bad", "act", "##ing", "##s", "un", "##real", "plot", "dull"]
 CORPUS = ["the films was good", "unreal acting", "the plot"]
