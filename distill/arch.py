@@ -1,4 +1,5 @@
-"""Per-architecture facts in one place: where a model keeps its layers, attention heads and feed-forward block.
+"""Per-architecture facts in one place: where a model keeps its layers, attention heads and feed-forward block,
+and which modules quantization leaves alone.
 
 Paths are relative: `layers` inside the base model (`model.base_model`), the others inside one layer. Everything
 that copies, prunes or quantizes parts of a model asks this module instead of hard-coding module names."""
@@ -23,6 +24,9 @@ class Arch:
     """Linears whose output rows are the FFN's intermediate neurons (BERT: one; Llama: gate and up)."""
     ffn_out: str
     decoder: bool
+    task_heads: tuple[str, ...]
+    """Names of the modules above the layers that quantization keeps in full precision: the task heads, the
+    pooler and the LM head (small, and the most sensitive to rounding)."""
 
     def attention_inputs(self) -> tuple[str, str, str]:
         return self.query, self.key, self.value
@@ -31,10 +35,12 @@ class Arch:
 ENCODER = Arch(
     layers="encoder.layer", query="attention.self.query", key="attention.self.key", value="attention.self.value",
     attention_out="attention.output.dense", ffn_in=("intermediate.dense",), ffn_out="output.dense", decoder=False,
+    task_heads=("classifier", "pooler"),
 )
 DECODER = Arch(
     layers="layers", query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj",
     attention_out="self_attn.o_proj", ffn_in=("mlp.gate_proj", "mlp.up_proj"), ffn_out="mlp.down_proj", decoder=True,
+    task_heads=("score", "lm_head"),
 )
 ARCHS = {
     "bert": ENCODER, "roberta": ENCODER, "xlm-roberta": ENCODER, "electra": ENCODER,
@@ -65,6 +71,14 @@ def base_model_path(model: PreTrainedModel) -> str:
     """'' when `model` is the base model, else its attribute name (`bert`, `model`, ...)."""
     base = model.base_model
     return next(name for name, module in model.named_modules() if module is base)
+
+
+def task_head_paths(model: PreTrainedModel, purpose: str = "quantization") -> list[str]:
+    """Paths (from `model`) of the modules that `Arch.task_heads` names, outside the layer stack: for BERT
+    `bert.pooler` and `classifier`, for a Llama causal LM `lm_head`."""
+    arch, layers = arch_of(model, purpose), layer_list_path(model, purpose)
+    return [name for name, _ in model.named_modules()
+            if name.rpartition(".")[2] in arch.task_heads and not name.startswith(f"{layers}.")]
 
 
 def head_dim(config: PretrainedConfig) -> int:
