@@ -1,1 +1,3 @@
-"""Quantization (bitsandbytes, dynamic int8, half precision): to come."""
+"""Post-training quantization: bitsandbytes int8 / NF4 / FP4 (`bnb`), PyTorch dynamic int8 and half precision
+(`dynamic`), each variant saved and reloaded (`variants`), and compared on accuracy, memory, size on disk and
+latency (`report`, `run`)."""

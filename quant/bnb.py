@@ -1,0 +1,88 @@
+"""Post-training quantization with bitsandbytes, through transformers' `BitsAndBytesConfig`: LLM.int8 (int8
+weights with one scale per row, input features above an outlier threshold multiplied in 16-bit) and 4-bit NF4 or
+FP4 (blocks of 64 weights with one scale each, optionally double-quantized, with a chosen compute dtype).
+
+A saved model folder is loaded with `from_pretrained(..., quantization_config=...)`. The task heads, the pooler and
+the LM head stay in full precision (`distill.arch`, overridable). The quantized model saves with `save_pretrained`
+as safetensors (int8 weights and row scales; packed 4-bit weights, block scales and the quantization state), and
+`load_bnb` reloads it with outputs equal to the in-memory model's.
+
+On CPUs with avx512_bf16, bitsandbytes repacks a 4-bit weight into a CPU-only layout at the first eval-mode no-grad
+forward pass; saving after that writes a corrupt checkpoint, and training through the layer fails. Every model
+this module returns has that repacking switched off on each `Linear4bit`."""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from transformers import BitsAndBytesConfig, PreTrainedModel
+
+from distill.config import ConfigError
+
+from .config import BnbConfig
+from .loading import empty_model, load_pretrained, skip_patterns, target_linears
+
+BNB_VARIANTS = {"bnb_int8": None, "bnb_nf4": "nf4", "bnb_fp4": "fp4"}
+"""Variant name -> 4-bit quantization type (None: 8-bit)."""
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INSTALL = 'pip install "bitsandbytes>=0.45"'
+
+
+def require_bitsandbytes() -> ModuleType:
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ConfigError(f"the bitsandbytes variants need the bitsandbytes package: {INSTALL}") from err
+    return bitsandbytes
+
+
+def check_bnb_config(cfg: BnbConfig) -> None:
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"bnb.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got '{cfg.compute_dtype}'")
+    if cfg.int8_threshold < 0:
+        raise ConfigError(f"bnb.int8_threshold must be 0 (no outlier decomposition) or positive; "
+                          f"got {cfg.int8_threshold}")
+
+
+def bnb_quantization_config(variant: str, cfg: BnbConfig, skip: list[str]) -> BitsAndBytesConfig:
+    if variant not in BNB_VARIANTS:
+        raise ConfigError(f"'{variant}' is not a bitsandbytes variant; those are {', '.join(BNB_VARIANTS)}")
+    check_bnb_config(cfg)
+    quant_type = BNB_VARIANTS[variant]
+    if quant_type is None:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=cfg.int8_threshold,
+                                  llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=cfg.double_quant,
+                              bnb_4bit_compute_dtype=COMPUTE_DTYPES[cfg.compute_dtype], llm_int8_skip_modules=skip)
+
+
+def quantize_bnb(source: str, variant: str, cfg: BnbConfig, skip_modules: list[str] | None = None
+                 ) -> PreTrainedModel:
+    """Load the saved model `source` quantized as `variant` (bnb_int8, bnb_nf4 or bnb_fp4), keeping the modules
+    `skip_patterns(model, skip_modules)` names in full precision; in eval mode, ready to run and to save."""
+    require_bitsandbytes()
+    skip = skip_patterns(empty_model(source), skip_modules)
+    quantization = bnb_quantization_config(variant, cfg, skip)
+    model = load_pretrained(source, quantization_config=quantization)
+    if not target_linears(model, skip):
+        raise ConfigError(f"skip_modules {skip} leave no Linear of {source} to quantize")
+    keep_out_of_cpu_repacking(model)
+    return model
+
+
+def load_bnb(path: str) -> PreTrainedModel:
+    """Reload a model that `quantize_bnb` quantized and `save_pretrained` saved (its config carries the
+    quantization settings)."""
+    require_bitsandbytes()
+    model = load_pretrained(path)
+    keep_out_of_cpu_repacking(model)
+    return model
+
+
+def keep_out_of_cpu_repacking(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU-only layout (see the module docstring)."""
+    bnb = require_bitsandbytes()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -1,0 +1,64 @@
+"""The variants one saved model can be turned into: each is built from the saved full-precision folder, saved into
+a folder of its own, and loaded back by `load_variant`, which reads from the folder's config which kind it is."""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.config import ConfigError
+from distill.run import save_model
+
+from .bnb import BNB_VARIANTS, check_bnb_config, load_bnb, quantize_bnb, require_bitsandbytes
+from .config import BnbConfig
+from .dynamic import HALF_DTYPES, METHOD, load_dynamic_int8, mark_dynamic_int8, quantize_dynamic_int8, load_half
+from .loading import load_pretrained
+
+VARIANTS = ("fp32", *HALF_DTYPES, METHOD, *BNB_VARIANTS)
+
+
+def check_variants(variants: list[str], bnb: BnbConfig) -> None:
+    """Config-only checks: known, distinct names; bitsandbytes settings and package when they are asked for."""
+    if not variants:
+        raise ConfigError(f"variants lists nothing; choose from {', '.join(VARIANTS)}")
+    for name in variants:
+        if name not in VARIANTS:
+            close = difflib.get_close_matches(name, VARIANTS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown variant '{name}'; {hint}known: {', '.join(VARIANTS)}")
+    if len(set(variants)) < len(variants):
+        raise ConfigError(f"variants lists a name twice: {variants}")
+    if any(name in BNB_VARIANTS for name in variants):
+        check_bnb_config(bnb)
+        require_bitsandbytes()
+
+
+def build_variant(source: str, variant: str, tokenizer: PreTrainedTokenizerBase, folder: Path,
+                  bnb: BnbConfig | None = None, skip_modules: list[str] | None = None) -> PreTrainedModel:
+    """Turn the saved model `source` into `variant`, save it (atomically) into `folder`, and return the in-memory
+    model in eval mode. `skip_modules` (None: the architecture's heads) applies to dynamic int8 and bitsandbytes."""
+    check_variants([variant], bnb or BnbConfig())
+    if variant in BNB_VARIANTS:
+        model = quantize_bnb(source, variant, bnb or BnbConfig(), skip_modules)
+        save_model(model, tokenizer, folder)
+        return model
+    model = load_half(source, variant) if variant in HALF_DTYPES else load_pretrained(source)
+    if variant == METHOD:
+        mark_dynamic_int8(model, skip_modules)
+        save_model(model, tokenizer, folder)
+        return quantize_dynamic_int8(model)
+    save_model(model, tokenizer, folder)
+    return model
+
+
+def load_variant(folder: str | Path) -> PreTrainedModel:
+    """Reload a folder that `build_variant` wrote, as the variant it holds."""
+    config = json.loads(Path(folder, "config.json").read_text())
+    if "quantization_config" in config:
+        return load_bnb(str(folder))
+    if config.get("quantization", {}).get("method") == METHOD:
+        return load_dynamic_int8(str(folder))
+    return load_pretrained(str(folder))
+
