@@ -35,11 +35,12 @@ def check_variants(variants: list[str], bnb: BnbConfig) -> None:
         require_bitsandbytes()
 
 
-def build_variant(source: str, variant: str, tokenizer: PreTrainedTokenizerBase, folder: Path,
+def build_variant(source: str, variant: str, tokenizer: PreTrainedTokenizerBase, folder: str | Path,
                   bnb: BnbConfig | None = None, skip_modules: list[str] | None = None) -> PreTrainedModel:
     """Turn the saved model `source` into `variant`, save it (atomically) into `folder`, and return the in-memory
     model in eval mode. `skip_modules` (None: the architecture's heads) applies to dynamic int8 and bitsandbytes."""
     check_variants([variant], bnb or BnbConfig())
+    folder = Path(folder)
     if variant in BNB_VARIANTS:
         model = quantize_bnb(source, variant, bnb or BnbConfig(), skip_modules)
         save_model(model, tokenizer, folder)
