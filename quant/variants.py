@@ -13,7 +13,7 @@ from distill.run import save_model
 
 from .bnb import BNB_VARIANTS, check_bnb_config, load_bnb, quantize_bnb, require_bitsandbytes
 from .config import BnbConfig
-from .dynamic import HALF_DTYPES, METHOD, load_dynamic_int8, mark_dynamic_int8, quantize_dynamic_int8, load_half
+from .dynamic import HALF_DTYPES, METHOD, load_dynamic_int8, load_half, mark_dynamic_int8, quantize_dynamic_int8
 from .loading import load_pretrained
 
 VARIANTS = ("fp32", *HALF_DTYPES, METHOD, *BNB_VARIANTS)
