@@ -9,7 +9,11 @@ as safetensors (int8 weights and row scales; packed 4-bit weights, block scales 
 
 On CPUs with avx512_bf16, bitsandbytes repacks a 4-bit weight into a CPU-only layout at the first eval-mode no-grad
 forward pass; saving after that writes a corrupt checkpoint, and training through the layer fails. Every model
-this module returns has that repacking switched off on each `Linear4bit`."""
+this module returns has that repacking switched off on each `Linear4bit`.
+
+bitsandbytes writes a 4-bit layer's quantization state (block scales, code book, settings) into `state_dict` but
+does not read it back, so a strict `load_state_dict` of a 4-bit model fails. `accept_frozen_4bit_state` makes it
+read back where the quantized weights are frozen (LoRA training, whose checkpoints hold the whole model)."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -86,3 +90,27 @@ def keep_out_of_cpu_repacking(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def accept_frozen_4bit_state(model: torch.nn.Module) -> None:
+    """Let `load_state_dict` take the 4-bit layers' entries that `state_dict` wrote, for a model whose 4-bit
+    weights never change (adapters train beside them): the packed weight and its quantization state must equal
+    the layer's own, and a state dict of another base fails with the names of the entries that differ."""
+    bnb = require_bitsandbytes()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.register_load_state_dict_pre_hook(check_and_drop_4bit_state)
+
+
+def check_and_drop_4bit_state(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """A load_state_dict pre-hook of one `Linear4bit`: compare, then remove the quantization-state entries (the
+    packed weight stays, to be copied in as usual)."""
+    quant_state = module.weight.quant_state.as_dict(packed=True)
+    own = {"weight": module.weight.data, **{f"weight.{key}": value for key, value in quant_state.items()}}
+    for key, value in own.items():
+        loaded = state_dict.get(prefix + key)
+        if loaded is not None and not torch.equal(loaded.to(value.device), value):
+            error_msgs.append(f"{prefix}{key} differs from the frozen 4-bit weights of this model")
+        if key != "weight":
+            state_dict.pop(prefix + key, None)

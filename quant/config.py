@@ -1,12 +1,13 @@
-"""Typed configuration of a quantization run: which model, which variants, the bitsandbytes settings, which
-modules stay in full precision, and how accuracy, memory and latency are measured. Loaded like every other config:
-YAML plus `key.sub=value` overrides."""
+"""Typed configuration of a quantization run (which model, which variants, the bitsandbytes settings, which
+modules stay in full precision, and how accuracy, memory and latency are measured) and of a quantization-aware
+distillation run (a quantized base with LoRA adapters, distilled from the full-precision teacher). Loaded like every
+other config: YAML plus `key.sub=value` overrides."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-from distill.config import DataConfig
+from distill.config import DataConfig, LayerMapConfig, LossConfig, StageConfig, TrainConfig
 
 
 @dataclass
@@ -52,3 +53,56 @@ class QuantConfig:
     LM head of the architecture (`distill.arch.Arch.task_heads`); [] quantizes every Linear."""
     bnb: BnbConfig = field(default_factory=BnbConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+
+@dataclass
+class AdapterConfig:
+    """LoRA adapters on the quantized Linears (peft's `LoraConfig`)."""
+    r: int = 8
+    alpha: float = 16.0
+    """Scale of the adapter's update: it is multiplied by alpha / r."""
+    dropout: float = 0.05
+    target_modules: Optional[list[str]] = None
+    """Modules that get an adapter, matched as peft matches `target_modules` (a module path or a dotted suffix of
+    it). Each must be a Linear that the base quantizes. None: every Linear inside the transformer layers
+    (`distill.arch`: query, key, value and attention output; FFN in and out)."""
+
+
+def default_qat_stage() -> StageConfig:
+    return StageConfig(name="qlora", epochs=1.0, learning_rate=2e-4, losses=[
+        LossConfig(name="kl", temperature=2.0), LossConfig(name="ce", weight=0.5), LossConfig(name="hidden_mse")])
+
+
+@dataclass
+class QatConfig:
+    """Quantization-aware distillation: the student is a 4-bit or 8-bit base with LoRA adapters (its task heads
+    stay in full precision and train whole), distilled from the full-precision teacher; the adapters are saved on
+    their own and, with `merge`, merged into a full-precision copy of the base."""
+    teacher: str = "runs/teacher/model"
+    student: Optional[str] = None
+    """The model that is quantized and adapted; None: the teacher itself (quantize it, then recover what the
+    quantization lost)."""
+    output_dir: str = "runs/qlora"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    bits: int = 4
+    """4 (bitsandbytes NF4 or FP4) or 8 (LLM.int8)."""
+    quant_type: str = "nf4"
+    """4-bit data type: `nf4` or `fp4` (ignored for 8 bits)."""
+    bnb: BnbConfig = field(default_factory=BnbConfig)
+    lora: AdapterConfig = field(default_factory=AdapterConfig)
+    layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)
+    """Hidden-state losses: student layer j <- teacher layer; `uniform` is the identity for equal depths."""
+    stages: list[StageConfig] = field(default_factory=lambda: [default_qat_stage()])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    base_dropout: bool = False
+    """Keep the base model's own dropout (hidden states, attention, classifier) while training. Off by default:
+    the adapters learn to undo the quantization error, and dropout noise at the usual 0.1 swamps it (on the tiny
+    test model, training with it left the hidden states further from the teacher's than post-training quantization
+    had). LoRA's own dropout is `lora.dropout`."""
+    merge: bool = True
+    """Also save the adapters merged into a full-precision copy of the base (`model/`), and measure that copy
+    re-quantized as the base was."""
+    merge_into: str = "dequantized"
+    """`dequantized`: the base's quantized weights in fp32, so the merged model computes what the trained one
+    did; `original`: the fp32 weights the base was quantized from (the usual QLoRA merge)."""
