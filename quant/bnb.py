@@ -12,8 +12,9 @@ forward pass; saving after that writes a corrupt checkpoint, and training throug
 this module returns has that repacking switched off on each `Linear4bit`.
 
 bitsandbytes writes a 4-bit layer's quantization state (block scales, code book, settings) into `state_dict` but
-does not read it back, so a strict `load_state_dict` of a 4-bit model fails. `accept_frozen_4bit_state` makes it
-read back where the quantized weights are frozen (LoRA training, whose checkpoints hold the whole model)."""
+does not read it back, and an 8-bit layer reads its row scales back only before its first training-mode forward
+pass; so a strict `load_state_dict` of a quantized model fails. `accept_frozen_quantized_state` makes it read back
+where the quantized weights are frozen (LoRA training, whose checkpoints hold the whole model)."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -92,25 +93,40 @@ def keep_out_of_cpu_repacking(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def accept_frozen_4bit_state(model: torch.nn.Module) -> None:
-    """Let `load_state_dict` take the 4-bit layers' entries that `state_dict` wrote, for a model whose 4-bit
-    weights never change (adapters train beside them): the packed weight and its quantization state must equal
-    the layer's own, and a state dict of another base fails with the names of the entries that differ."""
+
+def accept_frozen_quantized_state(model: torch.nn.Module) -> None:
+    """Let `load_state_dict` take the quantized layers' entries that `state_dict` wrote, for a model whose quantized
+    weights never change (adapters train beside them): the packed weight and its quantization state must equal the
+    layer's own, and a state dict of another base fails with the names of the entries that differ."""
     bnb = require_bitsandbytes()
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.register_load_state_dict_pre_hook(check_and_drop_4bit_state)
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            module.register_load_state_dict_pre_hook(check_and_drop_quantized_state)
 
 
-def check_and_drop_4bit_state(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict,
-                              strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-    """A load_state_dict pre-hook of one `Linear4bit`: compare, then remove the quantization-state entries (the
-    packed weight stays, to be copied in as usual)."""
-    quant_state = module.weight.quant_state.as_dict(packed=True)
-    own = {"weight": module.weight.data, **{f"weight.{key}": value for key, value in quant_state.items()}}
-    for key, value in own.items():
+def check_and_drop_quantized_state(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict,
+                                   strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """A load_state_dict pre-hook of one bitsandbytes Linear: compare, then remove the quantization-state entries
+    (the packed weight stays, to be copied in as usual)."""
+    for key, value in quantized_state(module).items():
         loaded = state_dict.get(prefix + key)
         if loaded is not None and not torch.equal(loaded.to(value.device), value):
-            error_msgs.append(f"{prefix}{key} differs from the frozen 4-bit weights of this model")
+            error_msgs.append(f"{prefix}{key} differs from the frozen quantized weights of this model")
         if key != "weight":
             state_dict.pop(prefix + key, None)
+
+
+def quantized_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The entries `state_dict` writes for a bitsandbytes Linear beside its bias: the packed weight and, for 4 bits,
+    the quantization state (block scales, code book, settings), for 8 bits the row scales."""
+    bnb = require_bitsandbytes()
+    if isinstance(module, bnb.nn.Linear4bit):
+        quant_state = module.weight.quant_state.as_dict(packed=True)
+        return {"weight": module.weight.data, **{f"weight.{key}": value for key, value in quant_state.items()}}
+    return {"weight": module.weight.data, "SCB": int8_row_scales(module)}
+
+
+def int8_row_scales(module: torch.nn.Module) -> torch.Tensor:
+    """A `Linear8bitLt`'s row scales: on its weight until the first training-mode forward pass moves them to its
+    state."""
+    return module.weight.SCB if module.weight.SCB is not None else module.state.SCB

@@ -14,8 +14,8 @@ Outputs in `output_dir`, beside `config.yaml`, `metrics.jsonl` and `metrics.json
 trained quantized model (`qlora`), the merged model and the merged model quantized again as the base was: accuracy,
 KL divergence from the teacher, and agreement with the teacher's predictions.
 
-Checkpoints hold the whole model, the frozen 4-bit weights included; `quant.bnb.accept_frozen_4bit_state` lets a
-resumed run load them back. peft's `prepare_model_for_kbit_training` is not used: on the CPU the unquantized
+Checkpoints hold the whole model, the frozen quantized weights included; `quant.bnb.accept_frozen_quantized_state`
+lets a resumed run load them back. peft's `prepare_model_for_kbit_training` is not used: on the CPU the unquantized
 parameters are already fp32, the adapters are leaves inside the layers so gradients reach them without
 input-gradient hooks, and the gradient checkpointing it switches on trades compute for memory that these encoders
 do not need."""
@@ -44,7 +44,8 @@ from distill.run import (OnStep, RunResult, Task, check_same_vocabulary, check_s
 from distill.sources import collator, load_classifier, load_tokenizer
 from distill.trainer import Trainer
 
-from .bnb import accept_frozen_4bit_state, check_bnb_config, quantize_bnb, require_bitsandbytes
+from .bnb import (accept_frozen_quantized_state, check_bnb_config, int8_row_scales, quantize_bnb,
+                  require_bitsandbytes)
 from .config import AdapterConfig, BnbConfig, QatConfig
 from .loading import empty_model, load_config, skip_patterns
 from .run import check_classifier, quiet_int8_cast_warning
@@ -109,6 +110,7 @@ def qat_distill(cfg: QatConfig, on_step: OnStep = None) -> RunResult:
     teacher = load_classifier(cfg.teacher, attn_implementation=attention)
     base = QuantizedBase(base_name, variant_of(cfg), cfg.bnb, skip_patterns(empty_model(base_name)))
     quantized = load_quantized_student(cfg, base, teacher, task)
+    targets = lora_targets(quantized, cfg.lora.target_modules, cfg.bits)
     reference = teacher_reference(teacher, task.splits["test"], collator(task.tokenizer), cfg.train.eval_batch_size,
                                   accelerator)
     rows = {"fp32": reference.measure(load_classifier(cfg.student) if cfg.student else teacher)[0],
@@ -116,7 +118,7 @@ def qat_distill(cfg: QatConfig, on_step: OnStep = None) -> RunResult:
     quantized.set_attn_implementation(attention)
     if not cfg.base_dropout:
         switch_off_dropout(quantized)
-    model = add_adapters(quantized, cfg.lora, cfg.bits, base.skip_modules)
+    model = add_adapters(quantized, cfg.lora, targets, base.skip_modules)
     layer_map = build_layer_map(cfg.layer_map, model.config.num_hidden_layers, teacher.config.num_hidden_layers)
     trainer = Trainer(accelerator, model, teacher, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
                       run_dir, on_step)
@@ -203,16 +205,15 @@ def variant_of(cfg: QatConfig) -> str:
     return "bnb_int8" if cfg.bits == 8 else f"bnb_{cfg.quant_type}"
 
 
-def add_adapters(model: PreTrainedModel, cfg: AdapterConfig, bits: int, heads: list[str]) -> PeftModel:
-    """LoRA adapters on the quantized Linears that `cfg.target_modules` names; the full-precision `heads` train
-    whole; everything else is frozen."""
+def add_adapters(model: PreTrainedModel, cfg: AdapterConfig, targets: list[str], heads: list[str]) -> PeftModel:
+    """LoRA adapters (`cfg`) on the modules that `targets` names (see `lora_targets`); the full-precision `heads`
+    train whole; everything else is frozen."""
     peft = require_peft()
-    config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                             target_modules=lora_targets(model, cfg.target_modules, bits),
+    config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                              modules_to_save=list(heads),  # peft extends this list in place
                              task_type=peft.TaskType.SEQ_CLS)
     adapted = peft.get_peft_model(model, config)
-    accept_frozen_4bit_state(adapted)
+    accept_frozen_quantized_state(adapted)
     return adapted
 
 
@@ -246,9 +247,9 @@ def quantized_linear_types() -> tuple[type, ...]:
 
 def why_not_quantized(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
-        return ("which stays in full precision (task heads and the pooler are not quantized; they train whole "
+        return ("which stays in full precision: task heads and the pooler are not quantized (they train whole, "
                 "without an adapter)")
-    return f"a {type(module).__name__}, which bitsandbytes cannot quantize: adapters go on quantized Linears"
+    return f"a module of type {type(module).__name__}, which bitsandbytes cannot quantize (only Linears)"
 
 
 def switch_off_dropout(model: nn.Module) -> None:
@@ -294,7 +295,7 @@ def copy_dequantized_weights(quantized: nn.Module, model: nn.Module) -> None:
         if isinstance(module, bnb.nn.Linear4bit):
             weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
         elif isinstance(module, bnb.nn.Linear8bitLt):
-            weight = bnb.functional.int8_vectorwise_dequant(module.weight.data, module.weight.SCB)
+            weight = bnb.functional.int8_vectorwise_dequant(module.weight.data, int8_row_scales(module))
         else:
             continue
         model.get_submodule(name).weight.copy_(weight)
