@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.arch import arch_of, task_head_paths
+from distill.arch import arch_of
 from distill.config import ConfigError
 from distill.evaluate import disk_size_mb
 from distill.losses import LOSSES, LossSetup
@@ -89,7 +89,8 @@ class Reference:
     teacher_logits: torch.Tensor
 
     def measure(self, model: nn.Module) -> tuple[dict, torch.Tensor]:
-        logits = test_logits(model, self.loader, self.accelerator)[0]
+        """Scores and test logits of `model`, moved to the loader's device."""
+        logits = logits_over(model.to(self.accelerator.device), self.loader, self.accelerator)[0]
         return scores(logits, self.labels, self.teacher_logits), logits
 
     def teacher_accuracy(self) -> float:
@@ -321,12 +322,12 @@ def merge_and_measure(base: QuantizedBase, adapter_dir: Path, into: str, merged_
 def teacher_reference(teacher: PreTrainedModel, test_split: Dataset, collate: Callable, batch_size: int,
                       accelerator: Accelerator) -> Reference:
     loader = accelerator.prepare(DataLoader(test_split, batch_size, collate_fn=collate))
-    teacher_logits, labels = test_logits(teacher, loader, accelerator)
+    teacher_logits, labels = logits_over(teacher.to(accelerator.device), loader, accelerator)
     return Reference(loader, accelerator, labels, teacher_logits)
 
 
 @torch.no_grad()
-def test_logits(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_over(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels over the whole loader, gathered across processes, in fp32."""
     model.eval()
     logits, labels = [], []
