@@ -19,8 +19,8 @@ from quant.bnb import accept_frozen_quantized_state, quantize_bnb
 from quant.config import AdapterConfig, BnbConfig, QatConfig
 from quant.qat import QuantizedBase, load_adapter, merge_adapter, qat_distill
 
-from .conftest import make_sentences, make_tokenizer, tiny_bert_config, data_cfg, train_cfg
-from .conftest import NEGATIVE, NEUTRAL, POSITIVE
+from .conftest import (NEGATIVE, NEUTRAL, POSITIVE, data_cfg, make_sentences, make_tokenizer, tiny_bert_config,
+                       train_cfg)
 from .test_training import Interrupt, never_train
 
 DISTIL = StageConfig(name="qlora", epochs=2, learning_rate=1e-3,
