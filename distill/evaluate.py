@@ -1,6 +1,7 @@
 """Measurements shared by every stage: task accuracy, parameters, size on disk, CPU latency."""
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -47,6 +48,17 @@ def latency_ms(model: PreTrainedModel, batch: dict[str, torch.Tensor], warmup: i
         model(**batch)
         times.append(time.perf_counter() - start)
     return 1000 * sorted(times)[len(times) // 2]
+
+
+def alternating_latencies(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], rounds: int,
+                          warmup: int = 3, repeats: int = 10) -> dict[str, float]:
+    """Median over `rounds` rounds of each model's `latency_ms`; the rounds alternate between the models so that
+    drift in machine load hits every model alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name].append(latency_ms(model, batch, warmup=warmup, repeats=repeats))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def latency_batch(tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 64) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@ Per variant:
   in rounds that alternate between the variants so that every variant sees the same machine load."""
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 import torch
@@ -25,9 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from distill.evaluate import accuracy, disk_size_mb, latency_ms
+from distill.evaluate import accuracy, disk_size_mb
 
-from .config import LatencyConfig
 from .loading import target_linears
 
 MB = 1e6
@@ -35,7 +33,7 @@ MB = 1e6
 
 def measure_variant(model: PreTrainedModel, folder: str | Path, loader: DataLoader, accelerator: Accelerator,
                     batch: dict[str, torch.Tensor], skip: list[str]) -> dict:
-    """Everything but latency (see `alternating_latencies`) for one variant saved in `folder`."""
+    """Everything but latency (see `distill.evaluate.alternating_latencies`) for one variant saved in `folder`."""
     return {
         "accuracy": accuracy(model, loader, accelerator),
         **weight_memory(model, skip),
@@ -109,17 +107,6 @@ def forward_peak_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
         held += nbytes
         peak = max(peak, held)
     return peak
-
-
-def alternating_latencies(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], cfg: LatencyConfig
-                          ) -> dict[str, float]:
-    """Median over `cfg.rounds` rounds of each model's median forward time (ms); the rounds alternate between the
-    models so that drift in machine load hits every model alike."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(cfg.rounds):
-        for name, model in models.items():
-            times[name].append(latency_ms(model, batch, warmup=cfg.warmup, repeats=cfg.repeats))
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def markdown_table(rows: list[dict], batch_shape: tuple[int, int]) -> str:

@@ -16,13 +16,13 @@ from transformers import (AutoModelForSequenceClassification, PretrainedConfig, 
                           PreTrainedTokenizerBase)
 
 from distill.config import ConfigError, config_yaml
-from distill.evaluate import latency_batch
+from distill.evaluate import alternating_latencies, latency_batch
 from distill.run import write_json_atomic
 from distill.sources import collator, label_names, load_splits, load_tokenizer, tokenize
 
 from .config import QuantConfig
 from .loading import auto_class, empty_model, load_config, skip_patterns
-from .report import alternating_latencies, markdown_table, measure_variant
+from .report import markdown_table, measure_variant
 from .variants import build_variant, check_variants, load_variant
 
 SPLITS = ("validation", "test")
@@ -60,7 +60,9 @@ def quantize(cfg: QuantConfig) -> QuantRun:
     models, rows = {}, {}
     for variant in cfg.variants:
         models[variant], rows[variant] = build_and_measure(cfg, variant, run_dir / variant, evaluation, skip)
-    for variant, ms in alternating_latencies(models, evaluation.batch, cfg.latency).items():
+    latency = cfg.latency
+    for variant, ms in alternating_latencies(models, evaluation.batch, latency.rounds, latency.warmup,
+                                             latency.repeats).items():
         rows[variant]["latency_ms"] = ms
     metrics = {"model": cfg.model, "split": cfg.split, "examples": len(evaluation.loader.dataset),
                "skip_modules": skip, "latency_batch": [cfg.latency.batch_size, cfg.latency.max_length],

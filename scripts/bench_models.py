@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from distill.evaluate import count_parameters, disk_size_mb, latency_batch, latency_ms
+from distill.evaluate import alternating_latencies, count_parameters, disk_size_mb, latency_batch
 from distill.sources import load_classifier
 
 SAMPLE_TEXTS = [
@@ -29,18 +28,15 @@ def measure(folders: list[Path], batch_size: int, max_length: int, rounds: int, 
         torch.set_num_threads(threads)
     models = [load_classifier(str(f)).eval() for f in folders]
     batch = latency_batch(AutoTokenizer.from_pretrained(folders[0]), SAMPLE_TEXTS, batch_size, max_length)
-    timings: list[list[float]] = [[] for _ in models]
-    for _ in range(rounds):  # alternate so that drift in machine load hits every model alike
-        for model, times in zip(models, timings):
-            times.append(latency_ms(model, batch, warmup=1, repeats=5))
+    latencies = alternating_latencies(dict(zip(map(str, folders), models)), batch, rounds, warmup=1, repeats=5)
     rows = []
-    for folder, model, times in zip(folders, models, timings):
+    for folder, model in zip(folders, models):
         metrics_file = folder.parent / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         rows.append({
             "model": str(folder), "test_accuracy": metrics.get("test_accuracy"),
             "parameters": count_parameters(model), "disk_mb": disk_size_mb(folder),
-            "latency_ms": statistics.median(times), "layers": model.config.num_hidden_layers,
+            "latency_ms": latencies[str(folder)], "layers": model.config.num_hidden_layers,
         })
     return rows
 
