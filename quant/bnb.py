@@ -17,6 +17,8 @@ pass; so a strict `load_state_dict` of a quantized model fails. `accept_frozen_q
 where the quantized weights are frozen (LoRA training, whose checkpoints hold the whole model)."""
 from __future__ import annotations
 
+import importlib
+
 from types import ModuleType
 
 import torch
@@ -33,12 +35,16 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 INSTALL = 'pip install "bitsandbytes>=0.45"'
 
 
-def require_bitsandbytes() -> ModuleType:
+def require_package(name: str, needed_by: str, install: str) -> ModuleType:
+    """Import `name`, or fail with a ConfigError saying what needs it and how to install it."""
     try:
-        import bitsandbytes
+        return importlib.import_module(name)
     except ImportError as err:
-        raise ConfigError(f"the bitsandbytes variants need the bitsandbytes package: {INSTALL}") from err
-    return bitsandbytes
+        raise ConfigError(f"{needed_by} the {name} package: {install}") from err
+
+
+def require_bitsandbytes() -> ModuleType:
+    return require_package("bitsandbytes", "the bitsandbytes variants need", INSTALL)
 
 
 def check_bnb_config(cfg: BnbConfig) -> None:

@@ -45,7 +45,7 @@ from distill.sources import collator, load_classifier, load_tokenizer
 from distill.trainer import Trainer
 
 from .bnb import (accept_frozen_quantized_state, check_bnb_config, int8_row_scales, quantize_bnb,
-                  require_bitsandbytes)
+                  require_bitsandbytes, require_package)
 from .config import AdapterConfig, BnbConfig, QatConfig
 from .loading import empty_model, load_config, skip_patterns
 from .run import check_classifier, quiet_int8_cast_warning
@@ -194,11 +194,7 @@ def check_adapter_config(cfg: AdapterConfig) -> None:
 
 
 def require_peft() -> ModuleType:
-    try:
-        import peft
-    except ImportError as err:
-        raise ConfigError(f"quantization-aware distillation needs the peft package: {PEFT_INSTALL}") from err
-    return peft
+    return require_package("peft", "quantization-aware distillation needs", PEFT_INSTALL)
 
 
 def variant_of(cfg: QatConfig) -> str:
