@@ -1,0 +1,28 @@
+"""Every recipe YAML in recipes/ parses into its script's config class, and its stages name known losses."""
+from pathlib import Path
+
+import pytest
+
+from distill.config import DistillConfig, FinetuneConfig, parse_args
+from distill.run import check_stages
+from prune.config import PruneConfig
+from quant.config import QatConfig, QuantConfig
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+CONFIG_OF_PREFIX = {"teacher": FinetuneConfig, "distill_": DistillConfig, "prune_": PruneConfig,
+                    "quantize_": QuantConfig, "qlora_": QatConfig}
+
+
+def config_class(recipe: Path) -> type:
+    matches = [cls for prefix, cls in CONFIG_OF_PREFIX.items() if recipe.stem.startswith(prefix)]
+    assert len(matches) == 1, f"{recipe.name}: no config class for this recipe name"
+    return matches[0]
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_recipe_parses_and_names_known_losses(recipe):
+    cfg = parse_args(config_class(recipe), ["--config", str(recipe)])
+    if isinstance(cfg, FinetuneConfig):
+        check_stages([cfg.stage])
+    elif isinstance(cfg, DistillConfig):
+        check_stages(cfg.stages)
