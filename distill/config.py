@@ -62,6 +62,13 @@ class LossConfig:
     """Softening temperature for `kl` (scaled by T^2)."""
     head_match: str = "exact"
     """Attention losses: `exact` (equal head counts), `group` (average groups of teacher heads), `average`."""
+    schedule: str = "constant"
+    """How `weight` and `temperature` move across the stage: `constant`, or `linear` / `cosine` from their value
+    at the stage's start to `final_weight` / `final_temperature` at its end."""
+    final_weight: Optional[float] = None
+    """For a `linear` or `cosine` schedule: the weight at the end of the stage (None keeps `weight`)."""
+    final_temperature: Optional[float] = None
+    """For a `linear` or `cosine` schedule: the temperature at the end of the stage (None keeps `temperature`)."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import ConfigError, DistillConfig, FinetuneConfig, StageConfig, config_yaml
 from .evaluate import accuracy, count_parameters, disk_size_mb
-from .losses import LOSSES, LossSetup, require_loss
+from .losses import LOSSES, LossSetup, check_loss
 from .mapping import build_layer_map
 from .sources import collator, label_names, load_classifier, load_splits, load_tokenizer, tokenize
 from .student import build_student
@@ -92,7 +92,7 @@ def check_stages(stages: list[StageConfig]) -> None:
         if not stage.losses:
             raise ConfigError(f"stages[{i}] ('{stage.name}') lists no losses")
         for loss in stage.losses:
-            require_loss(loss.name, where=f"stages[{i}]: ")
+            check_loss(loss, where=f"stages[{i}]: ")
 
 
 def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from .config import LossConfig, StageConfig, TrainConfig
+from .config import StageConfig, TrainConfig
 from .evaluate import accuracy
 from .losses import LossInputs, LossSetup, build_losses
 
@@ -48,15 +48,24 @@ class EpochSampler(Sampler[int]):
 
 
 class Objective(nn.Module):
-    """The trained module: the student plus one stage's weighted losses (some own learned projections)."""
+    """The trained module: the student plus one stage's weighted losses (some own learned projections), whose
+    weights and temperatures follow their schedules as `set_progress` moves through the stage."""
 
-    def __init__(self, student: PreTrainedModel, losses: nn.ModuleDict, specs: list[LossConfig]):
+    def __init__(self, student: PreTrainedModel, losses: nn.ModuleDict):
         super().__init__()
         self.student, self.losses = student, losses
-        self.weights = {spec.name: spec.weight for spec in specs}
         self.output_hidden_states = any(loss.needs_hidden_states for loss in losses.values())
         self.output_attentions = any(loss.needs_attentions for loss in losses.values())
         self.needs_teacher = any(loss.needs_teacher for loss in losses.values())
+
+    def set_progress(self, progress: float) -> None:
+        for loss in self.losses.values():
+            loss.progress = progress
+
+    def scheduled_values(self) -> dict[str, float]:
+        """`weight_<loss>` / `temperature_<loss>` for each value a schedule moves."""
+        return {f"{key}_{name}": value for name, loss in self.losses.items()
+                for key, value in loss.scheduled_values().items()}
 
     def forward(self, batch: dict[str, torch.Tensor], teacher_outputs=None):
         labels = batch["labels"]
@@ -66,7 +75,7 @@ class Objective(nn.Module):
         )
         loss_inputs = LossInputs(outputs, teacher_outputs, labels, batch["attention_mask"])
         parts = {name: loss(loss_inputs) for name, loss in self.losses.items()}
-        total = sum(self.weights[name] * value for name, value in parts.items())
+        total = sum(self.losses[name].weight * value for name, value in parts.items())
         return total, {name: value.detach() for name, value in parts.items()}
 
 
@@ -147,7 +156,7 @@ class Trainer:
     # ----- one stage ----------------------------------------------------------------------------------------
     def _run_stage(self, index: int, stage: StageConfig, setup: LossSetup, state: TrainState, is_last: bool):
         acc, cfg = self.accelerator, self.cfg
-        objective = Objective(self.student, build_losses(stage.losses, setup), stage.losses)
+        objective = Objective(self.student, build_losses(stage.losses, setup))
         optimizer = torch.optim.AdamW(self._param_groups(objective), lr=stage.learning_rate)
         steps_per_epoch = math.ceil(len(self.train_loader) / cfg.gradient_accumulation_steps)
         total_steps = math.ceil(stage.epochs * steps_per_epoch)
@@ -169,8 +178,10 @@ class Trainer:
         objective.train()
         while state.global_step < total_steps:
             for batch in self._remaining_batches(state):
+                unwrapped = acc.unwrap_model(objective)
+                unwrapped.set_progress(state.global_step / total_steps)
                 with acc.accumulate(objective):
-                    loss, parts = objective(batch, self._teacher_outputs(batch, acc.unwrap_model(objective)))
+                    loss, parts = objective(batch, self._teacher_outputs(batch, unwrapped))
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
                         acc.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm)
@@ -185,7 +196,8 @@ class Trainer:
                 state.global_step += 1
                 bar.update(1)
                 if state.global_step % cfg.log_steps == 0:
-                    record = self._log_running(running, index, state, scheduler.get_last_lr()[0])
+                    record = self._log_running(running, index, state, scheduler.get_last_lr()[0],
+                                               unwrapped.scheduled_values())
                     bar.set_postfix(loss=f"{record['train_loss']:.4f}")
                     running = {}
                 if self.on_step:
@@ -240,9 +252,10 @@ class Trainer:
             (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
         return [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-    def _log_running(self, running: dict[str, float], index: int, state: TrainState, lr: float) -> dict:
+    def _log_running(self, running: dict[str, float], index: int, state: TrainState, lr: float,
+                     scheduled: dict[str, float]) -> dict:
         batches = self.cfg.log_steps * self.cfg.gradient_accumulation_steps
-        record = {"stage": index, "epoch": state.epoch, "step": state.global_step, "lr": lr}
+        record = {"stage": index, "epoch": state.epoch, "step": state.global_step, "lr": lr, **scheduled}
         record.update({f"train_{name}": value / batches for name, value in running.items()})
         self.log(record)
         return record

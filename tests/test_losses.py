@@ -4,12 +4,14 @@ import pytest
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from distill.config import ConfigError, LossConfig
+from distill.config import ConfigError, LossConfig, StageConfig
 from distill.losses import LOSSES, LossInputs, LossSetup, build_losses
 from distill.losses.attention import attention_kl, attention_mse, match_heads
 from distill.losses.hidden import hidden_cosine, hidden_mse
 from distill.losses.response import logit_mse, soft_kl
+from distill.losses.schedule import scheduled
 from distill.mapping import LayerMap
+from distill.run import check_stages
 
 from .conftest import tiny_bert_config
 
@@ -110,3 +112,40 @@ def test_registry_names_closest_loss_and_needs_a_teacher():
     with pytest.raises(ConfigError, match="needs a teacher"):
         build_losses([LossConfig(name="kl")], no_teacher)
     assert "ce" in build_losses([LossConfig(name="ce")], no_teacher)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("constant", {0: 4.0, 0.25: 4.0, 0.5: 4.0, 1: 4.0}),
+    ("linear", {0: 4.0, 0.25: 3.25, 0.5: 2.5, 1: 1.0}),
+    ("cosine", {0: 4.0, 0.25: 1.0 + 3.0 * (1 + math.cos(math.pi / 4)) / 2, 0.5: 2.5, 1: 1.0}),
+])
+def test_schedule_values_from_start_to_end(kind, expected):
+    for progress, value in expected.items():
+        assert scheduled(kind, 4.0, 1.0, progress) == pytest.approx(value)
+    assert scheduled(kind, 4.0, None, 0.7) == 4.0  # no final value: stays where it started
+
+
+def test_kl_follows_its_temperature_schedule_and_reports_moving_values():
+    kl = build_losses([LossConfig(name="kl", temperature=4.0, schedule="linear", final_temperature=1.0)],
+                      _setup())["kl"]
+    student, teacher = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    inputs = LossInputs(SequenceClassifierOutput(logits=student), SequenceClassifierOutput(logits=teacher),
+                        torch.zeros(1, dtype=torch.long), torch.ones(1, 1))
+    for progress, temperature in [(0.0, 4.0), (0.5, 2.5), (1.0, 1.0)]:
+        kl.progress = progress
+        assert kl(inputs).item() == pytest.approx(soft_kl(student, teacher, temperature).item(), rel=1e-6)
+        assert kl.scheduled_values() == {"temperature": pytest.approx(temperature)}  # weight does not move
+        assert kl.weight == 1.0
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(schedule="exponential", final_weight=0.0), r"schedule must be one of \('constant', 'linear', 'cosine'\)"),
+    (dict(final_weight=0.0), "final_weight set but schedule is 'constant'"),
+    (dict(final_weight=0.0, final_temperature=1.0), "final_weight and final_temperature set but schedule"),
+    (dict(schedule="cosine"), "schedule 'cosine' needs final_weight or final_temperature"),
+    (dict(schedule="linear", final_temperature=0.0), "final_temperature must be positive, got 0.0"),
+])
+def test_schedule_errors_are_found_by_check_stages(spec, message):
+    stage = StageConfig(losses=[LossConfig(name="ce"), LossConfig(name="kl", **spec)])
+    with pytest.raises(ConfigError, match=rf"stages\[0\]: loss 'kl': {message}"):
+        check_stages([stage])

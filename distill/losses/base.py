@@ -11,6 +11,7 @@ from transformers.utils import ModelOutput
 
 from ..config import ConfigError, LossConfig
 from ..mapping import LayerMap
+from .schedule import check_schedule, scheduled
 
 
 @dataclass
@@ -38,6 +39,28 @@ class DistillLoss(nn.Module):
     def __init__(self, spec: LossConfig, setup: LossSetup):
         super().__init__()
         self.spec = spec
+        self.progress = 0.0  # fraction of the stage done: moves `weight` and `temperature` along the schedule
+
+    @classmethod
+    def check_options(cls, spec: LossConfig, where: str = "") -> None:
+        """Config-only checks of this loss's own options, run before any model loads."""
+
+    @property
+    def weight(self) -> float:
+        return scheduled(self.spec.schedule, self.spec.weight, self.spec.final_weight, self.progress)
+
+    @property
+    def temperature(self) -> float:
+        return scheduled(self.spec.schedule, self.spec.temperature, self.spec.final_temperature, self.progress)
+
+    def scheduled_values(self) -> dict[str, float]:
+        """The current value of each scheduled quantity that moves during the stage (for the metrics log)."""
+        values = {}
+        if self.spec.final_weight is not None:
+            values["weight"] = self.weight
+        if self.spec.final_temperature is not None:
+            values["temperature"] = self.temperature
+        return values
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         raise NotImplementedError
@@ -65,11 +88,19 @@ def require_loss(name: str, where: str = "") -> type[DistillLoss]:
     return LOSSES[name]
 
 
+def check_loss(spec: LossConfig, where: str = "") -> type[DistillLoss]:
+    """Config-only checks of one loss entry (name, schedule, the loss's own options); returns its class."""
+    cls = require_loss(spec.name, where)
+    check_schedule(spec, where)
+    cls.check_options(spec, where)
+    return cls
+
+
 def build_losses(specs: list[LossConfig], setup: LossSetup) -> nn.ModuleDict:
     """Instantiate each configured loss; errors name the bad entry before any training starts."""
     built = nn.ModuleDict()
     for spec in specs:
-        cls = require_loss(spec.name)
+        cls = check_loss(spec)
         if spec.name in built:
             raise ConfigError(f"loss '{spec.name}' is listed twice in one stage")
         if cls.needs_teacher and setup.teacher_config is None:

@@ -29,7 +29,7 @@ class HardLabelCE(DistillLoss):
 @register("kl")
 class SoftLabelKL(DistillLoss):
     def forward(self, inputs: LossInputs) -> torch.Tensor:
-        return soft_kl(inputs.student.logits, inputs.teacher.logits, self.spec.temperature)
+        return soft_kl(inputs.student.logits, inputs.teacher.logits, self.temperature)
 
 
 @register("logit_mse")
