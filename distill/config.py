@@ -69,6 +69,12 @@ class LossConfig:
     """For a `linear` or `cosine` schedule: the weight at the end of the stage (None keeps `weight`)."""
     final_temperature: Optional[float] = None
     """For a `linear` or `cosine` schedule: the temperature at the end of the stage (None keeps `temperature`)."""
+    student_layer: Optional[int] = None
+    """`hint`: the student hidden-state index it guides (0 = embedding output); None picks the student's middle
+    layer."""
+    teacher_layer: Optional[int] = None
+    """`hint`: the teacher hidden-state index giving the hint; None picks the layer-map partner of
+    `student_layer`."""
 
 
 @dataclass

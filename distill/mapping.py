@@ -18,6 +18,10 @@ class LayerMap:
     def attention(self) -> list[tuple[int, int]]:
         return [(s - 1, t - 1) for s, t in self.hidden if s > 0]
 
+    def partner(self, student_index: int) -> int:
+        """The teacher hidden-state index matched to a student hidden-state index."""
+        return dict(self.hidden)[student_index]
+
 
 def build_layer_map(cfg: LayerMapConfig, student_layers: int, teacher_layers: int) -> LayerMap:
     if cfg.kind not in MAP_KINDS:

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LossConfig
+from ..config import ConfigError, LossConfig
 from .base import DistillLoss, LossInputs, LossSetup, register
 
 
@@ -52,3 +52,19 @@ class HiddenMSE(_HiddenLoss):
 @register("hidden_cosine")
 class HiddenCosine(_HiddenLoss):
     distance = staticmethod(hidden_cosine)
+
+
+def chosen_layers(spec: LossConfig, setup: LossSetup, default_student_layer: int) -> tuple[int, int]:
+    """The (student, teacher) hidden-state indices a single-layer loss reads: `student_layer` (or the default) and
+    `teacher_layer` (or the layer-map partner of the student's), each checked against its model's depth."""
+    student = default_student_layer if spec.student_layer is None else spec.student_layer
+    _check_index(spec, "student_layer", student, setup.student_config.num_hidden_layers, "student")
+    teacher = setup.layer_map.partner(student) if spec.teacher_layer is None else spec.teacher_layer
+    _check_index(spec, "teacher_layer", teacher, setup.teacher_config.num_hidden_layers, "teacher")
+    return student, teacher
+
+
+def _check_index(spec: LossConfig, key: str, index: int, layers: int, model: str) -> None:
+    if not 0 <= index <= layers:
+        raise ConfigError(f"loss '{spec.name}': {key} {index} is out of range; the {model} has hidden states "
+                          f"0..{layers} (0 = embedding output)")

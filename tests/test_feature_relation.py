@@ -1,0 +1,108 @@
+"""Feature-based (FitNet hint) distillation: the regressor, layer choice and its errors, and a two-stage run."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from distill.config import ConfigError, DistillConfig, LossConfig, StageConfig, StudentConfig, parse_args
+from distill.losses import LossInputs, LossSetup, build_losses
+from distill.losses.hidden import hidden_mse
+from distill.mapping import LayerMap, build_layer_map
+from distill.run import distill
+
+from .conftest import data_cfg, tiny_bert_config, train_cfg
+
+
+def _setup(student_overrides=None):
+    """A 2-layer student mapped onto a 4-layer teacher: student hidden state j <- teacher hidden state 2j."""
+    student = tiny_bert_config(20, num_hidden_layers=2, **(student_overrides or {}))
+    return LossSetup(student, tiny_bert_config(20), LayerMap(hidden=[(0, 0), (1, 2), (2, 4)]))
+
+
+def _inputs(student_states, teacher_states, mask):
+    return LossInputs(SequenceClassifierOutput(hidden_states=student_states),
+                      SequenceClassifierOutput(hidden_states=teacher_states), torch.zeros(len(mask)), mask)
+
+
+def _built(name, setup=None, **options):
+    return build_losses([LossConfig(name=name, **options)], setup or _setup())[name]
+
+
+def test_hint_defaults_to_the_student_middle_layer_and_its_mapped_partner():
+    hint = _built("hint")
+    assert (hint.student_layer, hint.teacher_layer) == (1, 2)
+    assert (_built("hint", teacher_layer=3).student_layer, _built("hint", student_layer=2).teacher_layer) == (1, 4)
+
+
+def test_hint_starts_neutral_when_widths_are_equal():
+    hint = _built("hint", student_layer=1, teacher_layer=1)
+    assert torch.equal(hint.regressor.weight, torch.eye(32)) and not hint.regressor.bias.any()
+    states = tuple(torch.randn(2, 5, 32) for _ in range(5))
+    loss = hint(_inputs(states[:3], states, torch.ones(2, 5)))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert hint.regressor.weight.grad is not None
+
+
+def test_hint_regresses_a_narrower_student_and_ignores_padding():
+    hint = _built("hint", _setup({"hidden_size": 16, "num_attention_heads": 2}))
+    assert (hint.regressor.in_features, hint.regressor.out_features) == (16, 32)
+    student = tuple(torch.randn(2, 4, 16) for _ in range(3))
+    teacher = tuple(torch.randn(2, 4, 32) for _ in range(5))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    expected = hidden_mse(hint.regressor(student[1]), teacher[2], mask)
+    assert torch.allclose(hint(_inputs(student, teacher, mask)), expected)
+    noisy_padding = tuple(t.clone().index_fill_(1, torch.tensor([3]), 1e3) for t in teacher)
+    assert torch.allclose(hint(_inputs(student, noisy_padding, mask)), expected)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(student_layer=3), "student_layer 3 is out of range; the student has hidden states 0..2"),
+    (dict(student_layer=-1), "student_layer -1 is out of range; the student has hidden states 0..2"),
+    (dict(teacher_layer=5), r"teacher_layer 5 is out of range; the teacher has hidden states 0..4 \(0 = embedding"),
+])
+@pytest.mark.parametrize("name", ["hint"])
+def test_layer_indices_out_of_range_fail_when_the_loss_is_built(name, options, message):
+    with pytest.raises(ConfigError, match=f"loss '{name}': {message}"):
+        _built(name, **options)
+
+
+def test_fitnet_recipe_spells_out_the_default_hint_layers():
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "distill_fitnet.yaml"
+    cfg = parse_args(DistillConfig, ["--config", str(recipe)])
+    layer_map = build_layer_map(cfg.layer_map, 3, 6)  # its 3-layer student of a 6-layer teacher
+    setup = LossSetup(tiny_bert_config(20, num_hidden_layers=3), tiny_bert_config(20, num_hidden_layers=6), layer_map)
+    spec = cfg.stages[0].losses[0]
+    default = _built("hint", setup)
+    assert (spec.student_layer, spec.teacher_layer) == (default.student_layer, default.teacher_layer) == (2, 4)
+
+
+# ----- short runs on the tiny fixtures ----------------------------------------------------------------------------
+def run_records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_reloads(result):
+    reloaded = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.run_dir / "model")
+    batch = tokenizer(["the film was good", "a dull and boring plot"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, result.model.eval()(**batch).logits)
+
+
+def test_fitnet_hint_stage_then_kd_stage(tiny_teacher_dir, sentiment_csv, tmp_path):
+    stages = [StageConfig(name="hint", epochs=1, learning_rate=3e-3, losses=[LossConfig(name="hint")]),
+              StageConfig(name="kd", epochs=1, learning_rate=1e-3,
+                          losses=[LossConfig(name="kl", temperature=2.0), LossConfig(name="ce", weight=0.5)])]
+    student = StudentConfig(init="fresh", num_layers=2, hidden_size=16, num_attention_heads=2)
+    cfg = DistillConfig(teacher=str(tiny_teacher_dir), output_dir=str(tmp_path / "fitnet"),
+                        data=data_cfg(sentiment_csv), student=student, stages=stages, train=train_cfg(log_steps=1))
+    result = distill(cfg)
+    trained = [r for r in run_records(result.run_dir) if "train_loss" in r]
+    hint = [r["train_hint"] for r in trained if r["stage"] == 0]
+    assert all("train_hint" not in r and "train_kl" in r for r in trained if r["stage"] == 1)
+    assert sum(hint[-3:]) < 0.8 * sum(hint[:3])  # the guided layer moves towards the hint
+    assert_reloads(result)
