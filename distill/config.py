@@ -70,11 +70,14 @@ class LossConfig:
     final_temperature: Optional[float] = None
     """For a `linear` or `cosine` schedule: the temperature at the end of the stage (None keeps `temperature`)."""
     student_layer: Optional[int] = None
-    """`hint`: the student hidden-state index it guides (0 = embedding output); None picks the student's middle
-    layer."""
+    """`hint` and relation losses: the student hidden-state index they read (0 = embedding output); None picks
+    the student's middle layer for `hint` and its last layer for relation losses."""
     teacher_layer: Optional[int] = None
-    """`hint`: the teacher hidden-state index giving the hint; None picks the layer-map partner of
+    """`hint` and relation losses: the teacher hidden-state index they read; None picks the layer-map partner of
     `student_layer`."""
+    pooling: str = "cls"
+    """Relation losses: one vector per example from the chosen layer, `cls` (first token) or `mean` (average
+    over real tokens)."""
 
 
 @dataclass

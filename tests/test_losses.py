@@ -105,7 +105,8 @@ def test_attention_loss_rejects_unmatchable_heads():
 
 
 def test_registry_names_closest_loss_and_needs_a_teacher():
-    assert {"ce", "kl", "logit_mse", "hidden_mse", "hidden_cosine", "attention_mse", "attention_kl"} <= set(LOSSES)
+    assert {"ce", "kl", "logit_mse", "hidden_mse", "hidden_cosine", "attention_mse", "attention_kl", "hint",
+            "rkd_distance", "rkd_angle", "similarity"} <= set(LOSSES)
     with pytest.raises(ConfigError, match="did you mean 'hidden_mse'"):
         build_losses([LossConfig(name="hiden_mse")], _setup())
     no_teacher = LossSetup(tiny_bert_config(20), None, None)
