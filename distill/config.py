@@ -59,9 +59,17 @@ class LossConfig:
     """A registered loss: see `distill.losses.LOSSES`."""
     weight: float = 1.0
     temperature: float = 1.0
-    """Softening temperature for `kl` (scaled by T^2)."""
+    """Softening temperature for `kl` and `early_exit` (scaled by T^2)."""
     head_match: str = "exact"
     """Attention losses: `exact` (equal head counts), `group` (average groups of teacher heads), `average`."""
+    exit_layers: Optional[list[int]] = None
+    """`early_exit`: the layers that get an exit head, counted from 1 like `hidden_states` (0 is the embedding
+    output); None puts one after every layer but the last, whose exit is the model's own classifier."""
+    exit_pooling: str = "cls"
+    """`early_exit`: what a head reads from its layer: `cls` (the first token) or `mean` (over real tokens)."""
+    exit_label_mix: float = 0.0
+    """`early_exit`: share of hard-label CE in each head's loss; the rest is KL to the model's own final logits
+    (detached, at `temperature`, times T^2)."""
 
 
 @dataclass

@@ -39,8 +39,18 @@ class DistillLoss(nn.Module):
         super().__init__()
         self.spec = spec
 
+    @classmethod
+    def check_spec(cls, spec: LossConfig, where: str = "") -> None:
+        """Checks of the loss's own settings, run before any model loads (checks against the models belong in
+        the constructor)."""
+
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         raise NotImplementedError
+
+    def saved_files(self) -> dict[str, str | bytes]:
+        """Files that this loss adds to the saved model folder (name -> text or bytes): what it learned that
+        outlives training, such as early-exit heads."""
+        return {}
 
 
 LOSSES: dict[str, type[DistillLoss]] = {}
