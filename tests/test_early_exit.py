@@ -179,8 +179,8 @@ def test_exit_heads_train_next_to_distillation_losses(tiny_teacher_dir, sentimen
     check_stages(recipe.stages)
     losses = recipe.stages[0].losses
     losses[-1].exit_layers = [1]  # the tiny student has 2 layers
-    cfg = DistillConfig(teacher=str(tiny_teacher_dir), output_dir=str(tmp_path / "student"), data=data_cfg(sentiment_csv),
-                        student=StudentConfig(layers=[1, 3]),
+    cfg = DistillConfig(teacher=str(tiny_teacher_dir), output_dir=str(tmp_path / "student"),
+                        data=data_cfg(sentiment_csv), student=StudentConfig(layers=[1, 3]),
                         stages=[StageConfig(epochs=1, learning_rate=1e-3, losses=losses)], train=train_cfg())
     distill(cfg)
     heads = ExitHeads.from_folder(tmp_path / "student" / "model")
@@ -196,8 +196,8 @@ def never_train(state):
 def test_config_errors_name_the_problem(sentiment_csv, tiny_teacher_dir, tmp_path):
     setup = LossSetup(tiny_bert_config(20), None, None)  # 4 layers
     for layers in ([0], [4], [1, 5]):
-        bad = [k for k in layers if not 1 <= k < 4]
-        with pytest.raises(ConfigError, match=re.escape(f"exit_layers {bad} out of range: exits go after layers 1..3 of 4")):
+        message = f"exit_layers {[k for k in layers if not 1 <= k < 4]} out of range: exits go after layers 1..3 of 4"
+        with pytest.raises(ConfigError, match=re.escape(message)):
             build_losses([LossConfig(name="early_exit", exit_layers=layers)], setup)
     with pytest.raises(ConfigError, match="a 1-layer model has no layer before the last"):
         build_losses([LossConfig(name="early_exit")], LossSetup(tiny_bert_config(20, num_hidden_layers=1), None, None))
