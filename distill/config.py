@@ -59,7 +59,7 @@ class LossConfig:
     """A registered loss: see `distill.losses.LOSSES`."""
     weight: float = 1.0
     temperature: float = 1.0
-    """Softening temperature for `kl` (scaled by T^2)."""
+    """Softening temperature for `kl` and `early_exit` (scaled by T^2)."""
     head_match: str = "exact"
     """Attention losses: `exact` (equal head counts), `group` (average groups of teacher heads), `average`."""
     schedule: str = "constant"
@@ -76,8 +76,14 @@ class LossConfig:
     """`hint` and relation losses: the teacher hidden-state index they read; None picks the layer-map partner of
     `student_layer`."""
     pooling: str = "cls"
-    """Relation losses: one vector per example from the chosen layer, `cls` (first token) or `mean` (average
-    over real tokens)."""
+    """Relation losses and `early_exit` heads: one vector per example from the chosen layer, `cls` (first token)
+    or `mean` (average over real tokens)."""
+    exit_layers: Optional[list[int]] = None
+    """`early_exit`: the layers that get an exit head, counted from 1 like `hidden_states` (0 is the embedding
+    output); None puts one after every layer but the last, whose exit is the model's own classifier."""
+    exit_label_mix: float = 0.0
+    """`early_exit`: share of hard-label CE in each head's loss; the rest is KL to the model's own final logits
+    (detached, at `temperature`, times T^2)."""
 
 
 @dataclass

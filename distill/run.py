@@ -137,8 +137,8 @@ def load_task(data_cfg, model_name: str) -> Task:
 
 def finish_run(trainer: Trainer, model: PreTrainedModel, task: Task, run_dir: Path, extra: Optional[dict] = None,
                save: Callable = None) -> RunResult:
-    """Evaluate on validation and test, save model + tokenizer atomically (with `save`, default `save_model`),
-    write metrics.json (with `extra` metrics added)."""
+    """Evaluate on validation and test, save model + tokenizer atomically (with `save`, default `save_model`), with
+    the files the last stage's losses add (early-exit heads), write metrics.json (with `extra` metrics added)."""
     acc = trainer.accelerator
     test_loader = trainer.eval_loader_for(task.splits["test"])
     metrics = {
@@ -149,7 +149,7 @@ def finish_run(trainer: Trainer, model: PreTrainedModel, task: Task, run_dir: Pa
         **(extra or {}),
     }
     if acc.is_main_process:
-        (save or save_model)(model, task.tokenizer, run_dir / "model")
+        (save or save_model)(model, task.tokenizer, run_dir / "model", trainer.saved_files())
         metrics["disk_mb"] = disk_size_mb(run_dir / "model")
         write_json_atomic(metrics, run_dir / "metrics.json")
         trainer.log({"final": metrics})
@@ -159,14 +159,18 @@ def finish_run(trainer: Trainer, model: PreTrainedModel, task: Task, run_dir: Pa
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path,
-               extra_files: Optional[dict[str, str]] = None) -> None:
-    """save_pretrained into a sibling temp folder, then rename: the folder appears only when complete."""
+               extra_files: Optional[dict[str, str | bytes]] = None) -> None:
+    """save_pretrained into a sibling temp folder, then rename: the folder appears only when complete.
+    `extra_files` (name -> text or bytes) are written into it first."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
+    for name, data in (extra_files or {}).items():
+        if isinstance(data, bytes):
+            (tmp / name).write_bytes(data)
+        else:
+            (tmp / name).write_text(data)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

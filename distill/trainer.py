@@ -122,6 +122,8 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoint"
         self.best_path = self.run_dir / "best_student.safetensors"
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        # the latest stage's student and losses, with what the losses learned (projections, exit heads)
+        self.objective: Optional[Objective] = None
 
     # ----- public -----------------------------------------------------------------------------------------
     def fit(self, stages: list[StageConfig], setup: LossSetup) -> PreTrainedModel:
@@ -134,13 +136,18 @@ class Trainer:
             self._run_stage(index, stage, setup, state if resuming else TrainState(stage=index), is_last)
             state = TrainState(stage=index + 1)
         if self.cfg.select_best and self.best_path.exists():
-            self.student.load_state_dict(load_file(self.best_path))
+            self.objective.load_state_dict(load_file(self.best_path))
         self.accelerator.wait_for_everyone()
         return self.student
 
     def eval_loader_for(self, dataset: Dataset) -> DataLoader:
         loader = DataLoader(dataset, self.cfg.eval_batch_size, collate_fn=self.collate)
         return self.accelerator.prepare(loader)
+
+    def saved_files(self) -> dict[str, str | bytes]:
+        """Files the last stage's losses add to the saved model folder (early-exit heads)."""
+        losses = self.objective.losses.values() if self.objective is not None else []
+        return {name: data for loss in losses for name, data in loss.saved_files().items()}
 
     def cleanup(self) -> None:
         """Remove resume state once the run's outputs are safely written."""
@@ -156,8 +163,8 @@ class Trainer:
     # ----- one stage ----------------------------------------------------------------------------------------
     def _run_stage(self, index: int, stage: StageConfig, setup: LossSetup, state: TrainState, is_last: bool):
         acc, cfg = self.accelerator, self.cfg
-        objective = Objective(self.student, build_losses(stage.losses, setup))
-        optimizer = torch.optim.AdamW(self._param_groups(objective), lr=stage.learning_rate)
+        self.objective = Objective(self.student, build_losses(stage.losses, setup))
+        optimizer = torch.optim.AdamW(self._param_groups(self.objective), lr=stage.learning_rate)
         steps_per_epoch = math.ceil(len(self.train_loader) / cfg.gradient_accumulation_steps)
         total_steps = math.ceil(stage.epochs * steps_per_epoch)
         if cfg.max_steps_per_stage is not None:
@@ -168,7 +175,7 @@ class Trainer:
             num_warmup_steps=round(cfg.warmup_ratio * total_steps) * acc.num_processes,
             num_training_steps=total_steps * acc.num_processes,
         )
-        objective, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
+        objective, optimizer, scheduler = acc.prepare(self.objective, optimizer, scheduler)
         if state.global_step or state.epoch:
             acc.load_state(str(self.checkpoint_dir))
         select_best = cfg.select_best and is_last
@@ -230,7 +237,8 @@ class Trainer:
         if select_best and metric > state.best_metric:
             state.best_metric = metric
             if self.accelerator.is_main_process:
-                _atomic_save_file(self.student.state_dict(), self.best_path)
+                # the losses' state too, so that exit heads and projections match the weights kept
+                _atomic_save_file(self.objective.state_dict(), self.best_path)
 
     # ----- helpers ------------------------------------------------------------------------------------------
     @torch.no_grad()

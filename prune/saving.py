@@ -110,14 +110,15 @@ def remote_code(class_names: list[str]) -> str:
     return template + "\n\n" + "\n".join(lines) + "\n"
 
 
-def save_compressed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
-    """save_pretrained (atomically), plus the remote code when the shapes need it."""
+def save_compressed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path,
+                    extra_files: dict[str, str | bytes] | None = None) -> None:
+    """save_pretrained (atomically) with `extra_files`, plus the remote code when the shapes need it."""
     sync_config(model)
     spec = compression_spec(model)
     for key in COMPRESSION_KEYS:
         if hasattr(model.config, key):
             delattr(model.config, key)
-    extra_files = {}
+    extra_files = dict(extra_files or {})
     if spec:
         names = auto_class_names(model)
         model.config.compression = spec

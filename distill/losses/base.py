@@ -65,6 +65,11 @@ class DistillLoss(nn.Module):
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         raise NotImplementedError
 
+    def saved_files(self) -> dict[str, str | bytes]:
+        """Files that this loss adds to the saved model folder (name -> text or bytes): what it learned that
+        outlives training, such as early-exit heads."""
+        return {}
+
 
 LOSSES: dict[str, type[DistillLoss]] = {}
 

@@ -8,20 +8,10 @@ example is pooled to one vector from a chosen hidden-state layer (default: the l
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, LossConfig
+from ..config import LossConfig
 from .base import DistillLoss, LossInputs, LossSetup, register
+from ..pooling import check_pooling, pool
 from .hidden import chosen_layers
-
-POOLINGS = ("cls", "mean")
-
-
-def pool(states: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """One vector per example from (batch, seq, width) states: the first token's, or the mean over real tokens."""
-    if how == "cls":
-        return states[:, 0].float()
-    weights = mask.unsqueeze(-1).float()
-    return (states.float() * weights).sum(1) / weights.sum(1).clamp_min(1)
-
 
 def _mean_smooth_l1(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Smooth-L1 (Huber, delta 1) averaged over the entries; 0 when there are none (a batch too small to relate)."""
@@ -71,8 +61,7 @@ class _RelationLoss(DistillLoss):
 
     @classmethod
     def check_options(cls, spec: LossConfig, where: str = "") -> None:
-        if spec.pooling not in POOLINGS:
-            raise ConfigError(f"{where}loss '{spec.name}': pooling must be one of {POOLINGS}, got '{spec.pooling}'")
+        check_pooling(spec, where)
 
     def __init__(self, spec: LossConfig, setup: LossSetup):
         super().__init__(spec, setup)
@@ -81,8 +70,8 @@ class _RelationLoss(DistillLoss):
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         mask, how = inputs.attention_mask, self.spec.pooling
-        student = pool(inputs.student.hidden_states[self.student_layer], mask, how)
-        teacher = pool(inputs.teacher.hidden_states[self.teacher_layer], mask, how)
+        student = pool(inputs.student.hidden_states[self.student_layer], mask, how).float()
+        teacher = pool(inputs.teacher.hidden_states[self.teacher_layer], mask, how).float()
         return self.relation(student, teacher)
 
 
