@@ -21,7 +21,8 @@ from .config import ConfigError, DistillConfig, FinetuneConfig, StageConfig, con
 from .evaluate import accuracy, count_parameters, disk_size_mb
 from .losses import LOSSES, LossSetup, check_loss
 from .mapping import build_layer_map
-from .sources import collator, label_names, load_classifier, load_splits, load_tokenizer, tokenize
+from .sources import (collator, label_names, load_classifier, load_splits, load_tokenizer, tokenize,
+                      vocabulary_difference)
 from .student import build_student
 from .trainer import Trainer, TrainState
 
@@ -96,12 +97,11 @@ def check_stages(stages: list[StageConfig]) -> None:
 
 
 def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase):
-    s, t = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if s != t:
-        differ = len(set(s.items()) ^ set(t.items()))
+    differ = vocabulary_difference(student_tokenizer, teacher_tokenizer)
+    if differ:
         raise ConfigError(
-            f"student and teacher tokenizers differ (vocabulary sizes {len(s)} and {len(t)}, {differ} entries "
-            "not shared): logit and hidden-state distillation need the same token ids"
+            f"student and teacher tokenizers differ ({differ}): logit and hidden-state distillation need the same "
+            "token ids"
         )
 
 
