@@ -50,7 +50,9 @@ class StudentConfig:
     intermediate_size: Optional[int] = None
     num_attention_heads: Optional[int] = None
     model: Optional[str] = None
-    """For `init: pretrained`: a model path or id."""
+    """The model the student starts from (path or id, given the teacher's labels): `pretrained` loads it as it
+    is, `copy_layers` copies its layers, `fresh` takes its family and vocabulary. None (not allowed with
+    `pretrained`) starts from the teacher. Its tokenizer must equal the teacher's."""
 
 
 @dataclass

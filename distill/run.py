@@ -70,7 +70,7 @@ def distill(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
         raise ConfigError(f"teacher predicts {teacher.config.num_labels} classes, the data has {len(task.labels)}")
     student = build_student(cfg.student, teacher)
     student.set_attn_implementation(attention)
-    if cfg.student.init == "pretrained":
+    if cfg.student.model:
         check_same_vocabulary(load_tokenizer(cfg.student.model), task.tokenizer)
     layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     setup = LossSetup(student.config, teacher.config, layer_map)
