@@ -136,6 +136,14 @@ class FinetuneConfig:
 class DistillConfig:
     """Distil a fine-tuned teacher into a smaller student, in one or more stages."""
     teacher: str = "runs/teacher/model"
+    extra_teachers: list[str] = field(default_factory=list)
+    """More teachers of the task (resolved like `teacher`), for multi-teacher distillation: `kl` then targets the
+    weighted mixture of all teachers' softened distributions and `logit_mse` their weighted mean logits, while
+    hidden-state and attention losses keep using `teacher` alone. Each must have `teacher`'s label names and
+    tokenizer."""
+    teacher_weights: Optional[list[float]] = None
+    """One non-negative weight per teacher (`teacher` first, then `extra_teachers`), normalised to sum to 1;
+    None weighs all teachers equally."""
     output_dir: str = "runs/student"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)

@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import ConfigError, DistillConfig, FinetuneConfig, StageConfig, config_yaml
+from .ensemble import add_extra_teachers, normalised_teacher_weights
 from .evaluate import accuracy, count_parameters, disk_size_mb
 from .losses import LOSSES, LossSetup, check_loss
 from .mapping import build_layer_map
@@ -59,8 +60,9 @@ def finetune(cfg: FinetuneConfig, on_step: OnStep = None) -> RunResult:
 
 
 def distill(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
-    """Build the student from the teacher, then run each configured stage against the teacher."""
+    """Build the student from the teacher, then run each configured stage against the teacher (or teachers)."""
     check_stages(cfg.stages)
+    weights = normalised_teacher_weights(cfg)
     accelerator, run_dir = start_run(cfg)
     task = load_task(cfg.data, cfg.teacher)
     needs_attentions = any(LOSSES[loss.name].needs_attentions for stage in cfg.stages for loss in stage.losses)
@@ -74,9 +76,10 @@ def distill(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
         check_same_vocabulary(load_tokenizer(cfg.student.model), task.tokenizer)
     layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     setup = LossSetup(student.config, teacher.config, layer_map)
-    trainer = Trainer(accelerator, student, teacher, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
+    teachers = add_extra_teachers(teacher, cfg.extra_teachers, weights, task.tokenizer)
+    trainer = Trainer(accelerator, student, teachers, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
                       run_dir, on_step)
-    trainer.log({"student_parameters": count_parameters(student), "teacher_parameters": count_parameters(teacher),
+    trainer.log({"student_parameters": count_parameters(student), "teacher_parameters": count_parameters(teachers),
                  "layer_map": layer_map.hidden})
     student = trainer.fit(cfg.stages, setup)
     student.set_attn_implementation("sdpa")
