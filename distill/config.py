@@ -140,10 +140,14 @@ class DistillConfig:
     """More teachers of the task (resolved like `teacher`), for multi-teacher distillation: `kl` then targets the
     weighted mixture of all teachers' softened distributions and `logit_mse` their weighted mean logits, while
     hidden-state and attention losses keep using `teacher` alone. Each must have `teacher`'s label names and
-    tokenizer."""
+    tokenizer. With `generations` > 1 they teach generation 1 only."""
     teacher_weights: Optional[list[float]] = None
     """One non-negative weight per teacher (`teacher` first, then `extra_teachers`), normalised to sum to 1;
     None weighs all teachers equally."""
+    generations: int = 1
+    """Born-again self-distillation: with N > 1, generation 1 learns from `teacher` and generation g from
+    generation g-1's student, each student built the same way (`student`) from `teacher`. Each generation is a
+    run folder `output_dir/generation-<g>/`, and `output_dir/metrics.json` summarises them all."""
     output_dir: str = "runs/student"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)

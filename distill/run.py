@@ -60,7 +60,12 @@ def finetune(cfg: FinetuneConfig, on_step: OnStep = None) -> RunResult:
 
 
 def distill(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
-    """Build the student from the teacher, then run each configured stage against the teacher (or teachers)."""
+    """Build the student from the teacher, then run each configured stage against the teacher (or teachers).
+    With `generations` other than 1, a chain of born-again generations instead (`distill.generations`)."""
+    if cfg.generations != 1:
+        from .generations import born_again  # born_again calls distill() once per generation
+
+        return born_again(cfg, on_step)
     check_stages(cfg.stages)
     weights = normalised_teacher_weights(cfg)
     accelerator, run_dir = start_run(cfg)
