@@ -139,8 +139,8 @@ class DistillConfig:
     extra_teachers: list[str] = field(default_factory=list)
     """More teachers of the task (resolved like `teacher`), for multi-teacher distillation: `kl` then targets the
     weighted mixture of all teachers' softened distributions and `logit_mse` their weighted mean logits, while
-    hidden-state and attention losses keep using `teacher` alone. Each must have `teacher`'s label names and
-    tokenizer. With `generations` > 1 they teach generation 1 only."""
+    every loss on hidden states or attention maps keeps using `teacher` alone. Each must have `teacher`'s label
+    names and tokenizer. With `generations` > 1 they teach generation 1 only."""
     teacher_weights: Optional[list[float]] = None
     """One non-negative weight per teacher (`teacher` first, then `extra_teachers`), normalised to sum to 1;
     None weighs all teachers equally."""

@@ -2,8 +2,8 @@
 
 Response losses see the ensemble: `kl` targets the weighted mixture of the teachers' softened distributions
 (`mixture_log_probs`), and anything reading `logits` gets the weighted mean of the teachers' logits. Hidden states
-and attention maps come from the first teacher alone: the others may differ in depth and width, and their layers
-would not line up with one layer map."""
+and attention maps (all losses on them: hidden, attention, hint, relation) come from the first teacher alone: the
+others may differ in depth and width, and their layers would not line up with one layer map."""
 from __future__ import annotations
 
 from dataclasses import dataclass
