@@ -43,7 +43,7 @@ class TeacherEnsemble(nn.Module):
                                  output_attentions=output_attentions)
         others = [teacher(**inputs).logits for teacher in self.teachers[1:]]
         member_logits = torch.stack([first.logits, *others])
-        mean_logits = torch.einsum("t,tbc->bc", self.weights, member_logits.float())
+        mean_logits = (self.weights.view(-1, 1, 1) * member_logits.float()).sum(0)  # fp32 even under autocast
         return EnsembleOutput(logits=mean_logits, hidden_states=first.hidden_states, attentions=first.attentions,
                               member_logits=member_logits, weights=self.weights)
 
