@@ -50,7 +50,9 @@ class StudentConfig:
     intermediate_size: Optional[int] = None
     num_attention_heads: Optional[int] = None
     model: Optional[str] = None
-    """For `init: pretrained`: a model path or id."""
+    """The model the student starts from (path or id, given the teacher's labels): `pretrained` loads it as it
+    is, `copy_layers` copies its layers, `fresh` takes its family and vocabulary. None (not allowed with
+    `pretrained`) starts from the teacher. Its tokenizer must equal the teacher's."""
 
 
 @dataclass
@@ -140,6 +142,18 @@ class FinetuneConfig:
 class DistillConfig:
     """Distil a fine-tuned teacher into a smaller student, in one or more stages."""
     teacher: str = "runs/teacher/model"
+    extra_teachers: list[str] = field(default_factory=list)
+    """More teachers of the task (resolved like `teacher`), for multi-teacher distillation: `kl` then targets the
+    weighted mixture of all teachers' softened distributions and `logit_mse` their weighted mean logits, while
+    every loss on hidden states or attention maps keeps using `teacher` alone. Each must have `teacher`'s label
+    names and tokenizer. With `generations` > 1 they teach generation 1 only."""
+    teacher_weights: Optional[list[float]] = None
+    """One non-negative weight per teacher (`teacher` first, then `extra_teachers`), normalised to sum to 1;
+    None weighs all teachers equally."""
+    generations: int = 1
+    """Born-again self-distillation: with N > 1, generation 1 learns from `teacher` and generation g from
+    generation g-1's student, each student built the same way (`student`) from `teacher`. Each generation is a
+    run folder `output_dir/generation-<g>/`, and `output_dir/metrics.json` summarises them all."""
     output_dir: str = "runs/student"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)

@@ -18,10 +18,12 @@ from accelerate.utils import set_seed
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import ConfigError, DistillConfig, FinetuneConfig, StageConfig, config_yaml
+from .ensemble import add_extra_teachers, normalised_teacher_weights
 from .evaluate import accuracy, count_parameters, disk_size_mb
 from .losses import LOSSES, LossSetup, check_loss
 from .mapping import build_layer_map
-from .sources import collator, label_names, load_classifier, load_splits, load_tokenizer, tokenize
+from .sources import (collator, label_names, load_classifier, load_splits, load_tokenizer, tokenize,
+                      vocabulary_difference)
 from .student import build_student
 from .trainer import Trainer, TrainState
 
@@ -58,8 +60,14 @@ def finetune(cfg: FinetuneConfig, on_step: OnStep = None) -> RunResult:
 
 
 def distill(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
-    """Build the student from the teacher, then run each configured stage against the teacher."""
+    """Build the student from the teacher, then run each configured stage against the teacher (or teachers).
+    With `generations` other than 1, a chain of born-again generations instead (`distill.generations`)."""
+    if cfg.generations != 1:
+        from .generations import born_again  # born_again calls distill() once per generation
+
+        return born_again(cfg, on_step)
     check_stages(cfg.stages)
+    weights = normalised_teacher_weights(cfg)
     accelerator, run_dir = start_run(cfg)
     task = load_task(cfg.data, cfg.teacher)
     needs_attentions = any(LOSSES[loss.name].needs_attentions for stage in cfg.stages for loss in stage.losses)
@@ -69,13 +77,14 @@ def distill(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
         raise ConfigError(f"teacher predicts {teacher.config.num_labels} classes, the data has {len(task.labels)}")
     student = build_student(cfg.student, teacher)
     student.set_attn_implementation(attention)
-    if cfg.student.init == "pretrained":
+    if cfg.student.model:
         check_same_vocabulary(load_tokenizer(cfg.student.model), task.tokenizer)
     layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     setup = LossSetup(student.config, teacher.config, layer_map)
-    trainer = Trainer(accelerator, student, teacher, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
+    teachers = add_extra_teachers(teacher, cfg.extra_teachers, weights, task.tokenizer)
+    trainer = Trainer(accelerator, student, teachers, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
                       run_dir, on_step)
-    trainer.log({"student_parameters": count_parameters(student), "teacher_parameters": count_parameters(teacher),
+    trainer.log({"student_parameters": count_parameters(student), "teacher_parameters": count_parameters(teachers),
                  "layer_map": layer_map.hidden})
     student = trainer.fit(cfg.stages, setup)
     student.set_attn_implementation("sdpa")
@@ -96,12 +105,11 @@ def check_stages(stages: list[StageConfig]) -> None:
 
 
 def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase):
-    s, t = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if s != t:
-        differ = len(set(s.items()) ^ set(t.items()))
+    differ = vocabulary_difference(student_tokenizer, teacher_tokenizer)
+    if differ:
         raise ConfigError(
-            f"student and teacher tokenizers differ (vocabulary sizes {len(s)} and {len(t)}, {differ} entries "
-            "not shared): logit and hidden-state distillation need the same token ids"
+            f"student and teacher tokenizers differ ({differ}): logit and hidden-state distillation need the same "
+            "token ids"
         )
 
 

@@ -87,6 +87,14 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_model(model))
 
 
+def vocabulary_difference(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> str:
+    """'' when both tokenizers map the same tokens to the same ids, else how far apart they are."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va == vb:
+        return ""
+    return f"vocabulary sizes {len(va)} and {len(vb)}, {len(set(va.items()) ^ set(vb.items()))} entries not shared"
+
+
 def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
     """Raw train/validation/test splits with `text` (and `text_pair`) and integer `label` columns."""
     raw = _load_raw(cfg)

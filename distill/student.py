@@ -1,5 +1,5 @@
-"""Build a student: a subset of the teacher's layers (DistilBERT/TinyBERT init), a fresh narrower config with
-random weights, or a given pretrained model."""
+"""Build a student from the teacher (or from `student.model`): a subset of its layers (DistilBERT/TinyBERT init), a
+fresh narrower config of its family with random weights, or the given pretrained model as it is."""
 from __future__ import annotations
 
 import copy
@@ -12,19 +12,24 @@ from .config import ConfigError, StudentConfig
 from .sources import load_classifier
 
 
+STUDENT_INITS = ("copy_layers", "fresh", "pretrained")
+
+
 def build_student(cfg: StudentConfig, teacher: PreTrainedModel) -> PreTrainedModel:
+    """The student, built from `cfg.model` (with the teacher's labels) when given, else from the teacher."""
+    if cfg.init not in STUDENT_INITS:
+        raise ConfigError(f"student.init must be one of {', '.join(STUDENT_INITS)}; got '{cfg.init}'")
+    if cfg.init == "pretrained" and not cfg.model:
+        raise ConfigError("student.init 'pretrained' needs student.model")
+    base = load_classifier(
+        cfg.model, num_labels=teacher.config.num_labels,
+        id2label=teacher.config.id2label, label2id=teacher.config.label2id,
+    ) if cfg.model else teacher
     if cfg.init == "copy_layers":
-        return copy_layers(teacher, student_layer_indices(cfg, teacher.config.num_hidden_layers))
+        return copy_layers(base, student_layer_indices(cfg, base.config.num_hidden_layers))
     if cfg.init == "fresh":
-        return fresh_student(cfg, teacher)
-    if cfg.init == "pretrained":
-        if not cfg.model:
-            raise ConfigError("student.init 'pretrained' needs student.model")
-        return load_classifier(
-            cfg.model, num_labels=teacher.config.num_labels,
-            id2label=teacher.config.id2label, label2id=teacher.config.label2id,
-        )
-    raise ConfigError(f"student.init must be copy_layers, fresh or pretrained; got '{cfg.init}'")
+        return fresh_student(cfg, base)
+    return base
 
 
 def student_layer_indices(cfg: StudentConfig, teacher_layers: int) -> list[int]:

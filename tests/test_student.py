@@ -70,3 +70,16 @@ def test_unsupported_architecture_is_named():
 def test_unknown_init_is_an_error(teacher):
     with pytest.raises(ConfigError, match="student.init"):
         build_student(StudentConfig(init="shrink"), teacher)
+
+
+def test_student_model_is_the_base_the_student_is_copied_from(teacher, tmp_path):
+    torch.manual_seed(1)
+    BertForSequenceClassification(tiny_bert_config(30, num_hidden_layers=4)).save_pretrained(tmp_path / "base")
+    student = build_student(StudentConfig(layers=[0, 3], model=str(tmp_path / "base")), teacher)
+    base = BertForSequenceClassification.from_pretrained(tmp_path / "base")
+    assert student.config.num_hidden_layers == 2
+    for new, old in enumerate([0, 3]):
+        s_layer, b_layer = student.bert.encoder.layer[new], base.bert.encoder.layer[old]
+        assert torch.equal(s_layer.output.dense.weight, b_layer.output.dense.weight)
+    assert torch.equal(student.classifier.weight, base.classifier.weight)
+    assert not torch.equal(student.classifier.weight, teacher.classifier.weight)

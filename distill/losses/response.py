@@ -1,17 +1,31 @@
-"""Losses on the prediction layer: hard-label CE, temperature-softened KL, MSE on logits."""
+"""Losses on the prediction layer: hard-label CE, temperature-softened KL, MSE on logits. With several teachers,
+`kl` targets the mixture of their softened distributions and `logit_mse` their weighted mean logits."""
 import torch
 import torch.nn.functional as F
+from transformers.utils import ModelOutput
 
+from ..ensemble import EnsembleOutput, mixture_log_probs
 from .base import DistillLoss, LossInputs, register
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) on temperature-softened distributions, times T^2 (Hinton et al.), batch mean."""
+    return kl_to_soft_target(student_logits, F.log_softmax(teacher_logits.float() / temperature, dim=-1), temperature)
+
+
+def kl_to_soft_target(student_logits: torch.Tensor, target_log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(target || student softened at T), times T^2, batch mean; the target is given as log-probabilities."""
     t = temperature
     log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    kl = F.kl_div(log_p_student, target_log_probs, reduction="batchmean", log_target=True)
     return kl * t * t
+
+
+def teacher_log_probs(teacher: ModelOutput, temperature: float) -> torch.Tensor:
+    """The teacher's distribution softened at T; for several teachers, the weighted mixture of theirs."""
+    if isinstance(teacher, EnsembleOutput):
+        return mixture_log_probs(teacher.member_logits, teacher.weights, temperature)
+    return F.log_softmax(teacher.logits.float() / temperature, dim=-1)
 
 
 def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -29,7 +43,8 @@ class HardLabelCE(DistillLoss):
 @register("kl")
 class SoftLabelKL(DistillLoss):
     def forward(self, inputs: LossInputs) -> torch.Tensor:
-        return soft_kl(inputs.student.logits, inputs.teacher.logits, self.temperature)
+        t = self.temperature
+        return kl_to_soft_target(inputs.student.logits, teacher_log_probs(inputs.teacher, t), t)
 
 
 @register("logit_mse")
