@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -67,13 +67,23 @@ class Objective(nn.Module):
         return {f"{key}_{name}": value for name, loss in self.losses.items()
                 for key, value in loss.scheduled_values().items()}
 
+    def saved_files(self) -> dict[str, str | bytes]:
+        """Files the losses add to the saved model folder (early-exit heads)."""
+        return {name: data for loss in self.losses.values() for name, data in loss.saved_files().items()}
+
     def forward(self, batch: dict[str, torch.Tensor], teacher_outputs=None):
-        labels = batch["labels"]
+        return self.weighted_losses(self.student_outputs(batch), teacher_outputs, batch)
+
+    def student_outputs(self, batch: dict[str, torch.Tensor]):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        outputs = self.student(
+        return self.student(
             **inputs, output_hidden_states=self.output_hidden_states, output_attentions=self.output_attentions
         )
-        loss_inputs = LossInputs(outputs, teacher_outputs, labels, batch["attention_mask"])
+
+    def weighted_losses(self, outputs, teacher_outputs, batch: dict[str, torch.Tensor],
+                        peer_logits: Optional[list[torch.Tensor]] = None):
+        """The weighted sum of the losses on the student's `outputs`, and each loss's detached value."""
+        loss_inputs = LossInputs(outputs, teacher_outputs, batch["labels"], batch["attention_mask"], peer_logits)
         parts = {name: loss(loss_inputs) for name, loss in self.losses.items()}
         total = sum(self.losses[name].weight * value for name, value in parts.items())
         return total, {name: value.detach() for name, value in parts.items()}
@@ -89,6 +99,8 @@ class TrainState:
     global_step: int = 0
     """Optimizer steps done in the current stage."""
     best_metric: float = -math.inf
+    best_metrics: list[float] = field(default_factory=list)
+    """Best validation metric of each student, when a trainer selects several (mutual learning)."""
 
 
 class Trainer:
@@ -146,8 +158,11 @@ class Trainer:
 
     def saved_files(self) -> dict[str, str | bytes]:
         """Files the last stage's losses add to the saved model folder (early-exit heads)."""
-        losses = self.objective.losses.values() if self.objective is not None else []
-        return {name: data for loss in losses for name, data in loss.saved_files().items()}
+        return self.objective.saved_files() if self.objective is not None else {}
+
+    def build_objective(self, stage: StageConfig, setup: LossSetup) -> nn.Module:
+        """The module one stage trains; a training strategy (such as mutual learning) overrides it."""
+        return Objective(self.student, build_losses(stage.losses, setup))
 
     def cleanup(self) -> None:
         """Remove resume state once the run's outputs are safely written."""
@@ -163,7 +178,7 @@ class Trainer:
     # ----- one stage ----------------------------------------------------------------------------------------
     def _run_stage(self, index: int, stage: StageConfig, setup: LossSetup, state: TrainState, is_last: bool):
         acc, cfg = self.accelerator, self.cfg
-        self.objective = Objective(self.student, build_losses(stage.losses, setup))
+        self.objective = self.build_objective(stage, setup)
         optimizer = torch.optim.AdamW(self._param_groups(self.objective), lr=stage.learning_rate)
         steps_per_epoch = math.ceil(len(self.train_loader) / cfg.gradient_accumulation_steps)
         total_steps = math.ceil(stage.epochs * steps_per_epoch)
@@ -238,7 +253,7 @@ class Trainer:
             state.best_metric = metric
             if self.accelerator.is_main_process:
                 # the losses' state too, so that exit heads and projections match the weights kept
-                _atomic_save_file(self.objective.state_dict(), self.best_path)
+                save_file_atomic(self.objective.state_dict(), self.best_path)
 
     # ----- helpers ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -292,7 +307,7 @@ class Trainer:
         acc.wait_for_everyone()
 
 
-def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     tmp.replace(path)

@@ -28,6 +28,8 @@ class LossInputs:
     teacher: Optional[ModelOutput]
     labels: torch.Tensor
     attention_mask: torch.Tensor
+    peer_logits: Optional[list[torch.Tensor]] = None
+    """The other students' logits, in mutual learning."""
 
 
 class DistillLoss(nn.Module):
@@ -35,6 +37,7 @@ class DistillLoss(nn.Module):
     needs_teacher = True
     needs_hidden_states = False
     needs_attentions = False
+    needs_peers = False
 
     def __init__(self, spec: LossConfig, setup: LossSetup):
         super().__init__()
