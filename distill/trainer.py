@@ -297,6 +297,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every process writes its own RNG state into `tmp` before it is renamed
         if acc.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)))
             old = self.checkpoint_dir.with_name("checkpoint.old")
