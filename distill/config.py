@@ -61,7 +61,7 @@ class LossConfig:
     """A registered loss: see `distill.losses.LOSSES`."""
     weight: float = 1.0
     temperature: float = 1.0
-    """Softening temperature for `kl` and `early_exit` (scaled by T^2)."""
+    """Softening temperature for `kl`, `early_exit` and `peer_kl` (scaled by T^2)."""
     head_match: str = "exact"
     """Attention losses: `exact` (equal head counts), `group` (average groups of teacher heads), `average`."""
     schedule: str = "constant"

@@ -1,5 +1,6 @@
-"""Losses on the prediction layer: hard-label CE, temperature-softened KL, MSE on logits. With several teachers,
-`kl` targets the mixture of their softened distributions and `logit_mse` their weighted mean logits."""
+"""Losses on the prediction layer: hard-label CE, temperature-softened KL, MSE on logits, and KL to peer students
+(mutual learning). With several teachers, `kl` targets the mixture of their softened distributions and
+`logit_mse` their weighted mean logits."""
 import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
@@ -51,3 +52,15 @@ class SoftLabelKL(DistillLoss):
 class LogitMSE(DistillLoss):
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         return logit_mse(inputs.student.logits, inputs.teacher.logits)
+
+
+@register("peer_kl")
+class PeerKL(DistillLoss):
+    """Deep mutual learning (Zhang et al. 2018): the mean over the other students of the softened KL from their
+    predictions to this student's. Their logits are targets only: no gradient flows back into them."""
+    needs_teacher = False
+    needs_peers = True
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        t = self.temperature
+        return torch.stack([soft_kl(inputs.student.logits, peer.detach(), t) for peer in inputs.peer_logits]).mean()
