@@ -128,6 +128,16 @@ class TrainConfig:
 
 
 @dataclass
+class MutualConfig:
+    """Deep mutual learning (Zhang et al. 2018): `student` and these peers are trained together, each on its stage
+    losses, and the `peer_kl` loss distils each from the others' predictions."""
+    peers: list[StudentConfig] = field(default_factory=list)
+    """The students trained beside `student`, each built as `student` is (from `teacher`, or from its own `model`).
+    Peer i is saved to `peer-<i>/model`, its metrics carry the suffix `_peer<i>`, and with `train.select_best` each
+    student keeps the weights of its own best epoch. Empty: a single student."""
+
+
+@dataclass
 class FinetuneConfig:
     """Fine-tune a model (for example a headless offline encoder) into a task teacher."""
     model: str = "offline:all-MiniLM-L6-v2"
@@ -158,6 +168,7 @@ class DistillConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    mutual: MutualConfig = field(default_factory=MutualConfig)
     layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     train: TrainConfig = field(default_factory=TrainConfig)

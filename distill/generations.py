@@ -48,6 +48,8 @@ def check_generations(cfg: DistillConfig) -> None:
     """Config-only checks, before anything is loaded."""
     if cfg.generations < 1:
         raise ConfigError(f"generations must be at least 1; got {cfg.generations}")
+    if cfg.generations > 1 and cfg.mutual.peers:
+        raise ConfigError("generations > 1 and mutual.peers cannot be combined: a chain has one student per generation")
     if cfg.generations > 1 and cfg.layer_map.kind == "explicit":
         raise ConfigError(
             "layer_map.kind 'explicit' names layers of the original teacher, but from generation 2 on the teacher is "

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import ConfigError, DistillConfig, FinetuneConfig, StageConfig, config_yaml
+from .config import ConfigError, DistillConfig, FinetuneConfig, StageConfig, StudentConfig, config_yaml
 from .ensemble import add_extra_teachers, normalised_teacher_weights
 from .evaluate import accuracy, count_parameters, disk_size_mb
 from .losses import LOSSES, LossSetup, check_loss
@@ -61,38 +61,59 @@ def finetune(cfg: FinetuneConfig, on_step: OnStep = None) -> RunResult:
 
 def distill(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
     """Build the student from the teacher, then run each configured stage against the teacher (or teachers).
-    With `generations` other than 1, a chain of born-again generations instead (`distill.generations`)."""
+    With `generations` other than 1, a chain of born-again generations instead (`distill.generations`); with
+    `mutual.peers`, the student and its peers trained together (`distill.mutual`)."""
     if cfg.generations != 1:
         from .generations import born_again  # born_again calls distill() once per generation
 
         return born_again(cfg, on_step)
+    if cfg.mutual.peers:
+        from .mutual import distill_mutual  # distill_mutual builds on this module's steps
+
+        return distill_mutual(cfg, on_step)
     check_stages(cfg.stages)
     weights = normalised_teacher_weights(cfg)
     accelerator, run_dir = start_run(cfg)
     task = load_task(cfg.data, cfg.teacher)
-    needs_attentions = any(LOSSES[loss.name].needs_attentions for stage in cfg.stages for loss in stage.losses)
-    attention = "eager" if needs_attentions else "sdpa"
-    teacher = load_classifier(cfg.teacher, attn_implementation=attention)
-    if teacher.config.num_labels != len(task.labels):
-        raise ConfigError(f"teacher predicts {teacher.config.num_labels} classes, the data has {len(task.labels)}")
-    student = build_student(cfg.student, teacher)
-    student.set_attn_implementation(attention)
-    if cfg.student.model:
-        check_same_vocabulary(load_tokenizer(cfg.student.model), task.tokenizer)
-    layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    setup = LossSetup(student.config, teacher.config, layer_map)
+    teacher = load_teacher(cfg, task)
+    student, setup = build_distill_student(cfg, cfg.student, teacher, task)
     teachers = add_extra_teachers(teacher, cfg.extra_teachers, weights, task.tokenizer)
     trainer = Trainer(accelerator, student, teachers, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
                       run_dir, on_step)
     trainer.log({"student_parameters": count_parameters(student), "teacher_parameters": count_parameters(teachers),
-                 "layer_map": layer_map.hidden})
+                 "layer_map": setup.layer_map.hidden})
     student = trainer.fit(cfg.stages, setup)
     student.set_attn_implementation("sdpa")
     return finish_run(trainer, student, task, run_dir)
 
 
-def check_stages(stages: list[StageConfig]) -> None:
-    """Config-only checks, before anything is loaded."""
+def load_teacher(cfg: DistillConfig, task: Task) -> PreTrainedModel:
+    teacher = load_classifier(cfg.teacher, attn_implementation=attention_implementation(cfg.stages))
+    if teacher.config.num_labels != len(task.labels):
+        raise ConfigError(f"teacher predicts {teacher.config.num_labels} classes, the data has {len(task.labels)}")
+    return teacher
+
+
+def build_distill_student(cfg: DistillConfig, student_cfg: StudentConfig, teacher: PreTrainedModel, task: Task
+                          ) -> tuple[PreTrainedModel, LossSetup]:
+    """A student built as `student_cfg` says, and what its losses need to know."""
+    student = build_student(student_cfg, teacher)
+    student.set_attn_implementation(attention_implementation(cfg.stages))
+    if student_cfg.model:
+        check_same_vocabulary(load_tokenizer(student_cfg.model), task.tokenizer)
+    layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    return student, LossSetup(student.config, teacher.config, layer_map)
+
+
+def attention_implementation(stages: list[StageConfig]) -> str:
+    """`eager` when a loss reads attention maps (with SDPA, transformers 5 returns none), else `sdpa`."""
+    needs_attentions = any(LOSSES[loss.name].needs_attentions for stage in stages for loss in stage.losses)
+    return "eager" if needs_attentions else "sdpa"
+
+
+def check_stages(stages: list[StageConfig], peers: int = 0) -> None:
+    """Config-only checks, before anything is loaded. `peers`: how many students train beside each one (mutual
+    learning); losses between peers need some, and peers need such a loss."""
     if not stages:
         raise ConfigError("at least one stage is needed")
     for i, stage in enumerate(stages):
@@ -101,7 +122,13 @@ def check_stages(stages: list[StageConfig]) -> None:
         if not stage.losses:
             raise ConfigError(f"stages[{i}] ('{stage.name}') lists no losses")
         for loss in stage.losses:
-            check_loss(loss, where=f"stages[{i}]: ")
+            if check_loss(loss, where=f"stages[{i}]: ").needs_peers and not peers:
+                raise ConfigError(f"stages[{i}]: loss '{loss.name}' needs peer students; list them in mutual.peers")
+    if peers and not any(LOSSES[loss.name].needs_peers for stage in stages for loss in stage.losses):
+        raise ConfigError(
+            f"mutual.peers lists {peers} student(s) but no stage has the 'peer_kl' loss: the students would not "
+            "learn from each other"
+        )
 
 
 def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase):
@@ -148,22 +175,33 @@ def finish_run(trainer: Trainer, model: PreTrainedModel, task: Task, run_dir: Pa
     """Evaluate on validation and test, save model + tokenizer atomically (with `save`, default `save_model`), with
     the files the last stage's losses add (early-exit heads), write metrics.json (with `extra` metrics added)."""
     acc = trainer.accelerator
-    test_loader = trainer.eval_loader_for(task.splits["test"])
     metrics = {
-        "validation_accuracy": accuracy(model, trainer.eval_loader, acc),
-        "test_accuracy": accuracy(model, test_loader, acc),
-        "parameters": count_parameters(model),
+        **measure_and_save(trainer, model, task, run_dir / "model", trainer.saved_files(), save),
         "test_examples": len(task.splits["test"]),
         **(extra or {}),
     }
     if acc.is_main_process:
-        (save or save_model)(model, task.tokenizer, run_dir / "model", trainer.saved_files())
-        metrics["disk_mb"] = disk_size_mb(run_dir / "model")
         write_json_atomic(metrics, run_dir / "metrics.json")
         trainer.log({"final": metrics})
     acc.wait_for_everyone()
     trainer.cleanup()
     return RunResult(model, metrics, run_dir)
+
+
+def measure_and_save(trainer: Trainer, model: PreTrainedModel, task: Task, folder: Path,
+                     files: dict[str, str | bytes], save: Optional[Callable] = None) -> dict:
+    """Validation and test accuracy and parameters of `model`; the main process saves it with `files` (with
+    `save`, default `save_model`) and adds its size on disk."""
+    acc = trainer.accelerator
+    metrics = {
+        "validation_accuracy": accuracy(model, trainer.eval_loader, acc),
+        "test_accuracy": accuracy(model, trainer.eval_loader_for(task.splits["test"]), acc),
+        "parameters": count_parameters(model),
+    }
+    if acc.is_main_process:
+        (save or save_model)(model, task.tokenizer, folder, files)
+        metrics["disk_mb"] = disk_size_mb(folder)
+    return metrics
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path,
