@@ -25,4 +25,4 @@ def test_recipe_parses_and_names_known_losses(recipe):
     if isinstance(cfg, FinetuneConfig):
         check_stages([cfg.stage])
     elif isinstance(cfg, DistillConfig):
-        check_stages(cfg.stages)
+        check_stages(cfg.stages, peers=len(cfg.mutual.peers))
