@@ -108,7 +108,7 @@ class Trainer:
         self,
         accelerator: Accelerator,
         student: PreTrainedModel,
-        teacher: Optional[PreTrainedModel],
+        teacher: Optional[nn.Module],
         datasets: dict[str, Dataset],
         collate: Callable,
         train_cfg: TrainConfig,
