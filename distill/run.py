@@ -20,8 +20,8 @@ from accelerate.utils import LoggerType, set_seed
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
 
-from .config import (ConfigError, DistillConfig, FinetuneConfig, StageConfig, StudentConfig, config_yaml, flat_dict,
-                     to_dict)
+from .config import (ConfigError, DistillConfig, FinetuneConfig, StageConfig, StudentConfig, TrainConfig,
+                     config_yaml, flat_dict, to_dict)
 from .ensemble import add_extra_teachers, normalised_teacher_weights
 from .evaluate import accuracy, count_parameters, disk_size_mb
 from .losses import LOSSES, LossSetup, check_loss
@@ -162,7 +162,7 @@ def start_run(cfg: FinetuneConfig | DistillConfig) -> tuple[Accelerator, Path]:
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=cfg.train.mixed_precision,
         log_with=cfg.train.report_to or None, project_dir=cfg.train.tracking_dir or str(run_dir / "tracking"),
     )
-    check_launch(accelerator)
+    check_launch(accelerator, cfg.train)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,8 +187,8 @@ def check_trackers(names: list[str]) -> None:
             )
 
 
-def check_launch(accelerator: Accelerator) -> None:
-    """Refuse launches that would load models outside Accelerate's reach wrongly, or run copies of one job.
+def check_launch(accelerator: Accelerator, train: TrainConfig) -> None:
+    """Refuse launches that would load the teacher wrongly, override the run's accumulation, or run copies of one job.
 
     Teachers (and the models that runs evaluate and save) are plain modules outside `prepare`, a full copy in each
     process. Under DeepSpeed ZeRO-3 with `zero3_init_flag`, or FSDP with `fsdp_cpu_ram_efficient_loading`,
@@ -197,10 +197,16 @@ def check_launch(accelerator: Accelerator) -> None:
     config without ACCELERATE_USE_CPU=1): each would train alone and write the same output_dir."""
     if is_deepspeed_zero3_enabled():
         raise ConfigError("DeepSpeed ZeRO-3 with zero3_init_flag: true would load the teacher partitioned; set "
-                          "zero3_init_flag: false in the Accelerate config (see recipes/accelerate/deepspeed_zero2.yaml)")
+                          "zero3_init_flag: false in the Accelerate config")
     if is_fsdp_enabled():
         raise ConfigError("FSDP with fsdp_cpu_ram_efficient_loading: true would load the teacher empty outside the "
                           "main process; set it to false in the Accelerate config (see recipes/accelerate/fsdp.yaml)")
+    if accelerator.gradient_accumulation_steps != train.gradient_accumulation_steps:
+        raise ConfigError(
+            f"the launch sets gradient_accumulation_steps {accelerator.gradient_accumulation_steps} (Accelerate or "
+            f"DeepSpeed config), train.gradient_accumulation_steps is {train.gradient_accumulation_steps}: "
+            "make them equal"
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise ConfigError(

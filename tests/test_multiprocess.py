@@ -31,7 +31,8 @@ def test_two_processes_share_the_data_and_end_with_the_same_student(sentiment_cs
         "data": {"source": str(sentiment_csv), "text_column": "review", "label_column": "sentiment",
                  "max_length": 16},
         "student": {"layers": [1, 3]},
-        "stages": [{"epochs": 1, "learning_rate": 1e-3, "losses": [{"name": "kl", "temperature": 2.0}, {"name": "ce"}]}],
+        "stages": [{"epochs": 1, "learning_rate": 1e-3,
+                    "losses": [{"name": "kl", "temperature": 2.0}, {"name": "ce"}]}],
         "train": {"batch_size": 8, "eval_batch_size": 32, "log_steps": 2, "save_steps": 3, "max_steps_per_stage": 4},
     }))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
@@ -61,6 +62,13 @@ def test_processes_that_accelerate_does_not_join_are_refused(tiny_teacher_dir, s
     with pytest.raises(ConfigError, match="started 2 processes but Accelerate joined 1.*ACCELERATE_USE_CPU=1"):
         run.distill(small_cfg(tiny_teacher_dir, sentiment_csv, tmp_path))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_launch_overriding_gradient_accumulation_is_refused(tiny_teacher_dir, sentiment_csv, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")  # what a DeepSpeed config's value sets
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps 4 .* train.gradient_accumulation_steps is 1"):
+        run.distill(small_cfg(tiny_teacher_dir, sentiment_csv, tmp_path))
 
 
 @pytest.mark.parametrize("setting, message", [("is_deepspeed_zero3_enabled", "zero3_init_flag: false"),
