@@ -159,6 +159,8 @@ class Trainer:
         self.train_loader = accelerator.prepare(train_loader)
         self.eval_loader = self.eval_loader_for(datasets["validation"])
         if teacher is not None:
+            # Never `prepare`d: under DDP, FSDP and DeepSpeed ZeRO-1/2 each process keeps a full frozen copy outside
+            # the wrapped module and its optimizer (launches that would load it partitioned: run.check_launch).
             teacher.eval().requires_grad_(False)
             self.teacher = teacher.to(accelerator.device)
         self.checkpoint_dir = self.run_dir / "checkpoint"
