@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import sys
 import types
 import typing
@@ -125,6 +126,12 @@ class TrainConfig:
     """Stop a stage early after this many optimizer steps (smoke tests)."""
     select_best: bool = True
     """Keep the weights of the epoch with the best validation metric rather than the last."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also receive the logged metrics, through Accelerate: `tensorboard`, `wandb`,
+    `mlflow`, `comet_ml`, `aim`, `clearml`, `dvclive`, `swanlab` or `trackio` (each needs its package). Empty:
+    metrics.jsonl only."""
+    tracking_dir: Optional[str] = None
+    """Where trackers that keep local files write them (tensorboard, aim); None: `<output_dir>/tracking`."""
 
 
 @dataclass
@@ -285,3 +292,16 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def config_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def flat_dict(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested values as `a.b.c` keys with scalar values (lists as JSON text): the form in which experiment trackers
+    store a run's hyperparameters."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_dict(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else value
+    return flat

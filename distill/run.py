@@ -5,6 +5,7 @@ Every check that can fail does so before training starts; outputs land in `outpu
 atomically) and `metrics.json` (final numbers)."""
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shutil
@@ -14,10 +15,13 @@ from typing import Callable, Optional
 
 import datasets
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType, set_seed
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
 
-from .config import ConfigError, DistillConfig, FinetuneConfig, StageConfig, StudentConfig, config_yaml
+from .config import (ConfigError, DistillConfig, FinetuneConfig, StageConfig, StudentConfig, TrainConfig,
+                     config_yaml, flat_dict, to_dict)
 from .ensemble import add_extra_teachers, normalised_teacher_weights
 from .evaluate import accuracy, count_parameters, disk_size_mb
 from .losses import LOSSES, LossSetup, check_loss
@@ -141,9 +145,11 @@ def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_to
 
 
 def start_run(cfg: FinetuneConfig | DistillConfig) -> tuple[Accelerator, Path]:
-    """Create the Accelerator, seed everything, and record the resolved config in `output_dir`."""
+    """Create the Accelerator (with the configured trackers), seed everything, and record the resolved config in
+    `output_dir`."""
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16; got '{cfg.train.mixed_precision}'")
+    check_trackers(cfg.train.report_to)
     run_dir = Path(cfg.output_dir)
     config_text = config_yaml(cfg)
     recorded = run_dir / "config.yaml"
@@ -153,14 +159,60 @@ def start_run(cfg: FinetuneConfig | DistillConfig) -> tuple[Accelerator, Path]:
             "or choose another output_dir"
         )
     accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=cfg.train.mixed_precision
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=cfg.train.mixed_precision,
+        log_with=cfg.train.report_to or None, project_dir=cfg.train.tracking_dir or str(run_dir / "tracking"),
     )
+    check_launch(accelerator, cfg.train)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         recorded.write_text(config_text)
     accelerator.wait_for_everyone()
+    accelerator.init_trackers(run_dir.name, config=flat_dict(to_dict(cfg)))
     return accelerator, run_dir
+
+
+def check_trackers(names: list[str]) -> None:
+    """Config-only check of `train.report_to`: trackers Accelerate knows, whose packages are installed."""
+    known = [kind.value for kind in LoggerType if kind != LoggerType.ALL]
+    available = {str(kind) for kind in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+            raise ConfigError(f"train.report_to: unknown tracker '{name}'; {hint}")
+        if name not in available:
+            raise ConfigError(
+                f"train.report_to: tracker '{name}' needs its package: pip install {name.replace('_', '-')}"
+            )
+
+
+def check_launch(accelerator: Accelerator, train: TrainConfig) -> None:
+    """Refuse launches that would load the teacher wrongly, override the run's accumulation, or run copies of one job.
+
+    Teachers (and the models that runs evaluate and save) are plain modules outside `prepare`, a full copy in each
+    process. Under DeepSpeed ZeRO-3 with `zero3_init_flag`, or FSDP with `fsdp_cpu_ram_efficient_loading`,
+    transformers loads every model partitioned or empty outside the main process, expecting `prepare` to fill it.
+    And a launcher may start processes that Accelerate does not join (on a machine without GPUs, a multi-GPU
+    config without ACCELERATE_USE_CPU=1): each would train alone and write the same output_dir."""
+    if is_deepspeed_zero3_enabled():
+        raise ConfigError("DeepSpeed ZeRO-3 with zero3_init_flag: true would load the teacher partitioned; set "
+                          "zero3_init_flag: false in the Accelerate config")
+    if is_fsdp_enabled():
+        raise ConfigError("FSDP with fsdp_cpu_ram_efficient_loading: true would load the teacher empty outside the "
+                          "main process; set it to false in the Accelerate config (see recipes/accelerate/fsdp.yaml)")
+    if accelerator.gradient_accumulation_steps != train.gradient_accumulation_steps:
+        raise ConfigError(
+            f"the launch sets gradient_accumulation_steps {accelerator.gradient_accumulation_steps} (Accelerate or "
+            f"DeepSpeed config), train.gradient_accumulation_steps is {train.gradient_accumulation_steps}: "
+            "make them equal"
+        )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ConfigError(
+            f"the launcher started {launched} processes but Accelerate joined {accelerator.num_processes}: "
+            "without GPUs, launch with ACCELERATE_USE_CPU=1 (see recipes/accelerate/cpu_2proc.yaml)"
+        )
 
 
 def load_task(data_cfg, model_name: str) -> Task:
@@ -185,6 +237,7 @@ def finish_run(trainer: Trainer, model: PreTrainedModel, task: Task, run_dir: Pa
         trainer.log({"final": metrics})
     acc.wait_for_everyone()
     trainer.cleanup()
+    acc.end_training()
     return RunResult(model, metrics, run_dir)
 
 

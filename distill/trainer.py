@@ -6,8 +6,10 @@ every `save_steps` optimizer steps and at each epoch end; a restarted run resume
 the same batches, in the same order, as an uninterrupted run."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +47,34 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+class RankTrace:
+    """Opt-in record of what each process trained on and ended with, to check data-parallel runs: with the
+    environment variable DISTILL_RANK_TRACE naming a folder, process i writes `rank-<i>.json` there, holding the
+    token ids of the examples in its first `batches_kept` batches and a SHA-256 of its final student weights."""
+    batches_kept = 3
+
+    def __init__(self, folder: Path, rank: int):
+        self.path, self.batches = folder / f"rank-{rank}.json", []
+
+    @classmethod
+    def from_env(cls, rank: int) -> Optional[RankTrace]:
+        folder = os.environ.get("DISTILL_RANK_TRACE")
+        return cls(Path(folder), rank) if folder else None
+
+    def record_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        if len(self.batches) < self.batches_kept:
+            self.batches.append([ids[mask.bool()].tolist()
+                                 for ids, mask in zip(batch["input_ids"], batch["attention_mask"])])
+
+    def write(self, model: nn.Module) -> None:
+        digest = hashlib.sha256()
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().flatten().view(torch.uint8).numpy().tobytes())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"batches": self.batches, "weights_sha256": digest.hexdigest()}))
 
 
 class Objective(nn.Module):
@@ -129,6 +159,8 @@ class Trainer:
         self.train_loader = accelerator.prepare(train_loader)
         self.eval_loader = self.eval_loader_for(datasets["validation"])
         if teacher is not None:
+            # Never `prepare`d: under DDP, FSDP and DeepSpeed ZeRO-1/2 each process keeps a full frozen copy outside
+            # the wrapped module and its optimizer (launches that would load it partitioned: run.check_launch).
             teacher.eval().requires_grad_(False)
             self.teacher = teacher.to(accelerator.device)
         self.checkpoint_dir = self.run_dir / "checkpoint"
@@ -136,6 +168,7 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         # the latest stage's student and losses, with what the losses learned (projections, exit heads)
         self.objective: Optional[Objective] = None
+        self.trace = RankTrace.from_env(accelerator.process_index)
 
     # ----- public -----------------------------------------------------------------------------------------
     def fit(self, stages: list[StageConfig], setup: LossSetup) -> PreTrainedModel:
@@ -150,6 +183,8 @@ class Trainer:
         if self.cfg.select_best and self.best_path.exists():
             self.objective.load_state_dict(load_file(self.best_path))
         self.accelerator.wait_for_everyone()
+        if self.trace:
+            self.trace.write(self.student)
         return self.student
 
     def eval_loader_for(self, dataset: Dataset) -> DataLoader:
@@ -171,9 +206,11 @@ class Trainer:
             self.best_path.unlink(missing_ok=True)
 
     def log(self, record: dict) -> None:
+        """Append `record` to metrics.jsonl, and send its numbers to the configured trackers (`train.report_to`)."""
         if self.accelerator.is_main_process:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        self.accelerator.log(tracked_scalars(record), step=record.get("step"))
 
     # ----- one stage ----------------------------------------------------------------------------------------
     def _run_stage(self, index: int, stage: StageConfig, setup: LossSetup, state: TrainState, is_last: bool):
@@ -200,6 +237,8 @@ class Trainer:
         objective.train()
         while state.global_step < total_steps:
             for batch in self._remaining_batches(state):
+                if self.trace:
+                    self.trace.record_batch(batch)
                 unwrapped = acc.unwrap_model(objective)
                 unwrapped.set_progress(state.global_step / total_steps)
                 with acc.accumulate(objective):
@@ -306,6 +345,19 @@ class Trainer:
             tmp.rename(self.checkpoint_dir)
             shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+
+
+def tracked_scalars(record: dict) -> dict[str, float]:
+    """A log record's numbers as tracker scalars: grouped by stage (`stage0/train_loss`), whose optimizer steps
+    each start from 0, and nested records flattened (`final/test_accuracy`)."""
+    prefix = f"stage{record['stage']}/" if "stage" in record else ""
+    scalars = {}
+    for name, value in record.items():
+        if isinstance(value, dict):
+            scalars.update({f"{name}/{key}": v for key, v in tracked_scalars(value).items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("stage", "step"):
+            scalars[prefix + name] = value
+    return scalars
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -130,6 +130,7 @@ def qat_distill(cfg: QatConfig, on_step: OnStep = None) -> RunResult:
     trainer.log({"final": metrics})
     accelerator.wait_for_everyone()
     trainer.cleanup()
+    accelerator.end_training()
     return RunResult(model, metrics, run_dir)
 
 
