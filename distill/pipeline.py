@@ -114,7 +114,7 @@ class StageContext:
 
 def with_push(cfg: PipelineConfig, repo_id: str) -> PipelineConfig:
     """`cfg` with a final `push` stage to `repo_id`, whose id the report stages' model cards name."""
-    stages = [dataclasses.replace(entry, overrides={"repo_id": repo_id, **entry.overrides})
+    stages = [dataclasses.replace(entry, overrides={**entry.overrides, "repo_id": repo_id})
               if entry.kind == "report" else entry for entry in cfg.stages]
     return dataclasses.replace(cfg, stages=stages + [StageEntry(kind="push", overrides={"repo_id": repo_id})])
 
