@@ -27,6 +27,7 @@ def main(argv: list[str]) -> None:
     if args.push_to_hub:
         cfg = with_push(cfg, args.push_to_hub)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Hub request otherwise
     try:
         stages = run_pipeline(cfg)
     except ConfigError as err:
