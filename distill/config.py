@@ -258,13 +258,7 @@ def parse_args(cls: type, argv: list[str], defaults: dict[str, Any] | None = Non
                 raise ConfigError(f"argument '{arg}' has no value")
             raw = args.pop(0)
         if key == "config":
-            path = Path(raw)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            loaded = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{path}: expected a mapping at the top level")
-            values = _merge(values, loaded)
+            values = merge_values(values, read_config_file(raw))
         else:
             overrides.append((key, raw))
     for key, raw in overrides:
@@ -280,11 +274,23 @@ def parse_args_or_exit(cls: type, argv: list[str]) -> Any:
         sys.exit(f"config error: {err}")
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+def merge_values(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over `base`: nested mappings merge key by key, anything else replaces."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_values(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -305,3 +311,17 @@ def flat_dict(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else value
     return flat
+
+
+@dataclass
+class PushConfig:
+    """Upload a model folder (model, tokenizer, model card, compression report) to a Hugging Face Hub repository.
+    The token comes from huggingface_hub's usual places (`HF_TOKEN`, or what `hf auth login` saved); `HF_ENDPOINT`
+    picks another server."""
+    model: str = ""
+    """The folder to upload; in a pipeline, the report stage's model (which carries the card)."""
+    output_dir: str = "runs/push"
+    repo_id: str = ""
+    """`owner/name` (or `name`, under the token's user); created if missing."""
+    private: bool = False
+    commit_message: str = "Upload compressed model"

@@ -106,3 +106,26 @@ class QatConfig:
     merge_into: str = "dequantized"
     """`dequantized`: the base's quantized weights in fp32, so the merged model computes what the trained one
     did; `original`: the fp32 weights the base was quantized from (the usual QLoRA merge)."""
+
+
+@dataclass
+class ReportConfig:
+    """The compression report of a pipeline: every model the earlier stages saved, measured side by side on one split
+    and one latency batch; then the served model (`model`) is copied with its model card and the report."""
+    model: str = ""
+    """The model to serve; in a pipeline, the previous stage's."""
+    output_dir: str = "runs/report"
+    data: DataConfig = field(default_factory=DataConfig)
+    split: str = "test"
+    """The split whose accuracy the report shows: `validation` or `test`."""
+    eval_batch_size: int = 128
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    base_model: Optional[str] = None
+    """The card's `base_model` (a Hub id); None: the first stage's input model when it names a Hub model."""
+    datasets: Optional[list[str]] = None
+    """The card's `datasets` (Hub ids); None: from `data.source` when it names a Hub dataset."""
+    license: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    """Card tags besides those of the stages that ran (distillation, pruning, quantization)."""
+    repo_id: Optional[str] = None
+    """The Hub id that the card's loading code names (the push stage's `repo_id`); None: a placeholder."""

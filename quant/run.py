@@ -20,7 +20,7 @@ from distill.evaluate import alternating_latencies, latency_batch
 from distill.run import write_json_atomic
 from distill.sources import collator, label_names, load_splits, load_tokenizer, tokenize
 
-from .config import QuantConfig
+from .config import QuantConfig, ReportConfig
 from .loading import auto_class, empty_model, load_config, skip_patterns
 from .report import markdown_table, measure_variant
 from .variants import build_variant, check_variants, load_variant
@@ -73,7 +73,7 @@ def quantize(cfg: QuantConfig) -> QuantRun:
     return QuantRun(models, metrics, run_dir)
 
 
-def evaluation_for(cfg: QuantConfig, num_labels: int) -> Evaluation:
+def evaluation_for(cfg: QuantConfig | ReportConfig, num_labels: int) -> Evaluation:
     tokenizer = load_tokenizer(cfg.model)
     raw = load_splits(cfg.data)
     if num_labels != len(label_names(raw)):
@@ -100,6 +100,11 @@ def build_and_measure(cfg: QuantConfig, variant: str, folder: Path, evaluation: 
 def check_quant_config(cfg: QuantConfig) -> None:
     """Config-only checks, before any model is loaded."""
     check_variants(cfg.variants, cfg.bnb)
+    check_measurement(cfg)
+
+
+def check_measurement(cfg: QuantConfig | ReportConfig) -> None:
+    """The split and the evaluation and latency settings, shared by quantization runs and compression reports."""
     if cfg.split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}; got '{cfg.split}'")
     lat = cfg.latency

@@ -107,3 +107,54 @@ def trained_teacher(sentiment_csv, tiny_teacher_dir, tmp_path):
                          stage=StageConfig(epochs=10, learning_rate=3e-3, losses=[LossConfig(name="ce")]),
                          train=train_cfg())
     return finetune(cfg)
+
+
+PIPELINE_TRAIN = dict(batch_size=16, eval_batch_size=32, save_steps=2, log_steps=2, warmup_ratio=0.0,
+                      max_steps_per_stage=4)
+PIPELINE_LATENCY = dict(batch_size=4, max_length=16, warmup=0, repeats=1, rounds=1)
+
+
+def pipeline_cfg(root: Path, csv: Path, teacher: Path, distill_lr: float = 1e-3):
+    """finetune (the tiny teacher) -> distill (2 of its 4 layers) -> quantize (fp32, dynamic int8) -> report."""
+    from distill.pipeline import PipelineConfig, StageEntry
+
+    return PipelineConfig(output_dir=str(root), data=data_cfg(csv), stages=[
+        StageEntry(kind="finetune", name="teacher", model=str(teacher),
+                   overrides={"stage": {"epochs": 1, "learning_rate": 3e-3}, "train": PIPELINE_TRAIN}),
+        StageEntry(kind="distill", name="student", overrides={
+            "student": {"layers": [1, 3]}, "train": PIPELINE_TRAIN,
+            "stages": [{"epochs": 1, "learning_rate": distill_lr,
+                        "losses": [{"name": "kl", "temperature": 2.0}, {"name": "hidden_mse"}]}]}),
+        StageEntry(kind="quantize", overrides={"variants": ["fp32", "dynamic_int8"], "eval_batch_size": 64,
+                                               "latency": PIPELINE_LATENCY}),
+        StageEntry(kind="report", overrides={"eval_batch_size": 64, "latency": PIPELINE_LATENCY,
+                                             "base_model": "tiny/bert", "datasets": ["tiny/sentiment"],
+                                             "repo_id": "me/tiny-student"}),
+    ])
+
+
+@pytest.fixture(scope="session")
+def pipeline_assets(tmp_path_factory):
+    """The sentiment CSV and the saved random-init teacher, shared by the pipeline tests."""
+    folder = tmp_path_factory.mktemp("pipeline-assets")
+    csv = folder / "sentiment.csv"
+    csv.write_text("review,sentiment\n" + "\n".join(f"{t},{label}" for t, label in make_sentences(200)) + "\n")
+    tokenizer = make_tokenizer(POSITIVE + NEGATIVE + NEUTRAL)
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_bert_config(len(tokenizer))).save_pretrained(folder / "teacher")
+    tokenizer.save_pretrained(folder / "teacher")
+    return csv, folder / "teacher"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(pipeline_assets, tmp_path_factory):
+    """A finished run of `pipeline_cfg`; tests that change it work on a copy."""
+    import distill.stages  # noqa: F401  (registers the stage kinds)
+    import quant.stages  # noqa: F401
+    from distill.pipeline import run_pipeline
+
+    cfg = pipeline_cfg(tmp_path_factory.mktemp("pipeline") / "run", *pipeline_assets)
+    stages = run_pipeline(cfg)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return cfg, stages

@@ -1,0 +1,40 @@
+"""From teacher to served model in one run: the stages that the pipeline YAML lists (fine-tune, distil, prune,
+quantize, report, push), each stage's model feeding the next. A re-run skips the stages that are complete with an
+unchanged config, reruns a changed stage and those after it, and resumes an interrupted one.
+
+    python recipes/compress.py --config recipes/compress.yaml [key.sub=value ...] [--push-to-hub you/model-name]
+    python recipes/compress.py --config recipes/compress.yaml stages.2.overrides.variants=[fp32,bnb_nf4]
+
+`--push-to-hub` adds a last stage that uploads the served model, its card and report (token: HF_TOKEN or
+`hf auth login`).
+"""
+import argparse
+import logging
+import sys
+
+import distill.stages  # noqa: F401  (each import registers its package's stage kinds)
+import prune.stages  # noqa: F401
+import quant.stages  # noqa: F401
+from distill.config import ConfigError, parse_args_or_exit
+from distill.pipeline import PipelineConfig, run_pipeline, with_push
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    parser.add_argument("--push-to-hub", metavar="REPO_ID")
+    args, rest = parser.parse_known_args(argv)
+    cfg = parse_args_or_exit(PipelineConfig, rest)
+    if args.push_to_hub:
+        cfg = with_push(cfg, args.push_to_hub)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Hub request otherwise
+    try:
+        stages = run_pipeline(cfg)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    for stage in stages:
+        print(f"{stage.label}: {stage.output or stage.folder}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
