@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-# differ between an in-memory model and its saved copy, or across library versions, without changing its outputs
-VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version")
+# set by saving and loading (so differ between a model built in memory and its saved copy) or by the library
+# version, without changing what the model computes; a change of dtype changes the weights' fingerprint instead
+VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures", "dtype")
 
 
 def config_sha256(config: PretrainedConfig) -> str:
