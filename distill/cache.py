@@ -19,6 +19,7 @@ them."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, fields
@@ -41,7 +42,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 LOGPROB_DTYPE = torch.float16
-DTYPE_NAMES = {torch.float16: "float16", torch.uint16: "uint16", torch.int32: "int32"}
 ALIGNMENT = ("row t of an example: the teacher's log-probabilities of token t+1 given tokens 0..t (its logits at "
              "position t / temperature, log_softmax over the full vocabulary), top k only")
 
@@ -81,27 +81,36 @@ def build_cache(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ex
     folder = Path(folder)
     if complete_cache_matches(folder, key):
         return folder
-    index_dtype = torch.uint16 if vocab_size <= 1 << 16 else torch.int32
-    plan = {"format_version": FORMAT_VERSION, "key": asdict(key), "indices_dtype": DTYPE_NAMES[index_dtype],
+    # token ids below 65536 fit 2 bytes instead of 4: a third of each row's bytes
+    plan = {"format_version": FORMAT_VERSION, "key": asdict(key),
+            "indices_dtype": "uint16" if vocab_size <= 1 << 16 else "int32",
             "shard_examples": shard_examples, "examples": len(lengths)}
     tmp = folder.with_name(folder.name + ".tmp")
     shards = finished_shards(tmp, plan)
     teacher.eval()
-    starts = range(0, len(lengths), shard_examples)
-    with tqdm(total=len(lengths), initial=sum(s["examples"] for s in shards), desc="teacher cache") as bar:
-        for index, start in enumerate(starts[len(shards):], start=len(shards)):
-            part = [examples[i] for i in range(start, min(start + shard_examples, len(lengths)))]
-            logprobs, indices = shard_rows(teacher, part, k, temperature, batch_size, bar)
-            shards.append(write_shard(tmp, index, [len(ids) for ids in part], logprobs, indices.to(index_dtype)))
-            write_json_atomic({**plan, "shards": shards}, tmp / PROGRESS)
-            if on_shard:
-                on_shard(index)
+    write_remaining_shards(teacher, examples, plan, shards, tmp, batch_size, on_shard)
     write_json_atomic(manifest(plan, shards, teacher, tokenizer, vocab_size), tmp / MANIFEST)
     (tmp / PROGRESS).unlink()
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
+
+
+def write_remaining_shards(teacher: PreTrainedModel, examples: Examples, plan: dict, shards: list[dict], tmp: Path,
+                           batch_size: int, on_shard: OnShard) -> None:
+    """Compute and write the shards after those in `shards` (appending to it), recording each in `progress.json`."""
+    size, total = plan["shard_examples"], plan["examples"]
+    index_dtype = getattr(torch, plan["indices_dtype"])
+    key = plan["key"]
+    with tqdm(total=total, initial=sum(shard["examples"] for shard in shards), desc="teacher cache") as bar:
+        for index in range(len(shards), math.ceil(total / size)):
+            part = [examples[i] for i in range(index * size, min((index + 1) * size, total))]
+            logprobs, indices = shard_rows(teacher, part, key["k"], key["temperature"], batch_size, bar)
+            shards.append(write_shard(tmp, index, [len(ids) for ids in part], logprobs, indices.to(index_dtype)))
+            write_json_atomic({**plan, "shards": shards}, tmp / PROGRESS)
+            if on_shard:
+                on_shard(index)
 
 
 def check_settings(k: int, temperature: float, shard_examples: int, batch_size: int) -> None:
@@ -173,21 +182,23 @@ def write_shard(folder: Path, index: int, lengths: list[int], logprobs: torch.Te
     path = folder / f"shard-{index:05d}.safetensors"
     offsets = torch.tensor([0, *accumulate(lengths)], dtype=torch.int64)
     save_file_atomic({"logprobs": logprobs, "indices": indices, "offsets": offsets}, path)
-    return {"file": path.name, "examples": len(lengths), "tokens": sum(lengths), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"file": path.name, "examples": len(lengths), "tokens": sum(lengths), "bytes": path.stat().st_size,
+            "sha256": file_sha256(path)}
 
 
 def manifest(plan: dict, shards: list[dict], teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
              vocab_size: int) -> dict:
     tokens = sum(shard["tokens"] for shard in shards)
     total = sum(shard["bytes"] for shard in shards)
-    index_bytes = 2 if plan["indices_dtype"] == "uint16" else 4
+    index_bytes = getattr(torch, plan["indices_dtype"]).itemsize
     k = plan["key"]["k"]
     return {
         "format": "distill.teacher_cache", **plan, "alignment": ALIGNMENT,
         "teacher": {"name": teacher.name_or_path, "vocab_size": vocab_size},
         "tokenizer": {"name": tokenizer.name_or_path},
-        "logprobs_dtype": DTYPE_NAMES[LOGPROB_DTYPE], "tokens": tokens, "shards": shards,
-        "bytes": {"total": total, "per_token": total / tokens, "payload_per_token": k * (2 + index_bytes)},
+        "logprobs_dtype": str(LOGPROB_DTYPE).removeprefix("torch."), "tokens": tokens, "shards": shards,
+        "bytes": {"total": total, "per_token": total / tokens,
+                  "payload_per_token": k * (LOGPROB_DTYPE.itemsize + index_bytes)},
     }
 
 

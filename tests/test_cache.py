@@ -189,8 +189,9 @@ def test_recipe_builds_a_cache_from_a_text_file_and_reports_its_size(teacher, to
     tokenizer.save_pretrained(tmp_path / "teacher")
     texts = [text for text, _ in make_sentences(6)]
     (tmp_path / "corpus.txt").write_text("\n\n".join(texts) + "\n")  # blank lines are no examples
-    build_recipe([f"teacher={tmp_path / 'teacher'}", f"output_dir={tmp_path / 'cache'}", f"data.source={tmp_path}/corpus.txt",
-                  "data.limit=5", "data.max_length=6", "k=3", "shard_examples=2"])
+    build_recipe([f"teacher={tmp_path / 'teacher'}", f"output_dir={tmp_path / 'cache'}",
+                  f"data.source={tmp_path / 'corpus.txt'}", "data.limit=5", "data.max_length=6", "k=3",
+                  "shard_examples=2"])
     report = json.loads(capsys.readouterr().out)
     cache = TeacherCache.open(report["cache"], verify=True)
     assert len(cache) == report["examples"] == 5
