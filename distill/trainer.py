@@ -6,7 +6,6 @@ every `save_steps` optimizer steps and at each epoch end; a restarted run resume
 the same batches, in the same order, as an uninterrupted run."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from .config import StageConfig, TrainConfig
 from .evaluate import accuracy
+from .fingerprint import weights_sha256
 from .losses import LossInputs, LossSetup, build_losses
 
 
@@ -69,12 +69,8 @@ class RankTrace:
                                  for ids, mask in zip(batch["input_ids"], batch["attention_mask"])])
 
     def write(self, model: nn.Module) -> None:
-        digest = hashlib.sha256()
-        for name, tensor in model.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().flatten().view(torch.uint8).numpy().tobytes())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"batches": self.batches, "weights_sha256": digest.hexdigest()}))
+        self.path.write_text(json.dumps({"batches": self.batches, "weights_sha256": weights_sha256(model)}))
 
 
 class Objective(nn.Module):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import DistillConfig, FinetuneConfig, parse_args
+from distill.config import CacheConfig, DistillConfig, FinetuneConfig, parse_args
 from distill.pipeline import PipelineConfig
 from distill.run import check_stages
 from prune.config import PruneConfig
@@ -11,7 +11,7 @@ from quant.config import QatConfig, QuantConfig
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 CONFIG_OF_PREFIX = {"compress": PipelineConfig, "teacher": FinetuneConfig, "distill_": DistillConfig, "prune_": PruneConfig,
-                    "quantize_": QuantConfig, "qlora_": QatConfig}
+                    "quantize_": QuantConfig, "qlora_": QatConfig, "cache_": CacheConfig}
 
 
 def config_class(recipe: Path) -> type:
