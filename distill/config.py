@@ -62,7 +62,9 @@ class LossConfig:
     """A registered loss: see `distill.losses.LOSSES`."""
     weight: float = 1.0
     temperature: float = 1.0
-    """Softening temperature for `kl`, `early_exit` and `peer_kl` (scaled by T^2)."""
+    """Softening temperature for `kl`, `early_exit`, `peer_kl` and the causal token losses (`forward_kl`,
+    `reverse_kl`, `jsd`, `topk_kl`), each scaled by T^2. For `topk_kl` it must be the temperature the teacher cache
+    was written at."""
     head_match: str = "exact"
     """Attention losses: `exact` (equal head counts), `group` (average groups of teacher heads), `average`."""
     schedule: str = "constant"
@@ -87,6 +89,14 @@ class LossConfig:
     exit_label_mix: float = 0.0
     """`early_exit`: share of hard-label CE in each head's loss; the rest is KL to the model's own final logits
     (detached, at `temperature`, times T^2)."""
+    beta: float = 0.5
+    """`jsd`: the generalized JSD's mixing weight in 0..1 (GKD); 0 is forward KL(teacher || student), 1 is reverse
+    KL(student || teacher)."""
+    topk_tail: bool = True
+    """`topk_kl`: compare the teacher's top-k plus its remaining mass as a (k+1)-th bucket against the student's
+    probabilities of those tokens plus its own remaining mass; False renormalises both over the k tokens."""
+    chunk_size: int = 1024
+    """Causal token losses: target positions whose float32 logits are computed at once; memory grows with it."""
 
 
 @dataclass

@@ -20,6 +20,23 @@ class LossSetup:
     student_config: PretrainedConfig
     teacher_config: Optional[PretrainedConfig]
     layer_map: Optional[LayerMap]
+    vocab_size: Optional[int] = None
+    """Token-level causal losses: how many leading token ids both models' logits share (`distill.vocab_check`);
+    their logits are sliced to it. None: the logits as they are."""
+
+
+@dataclass
+class TeacherTopK:
+    """The teacher's next-token distribution kept as its k most likely tokens per position (a teacher cache's
+    form): log-probabilities at the loss temperature (float16 or float32) and their token ids (int32 or int64), both
+    (batch, length, k) and aligned with the student's logits: position t holds the distribution over token t + 1."""
+    logprobs: torch.Tensor
+    indices: torch.Tensor
+
+    def rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 log-probabilities and int64 ids (len(positions), k) of the flat (batch * length) `positions`."""
+        k = self.indices.shape[-1]
+        return (self.logprobs.reshape(-1, k)[positions].float(), self.indices.reshape(-1, k)[positions].long())
 
 
 @dataclass
@@ -30,6 +47,14 @@ class LossInputs:
     attention_mask: torch.Tensor
     peer_logits: Optional[list[torch.Tensor]] = None
     """The other students' logits, in mutual learning."""
+    teacher_topk: Optional[TeacherTopK] = None
+    """The teacher's cached top-k next-token distribution, for `topk_kl`."""
+    student_head: Optional[nn.Module] = None
+    """The student's LM head. With it, causal token losses read the final (normed) states `hidden_states[-1]` and
+    project them chunk by chunk, so that the (batch, length, vocabulary) logits never exist; without it they read
+    `logits`."""
+    teacher_head: Optional[nn.Module] = None
+    """The teacher's LM head, read the same way as `student_head`."""
 
 
 class DistillLoss(nn.Module):
