@@ -1,0 +1,259 @@
+"""Causal-LM token losses: hand values on tiny tensors (shift, -100 masking, temperature), the JSD's ends, the top-k
+cache's estimators, chunked == unchunked for values and gradients, the vocabulary check, and a few training steps
+on tiny Llamas."""
+import logging
+import math
+
+import pytest
+import torch
+from transformers.modeling_outputs import CausalLMOutput
+
+from distill.config import ConfigError, LossConfig, StageConfig
+from distill.losses import LossInputs, LossSetup, TeacherTopK, build_losses
+from distill.losses.causal import (LogitSource, distill_tokens, distill_topk, forward_kl, generalized_jsd,
+                                   next_token_ce, reverse_kl)
+from distill.run import check_stages
+from distill.vocab_check import common_vocab_size
+
+from .conftest import make_tokenizer, tiny_causal_lm
+
+# one sequence of 4 positions over 3 tokens: position 0 predicts labels[1] = 0, position 1 predicts -100 (a prompt
+# or padding token), position 2 predicts labels[3] = 2, and position 3 has nothing to predict. The logits at
+# positions 1 and 3 are extreme, so that counting them would change every value.
+LABELS = torch.tensor([[1, 0, -100, 2]])
+STUDENT = torch.tensor([[[1.0, 0.0, -1.0], [40.0, -40.0, 0.0], [0.0, 2.0, 0.0], [-40.0, 40.0, 0.0]]])
+TEACHER = torch.tensor([[[0.0, 0.0, 2.0], [-40.0, 40.0, 0.0], [1.0, 1.0, -1.0], [40.0, 0.0, -40.0]]])
+REAL = [0, 2]
+
+
+def softmax(row, temperature=1.0):
+    exps = [math.exp(v / temperature) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def hand_mean(divergence, temperature=1.0):
+    """Mean over the real positions of divergence(teacher probs, student probs), times T^2."""
+    values = [divergence(softmax(TEACHER[0, i].tolist(), temperature), softmax(STUDENT[0, i].tolist(), temperature))
+              for i in REAL]
+    return sum(values) / len(values) * temperature ** 2
+
+
+def dense(divergence, temperature=1.0, chunk_size=1024, **kwargs):
+    return distill_tokens(divergence, LogitSource(STUDENT), LogitSource(TEACHER), LABELS, temperature, chunk_size,
+                          **kwargs).item()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_forward_and_reverse_kl_hand_values_over_real_next_tokens(temperature):
+    expected_forward = hand_mean(lambda p, q: kl(p, q), temperature)
+    expected_reverse = hand_mean(lambda p, q: kl(q, p), temperature)
+    assert dense(forward_kl, temperature) == pytest.approx(expected_forward, rel=1e-5)
+    assert dense(reverse_kl, temperature) == pytest.approx(expected_reverse, rel=1e-5)
+    assert expected_forward != pytest.approx(expected_reverse, rel=1e-2)
+
+
+def test_next_token_ce_hand_value():
+    expected = -(math.log(softmax(STUDENT[0, 0].tolist())[0]) + math.log(softmax(STUDENT[0, 2].tolist())[2])) / 2
+    assert next_token_ce(LogitSource(STUDENT), LABELS).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_jsd_hand_value_and_its_ends_are_the_kl_forms():
+    beta = 0.3
+
+    def jsd(p, q):
+        m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q)]
+        return (beta * kl(p, m) + (1 - beta) * kl(q, m)) / (beta * (1 - beta))
+
+    def jsd_at(b, temperature=1.0):
+        return dense(lambda s, t, temp: generalized_jsd(s, t, temp, b), temperature)
+
+    assert jsd_at(beta, 2.0) == pytest.approx(hand_mean(jsd, 2.0), rel=1e-5)
+    assert jsd_at(0.0) == dense(forward_kl)
+    assert jsd_at(1.0) == dense(reverse_kl)
+    assert jsd_at(1e-4) == pytest.approx(dense(forward_kl), rel=1e-3)
+    assert jsd_at(1 - 1e-4) == pytest.approx(dense(reverse_kl), rel=1e-3)
+
+
+def test_logits_are_cut_to_the_shared_vocabulary():
+    wider_teacher = torch.cat([TEACHER, torch.full((1, 4, 2), 5.0)], -1)
+    cut = distill_tokens(forward_kl, LogitSource(STUDENT), LogitSource(wider_teacher), LABELS, vocab_size=3)
+    assert cut.item() == pytest.approx(dense(forward_kl), rel=1e-6)
+
+
+def topk_of(logits, k, temperature=1.0):
+    values, indices = torch.log_softmax(logits / temperature, -1).topk(k, -1)
+    return TeacherTopK(values.half(), indices.int())
+
+
+@pytest.mark.parametrize("tail", [True, False])
+def test_topk_over_the_whole_vocabulary_is_forward_kl(tail):
+    teacher = TeacherTopK(torch.log_softmax(TEACHER / 2.0, -1), torch.arange(3).expand(1, 4, 3))
+    value = distill_topk(LogitSource(STUDENT), teacher, LABELS, 2.0, tail=tail)
+    assert value.item() == pytest.approx(dense(forward_kl, 2.0), rel=1e-5)
+    shuffled = topk_of(TEACHER, 3, 2.0)  # sorted by probability, in float16
+    assert distill_topk(LogitSource(STUDENT), shuffled, LABELS, 2.0, tail=tail).item() == pytest.approx(
+        value.item(), rel=1e-3)
+
+
+def test_topk_with_tail_bucket_and_renormalised_hand_values():
+    teacher = topk_of(TEACHER, 1)
+    tail_expected, renormalised_expected = [], []
+    for i in REAL:
+        p, q = softmax(TEACHER[0, i].tolist()), softmax(STUDENT[0, i].tolist())
+        top = max(range(3), key=lambda v: p[v])
+        tail_expected.append(kl([p[top], 1 - p[top]], [q[top], 1 - q[top]]))
+        renormalised_expected.append(0.0)  # one token renormalised is certain for both
+    with_tail = distill_topk(LogitSource(STUDENT), teacher, LABELS, tail=True)
+    assert with_tail.item() == pytest.approx(sum(tail_expected) / 2, rel=1e-3)  # float16 cache
+    assert distill_topk(LogitSource(STUDENT), teacher, LABELS, tail=False).item() == pytest.approx(0.0, abs=1e-7)
+
+    two = topk_of(TEACHER, 2)
+    expected = []
+    for i in REAL:
+        p, q = softmax(TEACHER[0, i].tolist()), softmax(STUDENT[0, i].tolist())
+        kept = sorted(range(3), key=lambda v: -p[v])[:2]
+        expected.append(kl([p[v] / sum(p[u] for u in kept) for v in kept],
+                           [q[v] / sum(q[u] for u in kept) for v in kept]))
+    renormalised = distill_topk(LogitSource(STUDENT), two, LABELS, tail=False)
+    assert renormalised.item() == pytest.approx(sum(expected) / 2, rel=1e-3)
+
+
+def test_topk_refuses_ids_beyond_the_compared_vocabulary():
+    teacher = topk_of(TEACHER, 2)
+    with pytest.raises(ValueError, match="token id 2, beyond the 2 token ids compared"):
+        distill_topk(LogitSource(STUDENT), teacher, LABELS, vocab_size=2)
+
+
+def random_case(seed=0, batch=2, length=13, hidden=8, vocab=37):
+    generator = torch.Generator().manual_seed(seed)
+    states_s = torch.randn(batch, length, hidden, generator=generator, requires_grad=True)
+    states_t = torch.randn(batch, length, hidden, generator=generator)
+    head_s, head_t = torch.nn.Linear(hidden, vocab), torch.nn.Linear(hidden, vocab, bias=False)
+    labels = torch.randint(0, vocab, (batch, length), generator=generator)
+    labels[0, :4] = -100  # a prompt
+    labels[1, 9:] = -100  # padding
+    return states_s, head_s, states_t, head_t, labels
+
+
+def unchunked(divergence, states_s, head_s, states_t, head_t, labels, temperature):
+    """The same divergence on every real position's logits at once: no chunks, no checkpointing."""
+    keep = labels[:, 1:] != -100
+    student, teacher = head_s(states_s[:, :-1][keep]).float(), head_t(states_t[:, :-1][keep]).float()
+    return divergence(student, teacher, temperature).mean() * temperature ** 2
+
+
+@pytest.mark.parametrize("divergence", [forward_kl, reverse_kl, lambda s, t, temp: generalized_jsd(s, t, temp, 0.3)])
+def test_chunked_equals_unchunked_in_value_and_gradients(divergence):
+    states_s, head_s, states_t, head_t, labels = random_case()
+    reference = unchunked(divergence, states_s, head_s, states_t, head_t, labels, 2.0)
+    reference_grads = torch.autograd.grad(reference, [states_s, head_s.weight, head_s.bias])
+    for chunk_size in [1, 4, 7, 16, 1000]:  # 7 divides neither the length nor the 17 real positions
+        value = distill_tokens(divergence, LogitSource(states_s, head_s), LogitSource(states_t, head_t), labels,
+                               2.0, chunk_size)
+        grads = torch.autograd.grad(value, [states_s, head_s.weight, head_s.bias])
+        assert value.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-7)
+        for grad, expected in zip(grads, reference_grads):
+            torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_ce_and_topk_equal_one_chunk():
+    states_s, head_s, states_t, head_t, labels = random_case(seed=1)
+    topk = topk_of(head_t(states_t).detach(), 5)
+    losses = [lambda chunk: next_token_ce(LogitSource(states_s, head_s), labels, chunk),
+              lambda chunk: distill_topk(LogitSource(states_s, head_s), topk, labels, 1.0, True, chunk)]
+    for loss in losses:
+        whole = loss(1000)
+        whole_grad, = torch.autograd.grad(whole, [states_s])
+        for chunk_size in [3, 5]:
+            value = loss(chunk_size)
+            assert value.item() == pytest.approx(whole.item(), rel=1e-6)
+            torch.testing.assert_close(torch.autograd.grad(value, [states_s])[0], whole_grad, rtol=1e-5, atol=1e-7)
+
+
+# ----- the vocabulary check ---------------------------------------------------------------------------------------
+WORDS = ["the", "film", "was", "good", "bad"]
+
+
+def test_identical_vocabularies_pass_without_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert common_vocab_size(make_tokenizer(WORDS), make_tokenizer(WORDS), 10, 10) == 10
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("student_words, student_logits, teacher_logits, shared", [
+    (WORDS, 16, 10, 10),  # the student's embedding padded beyond the tokenizer's 10 tokens
+    (WORDS[:3], 8, 10, 8),  # a truncated student vocabulary
+    (WORDS + ["dull"], 11, 10, 10),  # a padded student vocabulary
+])
+def test_prefix_vocabularies_are_cut_to_the_shared_ids_with_a_warning(caplog, student_words, student_logits,
+                                                                      teacher_logits, shared):
+    with caplog.at_level(logging.WARNING):
+        size = common_vocab_size(make_tokenizer(student_words), make_tokenizer(WORDS), student_logits, teacher_logits)
+    assert size == shared
+    assert (f"student vocabulary (tokenizer {len(student_words) + 5}, logits {student_logits}) and teacher "
+            f"vocabulary (tokenizer 10, logits {teacher_logits})") in caplog.text
+    assert f"first {shared} token ids" in caplog.text
+
+
+def test_other_vocabularies_are_a_config_error_suggesting_hidden_states():
+    with pytest.raises(ConfigError, match="vocabularies differ.*hidden-state-only distillation"):
+        common_vocab_size(make_tokenizer(WORDS[::-1]), make_tokenizer(WORDS), 10, 10)
+
+
+# ----- registered losses and training -------------------------------------------------------------------------
+@pytest.mark.parametrize("spec, message", [
+    (dict(name="jsd", beta=1.5), r"loss 'jsd': beta is a mixing weight in 0..1 .*got 1.5"),
+    (dict(name="forward_kl", chunk_size=0), "loss 'forward_kl': chunk_size is a number of positions, at least 1"),
+])
+def test_option_errors_are_found_by_check_stages(spec, message):
+    with pytest.raises(ConfigError, match=rf"stages\[0\]: {message}"):
+        check_stages([StageConfig(losses=[LossConfig(**spec)])])
+
+
+def test_topk_loss_needs_the_cache_in_its_inputs():
+    student = tiny_causal_lm(12, tied=True)
+    loss = build_losses([LossConfig(name="topk_kl")], LossSetup(student.config, None, None))["topk_kl"]
+    inputs = LossInputs(CausalLMOutput(logits=STUDENT), None, LABELS, torch.ones(1, 4))
+    with pytest.raises(ValueError, match="reads the teacher's top-k"):
+        loss(inputs)
+    inputs.teacher_topk = topk_of(TEACHER, 2)
+    assert loss(inputs).item() == pytest.approx(distill_topk(LogitSource(STUDENT), inputs.teacher_topk,
+                                                             LABELS).item())
+
+
+def test_a_few_steps_through_the_lm_heads_lower_the_loss():
+    vocab = 24
+    teacher, student = tiny_causal_lm(vocab, tied=False), tiny_causal_lm(vocab, tied=True).train()
+    losses = build_losses([LossConfig(name="forward_kl", temperature=2.0, chunk_size=7),
+                           LossConfig(name="next_token_ce", weight=0.5, chunk_size=7)],
+                          LossSetup(student.config, teacher.config, None, vocab_size=vocab))
+    ids = torch.randint(4, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1, 8:] = -100
+    no_logits = torch.empty(0, dtype=torch.long)  # logits_to_keep: the models compute none
+    with torch.no_grad():
+        teacher_out = teacher(ids, output_hidden_states=True, logits_to_keep=no_logits)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+    totals = []
+    for _ in range(6):
+        out = student(ids, output_hidden_states=True, logits_to_keep=no_logits)
+        assert out.logits.shape == (2, 0, vocab)
+        inputs = LossInputs(out, teacher_out, labels, torch.ones_like(ids), student_head=student.lm_head,
+                            teacher_head=teacher.lm_head)
+        total = sum(loss.weight * loss(inputs) for loss in losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        totals.append(total.item())
+    assert all(later < earlier for earlier, later in zip(totals, totals[1:]))
+    assert totals[-1] < 0.85 * totals[0]
+
+    with torch.no_grad():  # reading the heads gives what the models' own logits give
+        full = student(ids, output_hidden_states=True)
+        through_head = losses["next_token_ce"](LossInputs(full, None, labels, None, student_head=student.lm_head))
+        from_logits = losses["next_token_ce"](LossInputs(full, None, labels, None))
+    assert through_head.item() == pytest.approx(from_logits.item(), rel=1e-6)
