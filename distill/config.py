@@ -95,7 +95,7 @@ class LossConfig:
     topk_tail: bool = True
     """`topk_kl`: compare the teacher's top-k plus its remaining mass as a (k+1)-th bucket against the student's
     probabilities of those tokens plus its own remaining mass; False renormalises both over the k tokens."""
-    chunk_size: int = 1024
+    chunk_size: int = 256
     """Causal token losses: target positions whose float32 logits are computed at once; memory grows with it."""
 
 

@@ -130,7 +130,7 @@ def chunked_mean(per_position: Callable[[torch.Tensor], torch.Tensor], positions
 
 
 def distill_tokens(divergence: Divergence, student: LogitSource, teacher: LogitSource, labels: torch.Tensor,
-                   temperature: float = 1.0, chunk_size: int = 1024, vocab_size: Optional[int] = None) -> torch.Tensor:
+                   temperature: float = 1.0, chunk_size: int = 256, vocab_size: Optional[int] = None) -> torch.Tensor:
     """`divergence` between the student's and the teacher's next-token distributions at `temperature`, times T^2,
     averaged over real target tokens; both logits cut to the first `vocab_size` token ids."""
     def per_position(rows: torch.Tensor) -> torch.Tensor:
@@ -140,7 +140,7 @@ def distill_tokens(divergence: Divergence, student: LogitSource, teacher: LogitS
 
 
 def distill_topk(student: LogitSource, teacher: TeacherTopK, labels: torch.Tensor, temperature: float = 1.0,
-                 tail: bool = True, chunk_size: int = 1024, vocab_size: Optional[int] = None) -> torch.Tensor:
+                 tail: bool = True, chunk_size: int = 256, vocab_size: Optional[int] = None) -> torch.Tensor:
     """`topk_kl` to the teacher's cached top-k at `temperature`, times T^2, averaged over real target tokens."""
     def per_position(rows: torch.Tensor) -> torch.Tensor:
         return topk_kl(student.rows(rows, vocab_size), *teacher.rows(rows), temperature, tail)
@@ -148,7 +148,7 @@ def distill_topk(student: LogitSource, teacher: TeacherTopK, labels: torch.Tenso
     return chunked_mean(per_position, target_positions(labels), chunk_size) * temperature ** 2
 
 
-def next_token_ce(student: LogitSource, labels: torch.Tensor, chunk_size: int = 1024,
+def next_token_ce(student: LogitSource, labels: torch.Tensor, chunk_size: int = 256,
                   vocab_size: Optional[int] = None) -> torch.Tensor:
     """Cross-entropy of each real next token, averaged over them (what transformers' causal LMs report as `loss`)."""
     targets = next_tokens(labels).flatten()

@@ -1,0 +1,97 @@
+"""Peak memory and time of the chunked causal distillation loss against the naive one (full float32 logits of both
+models), forward + backward, on synthetic final hidden states and LM heads. Each variant runs in its own process;
+its peak is the growth of the process's maximum resident set over the inputs (CPU), or torch's peak allocation
+(CUDA).
+
+    python scripts/bench_llm_loss.py [--batch 2 --length 512 --vocab 32000 --hidden 64 --chunk-size 256]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from distill.losses.causal import LogitSource, distill_tokens, forward_kl
+
+
+# Every allocation mapped and unmapped on its own: otherwise glibc keeps freed blocks in its heap, and the resident
+# peak would count memory that torch has already released.
+PROBE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def naive_forward_kl(states_s, head_s, states_t, head_t, labels, temperature):
+    """What one writes first: every position's float32 logits of both models, then a masked mean."""
+    log_q = F.log_softmax(head_s(states_s[:, :-1]).float() / temperature, -1)
+    log_p = F.log_softmax(head_t(states_t[:, :-1]).float() / temperature, -1)
+    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    keep = labels[:, 1:] != -100
+    return (kl * keep).sum() / keep.sum() * temperature ** 2
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
+def run_variant(args) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)  # the heads' initialisation
+    generator = torch.Generator().manual_seed(0)
+    states_s = torch.randn(args.batch, args.length, args.hidden, generator=generator).to(device).requires_grad_()
+    states_t = torch.randn(args.batch, args.length, args.hidden, generator=generator).to(device)
+    head_s = torch.nn.Linear(args.hidden, args.vocab, bias=False).to(device)
+    head_t = torch.nn.Linear(args.hidden, args.vocab, bias=False).to(device).requires_grad_(False)
+    labels = torch.randint(0, args.vocab, (args.batch, args.length), generator=generator).to(device)
+    labels[:, : args.length // 8] = -100  # a prompt
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = peak_mb(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    start = time.perf_counter()
+    if args.variant == "naive":
+        loss = naive_forward_kl(states_s, head_s, states_t, head_t, labels, 2.0)
+    else:
+        loss = distill_tokens(forward_kl, LogitSource(states_s, head_s), LogitSource(states_t, head_t), labels, 2.0,
+                              args.chunk_size)
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"variant": args.variant, "peak_mb": round(peak_mb(device) - before, 1), "seconds": round(seconds, 3),
+            "loss": loss.item(), "grad_norm": head_s.weight.grad.norm().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variant", choices=["naive", "chunked"], help="run one variant in this process")
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    logits_mb = args.batch * args.length * args.vocab * 4 / 2**20
+    print(f"B={args.batch} L={args.length} V={args.vocab} H={args.hidden} chunk={args.chunk_size} on {args.device}: "
+          f"one model's float32 logits are {logits_mb:.0f} MB, one chunk's {args.chunk_size * args.vocab * 4 / 2**20:.0f} MB")
+    for variant in ("naive", "chunked"):
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant], check=True,
+                             capture_output=True, text=True, env=PROBE_ENV).stdout
+        row = json.loads(out)
+        print(f"{variant:>8}: peak +{row['peak_mb']:>8.1f} MB  {row['seconds']:>7.3f} s  loss {row['loss']:.6f}  "
+              f"|grad| {row['grad_norm']:.6f}")
+
+
+if __name__ == "__main__":
+    main()
