@@ -82,9 +82,9 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    logits_mb = args.batch * args.length * args.vocab * 4 / 2**20
+    logits_mb, chunk_mb = (rows * args.vocab * 4 / 2**20 for rows in (args.batch * args.length, args.chunk_size))
     print(f"B={args.batch} L={args.length} V={args.vocab} H={args.hidden} chunk={args.chunk_size} on {args.device}: "
-          f"one model's float32 logits are {logits_mb:.0f} MB, one chunk's {args.chunk_size * args.vocab * 4 / 2**20:.0f} MB")
+          f"one model's float32 logits are {logits_mb:.0f} MB, one chunk's {chunk_mb:.0f} MB")
     for variant in ("naive", "chunked"):
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant], check=True,
                              capture_output=True, text=True, env=PROBE_ENV).stdout

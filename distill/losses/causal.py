@@ -125,7 +125,8 @@ def chunked_mean(per_position: Callable[[torch.Tensor], torch.Tensor], positions
     time. Each chunk runs under activation checkpointing: backward recomputes its logits instead of keeping them."""
     total = torch.zeros((), device=positions.device)
     for chunk in positions.split(chunk_size):
-        total = total + checkpoint(lambda rows: per_position(rows).sum(), chunk, use_reentrant=False)
+        total = total + checkpoint(lambda rows: per_position(rows).sum(), chunk, use_reentrant=False,
+                                   preserve_rng_state=False)  # nothing random in a chunk
     return total / max(len(positions), 1)
 
 
