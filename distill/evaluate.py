@@ -42,7 +42,8 @@ def perplexity(model: PreTrainedModel, loader: DataLoader, accelerator: Accelera
     model.eval()
     nll = tokens = 0.0
     for batch in loader:
-        outputs = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long))
+        outputs = model(**model_inputs(batch), output_hidden_states=True,
+                        logits_to_keep=torch.empty(0, dtype=torch.long))
         sums, counts = example_nll(LogitSource.of(outputs, model.get_output_embeddings()), batch["labels"], chunk_size)
         sums, counts = accelerator.gather_for_metrics((sums, counts))
         nll, tokens = nll + sums.sum().item(), tokens + counts.sum().item()

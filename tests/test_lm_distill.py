@@ -19,8 +19,11 @@ from distill.config import (CacheConfig, ConfigError, CorpusConfig, LMDistillCon
 from distill.converted import CACHE_ENV, converted_copy
 from distill.evaluate import perplexity
 from distill.lm import LMCollator, check_lm_config, distill_lm
+from distill.losses import LossInputs, LossSetup, build_losses
+from distill.losses.base import model_inputs
 from distill.sources import resolve_model
 from distill.student import build_student
+from distill.trainer import Objective, forward_options
 
 from .conftest import NEGATIVE, NEUTRAL, POSITIVE, make_sentences, make_tokenizer, tiny_causal_lm, train_cfg
 
@@ -80,7 +83,8 @@ def test_online_run_trains_saves_a_reloadable_student_and_writes_generations(tmp
     assert metrics["splits"]["train"] == [0, 44] and metrics["splits"]["test"] == [52, 60]
     assert metrics["test_perplexity"] > 1 and metrics["vocab_size"] == len(WORDS) + 5
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
-    assert not torch.equal(result.model.model.layers[0].mlp.up_proj.weight.cpu(), teacher.model.layers[1].mlp.up_proj.weight)
+    trained, copied = result.model.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight
+    assert not torch.equal(trained, copied)
     reloaded = AutoModelForCausalLM.from_pretrained(run / "model").eval()
     ids = torch.tensor([[2, 10, 11, 12, 3]])
     assert torch.equal(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)
@@ -232,3 +236,18 @@ def test_offline_smollm2_without_its_package(monkeypatch):
         resolve_model("offline:SmolLM2-135M-Instruct")
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert resolve_model("hub:HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_token_losses_read_the_lm_heads_and_the_models_compute_no_logits():
+    tokenizer = make_tokenizer(WORDS)
+    student, teacher = tiny_causal_lm(len(tokenizer), tied=True), tiny_causal_lm(len(tokenizer), tied=False)
+    losses = build_losses(ONLINE, LossSetup(student.config, teacher.config, None))
+    objective = Objective(student, losses, teacher.get_output_embeddings())
+    batch = LMCollator(tokenizer)([{"input_ids": ids} for ids in tokenizer(["the film was good", "bad"])["input_ids"]])
+    teacher_outputs = teacher(**model_inputs(batch), **forward_options(objective))
+    outputs = objective.student_outputs(batch)
+    assert outputs.logits.shape[1] == teacher_outputs.logits.shape[1] == 0
+    total, _ = objective.weighted_losses(outputs, teacher_outputs, batch)
+    full = LossInputs(student(**batch), teacher(**model_inputs(batch)), batch["labels"], batch["attention_mask"])
+    expected = sum(loss.weight * loss(full) for loss in losses.values())
+    torch.testing.assert_close(total, expected)
