@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import CacheConfig, ConfigError
 from .fingerprint import config_sha256, file_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
+from .losses.base import TOPK_KEYS
 from .run import write_json_atomic
 from .sources import corpus_token_ids, load_causal_lm, load_tokenizer
 from .trainer import save_file_atomic
@@ -51,12 +52,14 @@ OnShard = Optional[Callable[[int], None]]
 
 @dataclass(frozen=True)
 class CacheKey:
-    """What a cache was built from. A run may use a cache only if its own key is equal, field by field."""
+    """What a cache was built from. A run may use a cache only if its own key is equal, field by field; a field
+    that a run's expected key leaves None is not compared (a run that never loads the teacher cannot hash its
+    weights, and `topk_kl` works with any k)."""
     teacher_config_sha256: str
-    teacher_weights_sha256: str
+    teacher_weights_sha256: Optional[str]
     tokenizer_sha256: str
     corpus_sha256: str
-    k: int
+    k: Optional[int]
     temperature: float
 
     @classmethod
@@ -270,7 +273,7 @@ def read_manifest(folder: Path) -> dict:
 def check_key(folder: Path, cached: dict, expect: CacheKey) -> None:
     for field in fields(CacheKey):
         wanted = getattr(expect, field.name)
-        if cached[field.name] != wanted:
+        if wanted is not None and cached[field.name] != wanted:
             raise ConfigError(
                 f"teacher cache {folder} was built with another {field.name}: the cache has {cached[field.name]!r}, "
                 f"this run has {wanted!r}; rebuild the cache (recipes/build_teacher_cache.py) or use the matching one"
@@ -316,7 +319,7 @@ def pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torc
                              f"{len(values)} rows: the batch was not tokenized as the cached corpus was")
         logprobs[i, mask[i]] = values
         indices[i, mask[i]] = ids
-    return {"teacher_topk_logprobs": logprobs, "teacher_topk_indices": indices}
+    return dict(zip(TOPK_KEYS, (logprobs, indices)))
 
 
 class CachedTeacherCollator:

@@ -223,6 +223,41 @@ class CacheConfig:
     """Examples per shard file: the unit of resume after a kill."""
 
 
+@dataclass
+class LMEvalConfig:
+    """What an LM distillation run measures beyond the held-out perplexity."""
+    prompts: list[str] = field(default_factory=lambda: [
+        "This movie was", "I watched this film because", "The worst part of the story", "The acting in this film"])
+    """Fixed prompts, each completed greedily by the final student (generations.jsonl)."""
+    max_new_tokens: int = 32
+
+
+@dataclass
+class LMDistillConfig:
+    """Distil a causal LM into a smaller one on unlabelled text, token by token (`distill.lm`)."""
+    teacher: str = "offline:SmolLM2-135M-Instruct"
+    output_dir: str = "runs/student-lm"
+    seed: int = 0
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    """The corpus, tokenized with the teacher's tokenizer; its last `validation_examples + test_examples` texts are
+    held out (validation, then test), the rest are trained on."""
+    validation_examples: int = 50
+    """Held-out texts before the test slice: the validation perplexity that `train.select_best` uses."""
+    test_examples: int = 200
+    """The last texts of the corpus: the reported test perplexity."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """As for `DistillConfig`, with causal LMs: by default every other teacher layer, ending at the top one."""
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(losses=[
+        LossConfig(name="forward_kl"), LossConfig(name="next_token_ce")])])
+    """Causal token losses only: `forward_kl`, `reverse_kl`, `jsd`, `topk_kl` (needs `cache`), `next_token_ce`."""
+    cache: Optional[str] = None
+    """A teacher cache folder (recipes/build_teacher_cache.py over the same `data`) that `topk_kl` reads. It must
+    match this run's tokenizer, corpus token ids, k and temperature, and the teacher's config; the teacher's weights
+    are compared too when the run loads the teacher anyway (a student copied from it, or a loss that runs it)."""
+    eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
 def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
     """Build dataclass `cls` from a plain dict, rejecting unknown keys with the closest valid name."""
     if not isinstance(values, dict):

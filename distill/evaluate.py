@@ -1,14 +1,21 @@
-"""Measurements shared by every stage: task accuracy, parameters, size on disk, CPU latency."""
+"""Measurements shared by every stage: task accuracy, causal-LM perplexity, parameters, size on disk, CPU latency."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
+
+from .losses.base import model_inputs
+from .losses.causal import LogitSource, next_tokens, target_positions
 
 
 @torch.no_grad()
@@ -25,6 +32,49 @@ def accuracy(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
         total += labels.numel()
     model.train(was_training)
     return correct / max(total, 1)
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, loader: DataLoader, accelerator: Accelerator, chunk_size: int = 256) -> float:
+    """exp of the mean next-token negative log-likelihood over every real target token of the loader (labels not
+    -100), gathered across processes. The LM head runs `chunk_size` positions at a time: no full logits."""
+    was_training = model.training
+    model.eval()
+    nll = tokens = 0.0
+    for batch in loader:
+        outputs = model(**model_inputs(batch), output_hidden_states=True,
+                        logits_to_keep=torch.empty(0, dtype=torch.long))
+        sums, counts = example_nll(LogitSource.of(outputs, model.get_output_embeddings()), batch["labels"], chunk_size)
+        sums, counts = accelerator.gather_for_metrics((sums, counts))
+        nll, tokens = nll + sums.sum().item(), tokens + counts.sum().item()
+    model.train(was_training)
+    return math.exp(nll / max(tokens, 1))
+
+
+def example_nll(source: LogitSource, labels: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example of the batch: the summed negative log-likelihood of its real next tokens, and their number."""
+    targets, positions = next_tokens(labels).flatten(), target_positions(labels)
+    sums = torch.zeros(len(labels), device=labels.device)
+    for chunk in positions.split(chunk_size):
+        nll = F.cross_entropy(source.rows(chunk, None), targets[chunk], reduction="none")
+        sums.index_add_(0, chunk // labels.shape[1], nll)
+    return sums, torch.bincount(positions // labels.shape[1], minlength=len(labels))
+
+
+@dataclass(frozen=True)
+class ValidationMetric:
+    """What the trainer evaluates after each epoch (`validation_<name>`) and selects the best epoch by."""
+    name: str
+    compute: Callable[[torch.nn.Module, DataLoader, Accelerator], float]
+    higher_is_better: bool = True
+
+    def score(self, value: float) -> float:
+        """`value` on a scale where higher is better."""
+        return value if self.higher_is_better else -value
+
+
+ACCURACY = ValidationMetric("accuracy", accuracy)
+PERPLEXITY = ValidationMetric("perplexity", perplexity, higher_is_better=False)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

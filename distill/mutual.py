@@ -54,6 +54,7 @@ class MutualObjective(nn.Module):
         self.needs_teacher = any(objective.needs_teacher for objective in objectives)
         self.output_hidden_states = any(objective.output_hidden_states for objective in objectives)
         self.output_attentions = any(objective.output_attentions for objective in objectives)
+        self.skip_logits = False  # peer_kl reads the students' logits
 
     def set_progress(self, progress: float) -> None:
         for objective in self.objectives:

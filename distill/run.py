@@ -23,7 +23,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enable
 from .config import (ConfigError, DistillConfig, FinetuneConfig, StageConfig, StudentConfig, TrainConfig,
                      config_yaml, flat_dict, to_dict)
 from .ensemble import add_extra_teachers, normalised_teacher_weights
-from .evaluate import accuracy, count_parameters, disk_size_mb
+from .evaluate import count_parameters, disk_size_mb
 from .losses import LOSSES, LossSetup, check_loss
 from .mapping import build_layer_map
 from .sources import (collator, label_names, load_classifier, load_splits, load_tokenizer, tokenize,
@@ -243,12 +243,12 @@ def finish_run(trainer: Trainer, model: PreTrainedModel, task: Task, run_dir: Pa
 
 def measure_and_save(trainer: Trainer, model: PreTrainedModel, task: Task, folder: Path,
                      files: dict[str, str | bytes], save: Optional[Callable] = None) -> dict:
-    """Validation and test accuracy and parameters of `model`; the main process saves it with `files` (with
-    `save`, default `save_model`) and adds its size on disk."""
-    acc = trainer.accelerator
+    """Validation and test values of the trainer's metric (accuracy, perplexity) and parameters of `model`; the main
+    process saves it with `files` (with `save`, default `save_model`) and adds its size on disk."""
+    acc, metric = trainer.accelerator, trainer.metric
     metrics = {
-        "validation_accuracy": accuracy(model, trainer.eval_loader, acc),
-        "test_accuracy": accuracy(model, trainer.eval_loader_for(task.splits["test"]), acc),
+        f"validation_{metric.name}": metric.compute(model, trainer.eval_loader, acc),
+        f"test_{metric.name}": metric.compute(model, trainer.eval_loader_for(task.splits["test"]), acc),
         "parameters": count_parameters(model),
     }
     if acc.is_main_process:

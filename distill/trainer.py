@@ -24,9 +24,10 @@ from transformers import PreTrainedModel, get_scheduler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from .config import StageConfig, TrainConfig
-from .evaluate import accuracy
+from .evaluate import ACCURACY, ValidationMetric
 from .fingerprint import weights_sha256
-from .losses import LossInputs, LossSetup, build_losses
+from .losses import LossInputs, LossSetup, TeacherTopK, build_losses
+from .losses.base import model_inputs
 
 
 class EpochSampler(Sampler[int]):
@@ -77,12 +78,15 @@ class Objective(nn.Module):
     """The trained module: the student plus one stage's weighted losses (some own learned projections), whose
     weights and temperatures follow their schedules as `set_progress` moves through the stage."""
 
-    def __init__(self, student: PreTrainedModel, losses: nn.ModuleDict):
+    def __init__(self, student: PreTrainedModel, losses: nn.ModuleDict, teacher_head: Optional[nn.Module] = None):
         super().__init__()
         self.student, self.losses = student, losses
-        self.output_hidden_states = any(loss.needs_hidden_states for loss in losses.values())
+        self.reads_heads = any(loss.reads_lm_head for loss in losses.values())
+        self.skip_logits = all(loss.reads_lm_head for loss in losses.values())
+        self.output_hidden_states = self.reads_heads or any(loss.needs_hidden_states for loss in losses.values())
         self.output_attentions = any(loss.needs_attentions for loss in losses.values())
         self.needs_teacher = any(loss.needs_teacher for loss in losses.values())
+        self.teacher_heads = [teacher_head]  # a plain list: the teacher's weights are neither trained nor saved here
 
     def set_progress(self, progress: float) -> None:
         for loss in self.losses.values():
@@ -101,18 +105,28 @@ class Objective(nn.Module):
         return self.weighted_losses(self.student_outputs(batch), teacher_outputs, batch)
 
     def student_outputs(self, batch: dict[str, torch.Tensor]):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return self.student(
-            **inputs, output_hidden_states=self.output_hidden_states, output_attentions=self.output_attentions
-        )
+        return self.student(**model_inputs(batch), **forward_options(self))
 
     def weighted_losses(self, outputs, teacher_outputs, batch: dict[str, torch.Tensor],
                         peer_logits: Optional[list[torch.Tensor]] = None):
         """The weighted sum of the losses on the student's `outputs`, and each loss's detached value."""
-        loss_inputs = LossInputs(outputs, teacher_outputs, batch["labels"], batch["attention_mask"], peer_logits)
+        heads = (self.student.get_output_embeddings(), self.teacher_heads[0]) if self.reads_heads else (None, None)
+        loss_inputs = LossInputs(outputs, teacher_outputs, batch["labels"], batch["attention_mask"], peer_logits,
+                                 TeacherTopK.from_batch(batch), *heads)
         parts = {name: loss(loss_inputs) for name, loss in self.losses.items()}
         total = sum(self.losses[name].weight * value for name, value in parts.items())
         return total, {name: value.detach() for name, value in parts.items()}
+
+
+def forward_options(objective: nn.Module) -> dict:
+    """The keyword arguments of the student's and the teacher's forward that an objective's losses need. Causal token
+    losses project the final hidden states through the LM heads a few positions at a time: when every loss does,
+    the models compute no logits."""
+    options = {"output_hidden_states": objective.output_hidden_states,
+               "output_attentions": objective.output_attentions}
+    if objective.skip_logits:
+        options["logits_to_keep"] = torch.empty(0, dtype=torch.long)
+    return options
 
 
 @dataclass
@@ -125,6 +139,7 @@ class TrainState:
     global_step: int = 0
     """Optimizer steps done in the current stage."""
     best_metric: float = -math.inf
+    """The best validation score so far (`ValidationMetric.score`: negated when lower is better)."""
     best_metrics: list[float] = field(default_factory=list)
     """Best validation metric of each student, when a trainer selects several (mutual learning)."""
 
@@ -141,9 +156,10 @@ class Trainer:
         seed: int,
         run_dir: Path,
         on_step: Optional[Callable[[TrainState], None]] = None,
+        metric: ValidationMetric = ACCURACY,
     ):
         self.accelerator, self.student, self.teacher = accelerator, student, teacher
-        self.cfg, self.run_dir, self.on_step = train_cfg, Path(run_dir), on_step
+        self.cfg, self.run_dir, self.on_step, self.metric = train_cfg, Path(run_dir), on_step, metric
         train_set = datasets["train"]
         lengths = [len(ids) for ids in train_set["input_ids"]] if train_cfg.group_by_length else None
         sampler = EpochSampler(len(train_set), seed, lengths, train_cfg.batch_size)
@@ -193,7 +209,8 @@ class Trainer:
 
     def build_objective(self, stage: StageConfig, setup: LossSetup) -> nn.Module:
         """The module one stage trains; a training strategy (such as mutual learning) overrides it."""
-        return Objective(self.student, build_losses(stage.losses, setup))
+        teacher_head = self.teacher.get_output_embeddings() if isinstance(self.teacher, PreTrainedModel) else None
+        return Objective(self.student, build_losses(stage.losses, setup), teacher_head)
 
     def cleanup(self) -> None:
         """Remove resume state once the run's outputs are safely written."""
@@ -282,10 +299,11 @@ class Trainer:
         return batches
 
     def _evaluate_and_keep_best(self, index: int, state: TrainState, select_best: bool) -> None:
-        metric = accuracy(self.student, self.eval_loader, self.accelerator)
-        self.log({"stage": index, "epoch": state.epoch, "step": state.global_step, "validation_accuracy": metric})
-        if select_best and metric > state.best_metric:
-            state.best_metric = metric
+        value = self.metric.compute(self.student, self.eval_loader, self.accelerator)
+        self.log({"stage": index, "epoch": state.epoch, "step": state.global_step,
+                  f"validation_{self.metric.name}": value})
+        if select_best and self.metric.score(value) > state.best_metric:
+            state.best_metric = self.metric.score(value)
             if self.accelerator.is_main_process:
                 # the losses' state too, so that exit heads and projections match the weights kept
                 save_file_atomic(self.objective.state_dict(), self.best_path)
@@ -295,12 +313,8 @@ class Trainer:
     def _teacher_outputs(self, batch: dict[str, torch.Tensor], objective: Objective):
         if self.teacher is None or not objective.needs_teacher:
             return None
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
         with self.accelerator.autocast():
-            return self.teacher(
-                **inputs, output_hidden_states=objective.output_hidden_states,
-                output_attentions=objective.output_attentions,
-            )
+            return self.teacher(**model_inputs(batch), **forward_options(objective))
 
     def _param_groups(self, objective: Objective) -> list[dict]:
         decay, no_decay = [], []
@@ -357,6 +371,13 @@ def tracked_scalars(record: dict) -> dict[str, float]:
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Tensors that share memory (tied embeddings) are written as copies: safetensors refuses shared ones."""
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    written, storages = {}, set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous().cpu()
+        storage = tensor.untyped_storage().data_ptr()
+        written[name] = tensor.clone() if storage in storages else tensor
+        storages.add(storage)
+    save_file(written, str(tmp))
     tmp.replace(path)

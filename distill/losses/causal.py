@@ -162,6 +162,8 @@ def next_token_ce(student: LogitSource, labels: torch.Tensor, chunk_size: int = 
 
 # ----- registered losses --------------------------------------------------------------------------------------
 class _TokenLoss(DistillLoss):
+    reads_lm_head = True
+
     def __init__(self, spec: LossConfig, setup: LossSetup):
         super().__init__(spec, setup)
         self.check_options(spec)
