@@ -201,8 +201,11 @@ class CorpusConfig:
     hub_config: Optional[str] = None
     split: str = "train"
     """The split to read; local files and offline sources have only `train`."""
+    shuffle_seed: Optional[int] = None
+    """Shuffle the texts with this seed before `limit` (offline IMDB is sorted by label: its first texts are all
+    negative reviews); None keeps the source's order."""
     limit: Optional[int] = None
-    """Keep the first N non-blank texts (smoke tests); None keeps all."""
+    """Keep the first N non-blank texts (after any shuffle); None keeps all."""
     max_length: int = 256
     """Tokens per example, longer texts truncated."""
 

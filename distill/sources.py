@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 from pathlib import Path
 from typing import Callable
 
@@ -146,7 +147,8 @@ def corpus_token_ids(corpus: CorpusConfig, tokenizer: PreTrainedTokenizerBase) -
 
 
 def load_texts(corpus: CorpusConfig) -> list[str]:
-    """The non-blank texts of `corpus.split`, in order, the first `corpus.limit` of them."""
+    """The non-blank texts of `corpus.split`, in order (or shuffled with `corpus.shuffle_seed`), the first
+    `corpus.limit` of them."""
     raw = _load_raw(corpus)
     if corpus.split not in raw:
         raise ConfigError(f"data.split='{corpus.split}' is not a split of {corpus.source}; splits: {', '.join(raw)}")
@@ -155,6 +157,8 @@ def load_texts(corpus: CorpusConfig) -> list[str]:
         raise ConfigError(f"data.text_column='{corpus.text_column}' is not a column of {corpus.source}; columns: "
                           f"{', '.join(split.column_names)}")
     texts = [text for text in split[corpus.text_column] if text and text.strip()]
+    if corpus.shuffle_seed is not None:
+        random.Random(corpus.shuffle_seed).shuffle(texts)
     return texts[:corpus.limit] if corpus.limit else texts
 
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from distill.config import ConfigError, DataConfig
-from distill.sources import label_names, load_splits, resolve_model, tokenize
+from distill.config import ConfigError, CorpusConfig, DataConfig
+from distill.sources import label_names, load_splits, load_texts, resolve_model, tokenize
 
 from .conftest import make_sentences, make_tokenizer
 
@@ -80,3 +80,14 @@ def test_parquet_file_with_integer_labels(tmp_path):
     splits = load_splits(DataConfig(source=str(path)))
     assert sum(len(s) for s in splits.values()) == 40
     assert label_names(splits) == ["0", "1"]
+
+
+def test_a_corpus_shuffle_is_seeded_and_comes_before_the_limit(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(f"review {i}" for i in range(20)) + "\n\n")
+    ordered = load_texts(CorpusConfig(source=str(path)))
+    shuffled = load_texts(CorpusConfig(source=str(path), shuffle_seed=3))
+    assert ordered == [f"review {i}" for i in range(20)]
+    assert sorted(shuffled) == sorted(ordered) and shuffled != ordered
+    assert shuffled == load_texts(CorpusConfig(source=str(path), shuffle_seed=3))
+    assert load_texts(CorpusConfig(source=str(path), shuffle_seed=3, limit=5)) == shuffled[:5]
