@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def variant_name(recipe: str) -> str:
+    """The recipe's stem and its overrides, usable as one folder name (a `/` in a value becomes `_`)."""
     path, *overrides = recipe.split("@")
-    return "@".join([Path(path).stem, *overrides])
+    return "@".join([Path(path).stem, *overrides]).replace("/", "_")
 
 
 def run_one(script: Path, recipe: str, seed: int, out: Path, threads: int, overrides: list[str]) -> dict:
