@@ -52,6 +52,15 @@ def exit_head(hidden_size: int, num_labels: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, num_labels))
 
 
+def final_head_linears(model: PreTrainedModel) -> tuple[nn.Linear, nn.Linear]:
+    """The dense and output Linears of the model's own head, the same shape as an exit head (BERT: pooler dense +
+    classifier; RoBERTa / XLM-R: the classification head's dense + out_proj)."""
+    pooler = getattr(model.base_model, "pooler", None)
+    if pooler is not None:
+        return pooler.dense, model.classifier
+    return model.classifier.dense, model.classifier.out_proj
+
+
 class ExitHeads(nn.Module):
     """One head per exit layer, each reading that layer's pooled hidden state and predicting the labels."""
 
@@ -59,6 +68,15 @@ class ExitHeads(nn.Module):
         super().__init__()
         self.layers, self.pooling, self.hidden_size, self.num_labels = list(layers), pooling, hidden_size, num_labels
         self.heads = nn.ModuleList(exit_head(hidden_size, num_labels) for _ in layers)
+
+    @torch.no_grad()
+    def start_from(self, dense: nn.Linear, out: nn.Linear) -> None:
+        """Every head starts as a copy of the model's own head: intermediate layers of a trained (or copied) encoder
+        live near the last layer's space, so an exit predicts well from the first step, where a random head would
+        need many steps at a distillation learning rate."""
+        for head in self.heads:
+            head[0].load_state_dict(dense.state_dict())
+            head[2].load_state_dict(out.state_dict())
 
     def logits_at(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.heads[self.layers.index(layer)](pool(hidden, mask, self.pooling))

@@ -87,6 +87,8 @@ class Objective(nn.Module):
         self.output_attentions = any(loss.needs_attentions for loss in losses.values())
         self.needs_teacher = any(loss.needs_teacher for loss in losses.values())
         self.teacher_heads = [teacher_head]  # a plain list: the teacher's weights are neither trained nor saved here
+        for loss in losses.values():
+            loss.attach(student)
 
     def set_progress(self, progress: float) -> None:
         for loss in self.losses.values():

@@ -84,6 +84,19 @@ def test_threshold_one_is_the_full_model_and_zero_the_first_exit(family, bert, t
     assert torch.allclose(out.logits, classifier.exit_logits(**batch)[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_exit_heads_start_as_copies_of_the_models_own_head(family, bert, tokenizer):
+    model = bert if family == "bert" else tiny_roberta(len(tokenizer))
+    layers = model.config.num_hidden_layers
+    loss = build_losses([LossConfig(name="early_exit", exit_layers=[1])], LossSetup(model.config, None, None))
+    loss["early_exit"].attach(model)
+    batch = batch_of(tokenizer)
+    outputs = model(**batch, output_hidden_states=True)
+    last_layer_through_exit_head = loss["early_exit"].heads.logits_at(1, outputs.hidden_states[layers],
+                                                                      batch["attention_mask"])
+    assert torch.allclose(last_layer_through_exit_head, outputs.logits, atol=1e-6)
+
+
 def test_each_example_leaves_at_its_first_confident_exit(bert, tokenizer):
     classifier = classifier_with_random_heads(bert, [1, 2, 3], pooling="mean")
     batch = batch_of(tokenizer)

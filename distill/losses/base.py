@@ -106,6 +106,10 @@ class DistillLoss(nn.Module):
             values["temperature"] = self.temperature
         return values
 
+    def attach(self, student: nn.Module) -> None:
+        """Called once with the student this loss trains, before training (early-exit heads start from its own
+        head)."""
+
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         raise NotImplementedError
 

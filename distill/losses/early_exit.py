@@ -2,9 +2,10 @@
 final prediction. No teacher is needed, so the loss also works when fine-tuning."""
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import ConfigError, LossConfig
-from ..early_exit import ExitHeads, check_exit_layers, require_supported
+from ..early_exit import ExitHeads, check_exit_layers, final_head_linears, require_supported
 from ..pooling import check_pooling
 from .base import DistillLoss, LossInputs, LossSetup, register
 from .response import soft_kl
@@ -44,9 +45,12 @@ class EarlyExitLoss(DistillLoss):
         check_exit_layers(layers, count)
         self.heads = ExitHeads(layers, spec.pooling, config.hidden_size, config.num_labels)
 
+    def attach(self, student: nn.Module) -> None:
+        self.heads.start_from(*final_head_linears(student))
+
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         model = inputs.student
-        losses = [exit_loss(logits, model.logits, inputs.labels, self.spec.temperature, self.spec.exit_label_mix)
+        losses = [exit_loss(logits, model.logits, inputs.labels, self.temperature, self.spec.exit_label_mix)
                   for logits in self.heads(model.hidden_states, inputs.attention_mask)]
         return torch.stack(losses).mean()
 
