@@ -86,6 +86,9 @@ class LossConfig:
     exit_layers: Optional[list[int]] = None
     """`early_exit`: the layers that get an exit head, counted from 1 like `hidden_states` (0 is the embedding
     output); None puts one after every layer but the last, whose exit is the model's own classifier."""
+    learning_rate: Optional[float] = None
+    """Learning rate of the parameters this loss owns (projections, the FitNet regressor, early-exit heads); None:
+    the stage's. New heads usually want more than a distillation rate for pretrained weights."""
     exit_label_mix: float = 0.0
     """`early_exit`: share of hard-label CE in each head's loss; the rest is KL to the model's own final logits
     (detached, at `temperature`, times T^2)."""

@@ -26,7 +26,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from .config import StageConfig, TrainConfig
 from .evaluate import ACCURACY, ValidationMetric
 from .fingerprint import weights_sha256
-from .losses import LossInputs, LossSetup, TeacherTopK, build_losses
+from .losses import DistillLoss, LossInputs, LossSetup, TeacherTopK, build_losses
 from .losses.base import model_inputs
 
 
@@ -318,13 +318,20 @@ class Trainer:
         with self.accelerator.autocast():
             return self.teacher(**model_inputs(batch), **forward_options(objective))
 
-    def _param_groups(self, objective: Objective) -> list[dict]:
-        decay, no_decay = [], []
+    def _param_groups(self, objective: nn.Module) -> list[dict]:
+        """Weight decay except on biases and norms; a loss with its own `learning_rate` gets its parameters in
+        groups of their own."""
+        own_rate = {id(param): module.spec.learning_rate for module in objective.modules()
+                    if isinstance(module, DistillLoss) and module.spec.learning_rate is not None
+                    for param in module.parameters()}
+        groups: dict[tuple, list] = {}
         for name, param in objective.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-        return [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decays = not (param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name)
+            groups.setdefault((decays, own_rate.get(id(param))), []).append(param)
+        return [{"params": params, "weight_decay": self.cfg.weight_decay if decays else 0.0,
+                 **({"lr": rate} if rate is not None else {})} for (decays, rate), params in groups.items()]
 
     def _log_running(self, running: dict[str, float], index: int, state: TrainState, lr: float,
                      scheduled: dict[str, float]) -> dict:

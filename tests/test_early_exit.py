@@ -5,6 +5,7 @@ import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from distill.early_exit import EarlyExitClassifier, ExitHeads, evaluate_threshol
 from distill.losses import LossInputs, LossSetup, build_losses
 from distill.losses.response import soft_kl
 from distill.run import check_stages, distill, finetune, save_model
+from distill.trainer import Objective, Trainer
 from distill.sources import collator, load_splits, tokenize
 
 from .conftest import data_cfg, make_sentences, tiny_bert_config, train_cfg
@@ -95,6 +97,19 @@ def test_exit_heads_start_as_copies_of_the_models_own_head(family, bert, tokeniz
     last_layer_through_exit_head = loss["early_exit"].heads.logits_at(1, outputs.hidden_states[layers],
                                                                       batch["attention_mask"])
     assert torch.allclose(last_layer_through_exit_head, outputs.logits, atol=1e-6)
+
+
+def test_a_loss_learning_rate_puts_its_own_parameters_in_groups_of_their_own(bert):
+    losses = build_losses([LossConfig(name="early_exit", exit_layers=[1], learning_rate=0.01)],
+                          LossSetup(bert.config, None, None))
+    groups = Trainer._param_groups(SimpleNamespace(cfg=train_cfg()), Objective(bert, losses))
+    heads = {id(p) for p in losses.parameters()}
+    for group in groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= heads if group.get("lr") == 0.01 else not ids & heads
+    assert sum(len(g["params"]) for g in groups if g.get("lr") == 0.01) == len(heads)
+    with pytest.raises(ConfigError, match="learning_rate must be positive"):
+        check_stages([StageConfig(losses=[LossConfig(name="early_exit", learning_rate=0.0)])])
 
 
 def test_each_example_leaves_at_its_first_confident_exit(bert, tokenizer):

@@ -145,6 +145,8 @@ def check_loss(spec: LossConfig, where: str = "") -> type[DistillLoss]:
     """Config-only checks of one loss entry (name, schedule, the loss's own options); returns its class."""
     cls = require_loss(spec.name, where)
     check_schedule(spec, where)
+    if spec.learning_rate is not None and spec.learning_rate <= 0:
+        raise ConfigError(f"{where}loss '{spec.name}': learning_rate must be positive; got {spec.learning_rate}")
     cls.check_options(spec, where)
     return cls
 
