@@ -126,7 +126,7 @@ def plot(rows: list[dict], path: Path, split: str) -> None:
         axis.set_xlabel(label)
         axis.set_ylabel(f"{split} accuracy (%)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8, loc="lower right")
+        axis.legend(fontsize=8, loc="best")
     figure.suptitle("Accuracy against size and latency")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
