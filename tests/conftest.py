@@ -71,24 +71,30 @@ def bert(tokenizer):
     return BertForSequenceClassification(tiny_bert_config(len(tokenizer))).eval()
 
 
-@pytest.fixture
-def sentiment_csv(tmp_path: Path) -> Path:
-    path = tmp_path / "sentiment.csv"
+def write_sentiment_csv(path: Path) -> Path:
+    """200 synthetic sentences with their labels, as columns `review,sentiment`."""
     rows = make_sentences(200)
     path.write_text("review,sentiment\n" + "\n".join(f"{text},{label}" for text, label in rows) + "\n")
     return path
 
 
-@pytest.fixture
-def tiny_teacher_dir(tmp_path: Path) -> Path:
+def save_tiny_teacher(folder: Path) -> Path:
     """A saved random-init 4-layer BERT classifier with its word-level tokenizer."""
-    folder = tmp_path / "teacher"
     tokenizer = make_tokenizer(POSITIVE + NEGATIVE + NEUTRAL)
     torch.manual_seed(0)
-    model = BertForSequenceClassification(tiny_bert_config(len(tokenizer)))
-    model.save_pretrained(folder)
+    BertForSequenceClassification(tiny_bert_config(len(tokenizer))).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path: Path) -> Path:
+    return write_sentiment_csv(tmp_path / "sentiment.csv")
+
+
+@pytest.fixture
+def tiny_teacher_dir(tmp_path: Path) -> Path:
+    return save_tiny_teacher(tmp_path / "teacher")
 
 
 def data_cfg(csv):
@@ -137,13 +143,7 @@ def pipeline_cfg(root: Path, csv: Path, teacher: Path, distill_lr: float = 1e-3)
 def pipeline_assets(tmp_path_factory):
     """The sentiment CSV and the saved random-init teacher, shared by the pipeline tests."""
     folder = tmp_path_factory.mktemp("pipeline-assets")
-    csv = folder / "sentiment.csv"
-    csv.write_text("review,sentiment\n" + "\n".join(f"{t},{label}" for t, label in make_sentences(200)) + "\n")
-    tokenizer = make_tokenizer(POSITIVE + NEGATIVE + NEUTRAL)
-    torch.manual_seed(0)
-    BertForSequenceClassification(tiny_bert_config(len(tokenizer))).save_pretrained(folder / "teacher")
-    tokenizer.save_pretrained(folder / "teacher")
-    return csv, folder / "teacher"
+    return write_sentiment_csv(folder / "sentiment.csv"), save_tiny_teacher(folder / "teacher")
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,8 @@ from quant.bnb import accept_frozen_quantized_state, quantize_bnb
 from quant.config import AdapterConfig, BnbConfig, QatConfig
 from quant.qat import QuantizedBase, load_adapter, merge_adapter, qat_distill
 
-from .conftest import (NEGATIVE, NEUTRAL, POSITIVE, data_cfg, make_sentences, make_tokenizer, tiny_bert_config,
-                       train_cfg)
+from .conftest import (NEGATIVE, NEUTRAL, POSITIVE, data_cfg, make_sentences, make_tokenizer, save_tiny_teacher,
+                       tiny_bert_config, train_cfg, write_sentiment_csv)
 from .test_training import Interrupt, never_train
 
 DISTIL = StageConfig(name="qlora", epochs=2, learning_rate=1e-3,
@@ -33,12 +33,8 @@ def teacher(tmp_path_factory):
     """The tiny fine-tuned teacher of conftest's `trained_teacher`, trained once for this module: its folder and
     the sentiment CSV."""
     tmp = tmp_path_factory.mktemp("qat")
-    csv = tmp / "sentiment.csv"
-    csv.write_text("review,sentiment\n" + "\n".join(f"{t},{label}" for t, label in make_sentences(200)) + "\n")
-    tokenizer = make_tokenizer(POSITIVE + NEGATIVE + NEUTRAL)
-    torch.manual_seed(0)
-    BertForSequenceClassification(tiny_bert_config(len(tokenizer))).save_pretrained(tmp / "init")
-    tokenizer.save_pretrained(tmp / "init")
+    csv = write_sentiment_csv(tmp / "sentiment.csv")
+    save_tiny_teacher(tmp / "init")
     finetune(FinetuneConfig(model=str(tmp / "init"), output_dir=str(tmp / "teacher"), data=data_cfg(csv),
                             stage=StageConfig(epochs=10, learning_rate=3e-3, losses=[LossConfig(name="ce")]),
                             train=train_cfg()))
