@@ -27,6 +27,7 @@ from .run import Evaluation
 from .variants import load_variant
 
 REPORT_NAME = "compression_report"
+PLOT_FILE = f"{REPORT_NAME}.png"
 MATPLOTLIB_INSTALL = 'pip install -e ".[report]"'
 
 
@@ -133,11 +134,12 @@ def plot(rows: list[dict], path: Path, split: str) -> None:
     plt.close(figure)
 
 
-def write_report(rows: list[dict], folder: Path, header: dict) -> dict[str, Path]:
-    """`compression_report.json` (`header` + rows), `.md` and `.png` in `folder`; their paths by suffix."""
+def write_report(rows: list[dict], folder: Path, header: dict) -> str:
+    """`compression_report.json` (`header` + rows), `.md` and `.png` (`PLOT_FILE`) in `folder`; returns the
+    Markdown table."""
     paths = {suffix: folder / f"{REPORT_NAME}.{suffix}" for suffix in ("json", "md", "png")}
     paths["json"].write_text(json.dumps({**header, "reference": rows[0]["model"], "rows": rows}, indent=2))
     table = markdown_table(rows, header["split"], tuple(header["latency_batch"]))
     paths["md"].write_text(f"# Compression report\n\n{table}\n")
     plot(rows, paths["png"], header["split"])
-    return paths
+    return table

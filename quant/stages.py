@@ -13,7 +13,7 @@ from distill.card import CardFacts, CardStep, hub_dataset_id, hub_model_id, mode
 from distill.config import to_dict
 from distill.pipeline import Stage, StageContext, StageKind, register_stage
 
-from .compression_report import candidates_of, markdown_table, measure_models, require_matplotlib, write_report
+from .compression_report import PLOT_FILE, candidates_of, measure_models, require_matplotlib, write_report
 from .config import QatConfig, QuantConfig, ReportConfig
 from .loading import load_config
 from .qat import check_qat_config, qat_distill
@@ -49,11 +49,10 @@ def run_report(cfg: ReportConfig, context: StageContext) -> dict:
     tmp = Path(cfg.output_dir) / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(cfg.model, tmp)
-    files = write_report(rows, tmp, header)
+    table = write_report(rows, tmp, header)
     served = next(row for row in rows if Path(row["path"]) == Path(cfg.model))
-    table = markdown_table(rows, cfg.split, (cfg.latency.batch_size, cfg.latency.max_length))
     card = model_card(tmp, card_facts(cfg, context.earlier, served["accuracy"]), card_steps(context.earlier), table,
-                      files["png"].name)
+                      PLOT_FILE)
     (tmp / "README.md").write_text(card)
     os.replace(tmp, Path(cfg.output_dir) / "model")
     return {"rows": rows, **header}
