@@ -1,0 +1,52 @@
+"""Perplexity of the teacher and of the untrained student on the held-out slices of an LM distillation config: the
+two ends of the scale that a run's test perplexity sits between.
+
+    python scripts/lm_perplexity.py --config recipes/distill_lm.yaml [student.layers=[0,2,4] ...]
+    python scripts/lm_perplexity.py --config recipes/distill_lm.yaml --model runs/student-lm/model
+
+The slices are exactly those `recipes/distill_lm.py` holds out for the same config (same corpus, tokenizer and
+split sizes). With `--model`, that saved model is measured instead of the teacher and the untrained student."""
+import argparse
+import json
+import sys
+
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from distill.config import LMDistillConfig, parse_args_or_exit
+from distill.evaluate import perplexity
+from distill.lm import LMCollator, check_lm_config, held_out_splits
+from distill.sources import corpus_token_ids, ensure_pad_token, load_causal_lm, load_tokenizer
+from distill.student import build_student
+
+
+def held_out_perplexities(model, splits, collate, batch_size: int, accelerator: Accelerator) -> dict[str, float]:
+    model = accelerator.prepare(model.eval())
+    return {name: perplexity(model, accelerator.prepare(DataLoader(splits[name], batch_size, collate_fn=collate)),
+                             accelerator)
+            for name in ("validation", "test")}
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a saved causal LM to measure instead of the teacher and the initial student")
+    args, config_args = parser.parse_known_args(argv)
+    cfg = parse_args_or_exit(LMDistillConfig, config_args)
+    check_lm_config(cfg)
+    accelerator = Accelerator()
+    tokenizer = ensure_pad_token(load_tokenizer(cfg.teacher))
+    tokenizer.padding_side = "right"
+    splits, ranges = held_out_splits(corpus_token_ids(cfg.data, tokenizer), cfg, with_cache_index=False)
+    collate, batch = LMCollator(tokenizer), cfg.train.eval_batch_size
+    if args.model:
+        models = {args.model: load_causal_lm(args.model)}
+    else:
+        teacher = load_causal_lm(cfg.teacher)
+        models = {"teacher": teacher, "student_before_training": build_student(cfg.student, teacher, load_causal_lm)}
+    result = {"splits": ranges, **{name: held_out_perplexities(model, splits, collate, batch, accelerator)
+                                   for name, model in models.items()}}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
