@@ -68,14 +68,15 @@ def bnb_quantization_config(variant: str, cfg: BnbConfig, skip: list[str]) -> Bi
                               bnb_4bit_compute_dtype=COMPUTE_DTYPES[cfg.compute_dtype], llm_int8_skip_modules=skip)
 
 
-def quantize_bnb(source: str, variant: str, cfg: BnbConfig, skip_modules: list[str] | None = None
-                 ) -> PreTrainedModel:
-    """Load the saved model `source` quantized as `variant` (bnb_int8, bnb_nf4 or bnb_fp4), keeping the modules
-    `skip_patterns(model, skip_modules)` names in full precision; in eval mode, ready to run and to save."""
+def quantize_bnb(source: str, variant: str, cfg: BnbConfig, skip_modules: list[str] | None = None,
+                 device: str = "cpu") -> PreTrainedModel:
+    """Load the saved model `source` quantized as `variant` (bnb_int8, bnb_nf4 or bnb_fp4) onto `device`, keeping
+    the modules `skip_patterns(model, skip_modules)` names in full precision; in eval mode, ready to run and to save.
+    The device is explicit because transformers puts a quantized model on the GPU whenever CUDA is available."""
     require_bitsandbytes()
     skip = skip_patterns(empty_model(source), skip_modules)
     quantization = bnb_quantization_config(variant, cfg, skip)
-    model = load_pretrained(source, quantization_config=quantization)
+    model = load_pretrained(source, quantization_config=quantization, device_map={"": device})
     if not target_linears(model, skip):
         raise ConfigError(f"skip_modules {skip} leave no Linear of {source} to quantize")
     keep_out_of_cpu_repacking(model)

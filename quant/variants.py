@@ -6,6 +6,7 @@ import difflib
 import json
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.config import ConfigError
@@ -39,18 +40,32 @@ def build_variant(source: str, variant: str, tokenizer: PreTrainedTokenizerBase,
                   bnb: BnbConfig | None = None, skip_modules: list[str] | None = None) -> PreTrainedModel:
     """Turn the saved model `source` into `variant`, save it (atomically) into `folder`, and return the in-memory
     model in eval mode. `skip_modules` (None: the architecture's heads) applies to dynamic int8 and bitsandbytes."""
-    check_variants([variant], bnb or BnbConfig())
-    folder = Path(folder)
-    if variant in BNB_VARIANTS:
-        model = quantize_bnb(source, variant, bnb or BnbConfig(), skip_modules)
-        save_model(model, tokenizer, folder)
-        return model
-    model = load_half(source, variant) if variant in HALF_DTYPES else load_pretrained(source)
-    if variant == METHOD:
-        mark_dynamic_int8(model, skip_modules)
-        save_model(model, tokenizer, folder)
+    if variant == METHOD:  # saved as the full-precision model with its note, before the Linears are quantized
+        model = marked_for_dynamic_int8(source, skip_modules)
+        save_model(model, tokenizer, Path(folder))
         return quantize_dynamic_int8(model)
-    save_model(model, tokenizer, folder)
+    model = make_variant(source, variant, bnb, skip_modules)
+    save_model(model, tokenizer, Path(folder))
+    return model
+
+
+def make_variant(source: str, variant: str, bnb: BnbConfig | None = None, skip_modules: list[str] | None = None,
+                 device: str = "cpu") -> PreTrainedModel:
+    """The saved model `source` as `variant`, in memory only, in eval mode on `device` (dynamic int8: the CPU only)."""
+    check_variants([variant], bnb or BnbConfig())
+    if variant == METHOD:
+        if torch.device(device).type != "cpu":
+            raise ConfigError(f"{METHOD} runs on the CPU only (PyTorch's fbgemm/oneDNN kernels); asked for {device}")
+        return quantize_dynamic_int8(marked_for_dynamic_int8(source, skip_modules))
+    if variant in BNB_VARIANTS:
+        return quantize_bnb(source, variant, bnb or BnbConfig(), skip_modules, device)
+    model = load_half(source, variant) if variant in HALF_DTYPES else load_pretrained(source)
+    return model.to(device)
+
+
+def marked_for_dynamic_int8(source: str, skip_modules: list[str] | None) -> PreTrainedModel:
+    model = load_pretrained(source)
+    mark_dynamic_int8(model, skip_modules)
     return model
 
 
