@@ -6,7 +6,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,8 @@ from transformers import PreTrainedModel
 
 from .losses.base import model_inputs
 from .losses.causal import LogitSource, next_tokens, target_positions
+
+Key = TypeVar("Key", bound=Hashable)
 
 
 @torch.no_grad()
@@ -88,23 +90,37 @@ def disk_size_mb(folder: str | Path) -> float:
 
 @torch.inference_mode()
 def latency_ms(model: PreTrainedModel, batch: dict[str, torch.Tensor], warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall-clock milliseconds of one forward pass on `batch`."""
+    """Median wall-clock milliseconds of one forward pass on `batch` (on a GPU, until its kernels have finished)."""
     model.eval()
     for _ in range(warmup):
         model(**batch)
     times = []
     for _ in range(repeats):
+        synchronize(batch)
         start = time.perf_counter()
         model(**batch)
+        synchronize(batch)
         times.append(time.perf_counter() - start)
     return 1000 * sorted(times)[len(times) // 2]
 
 
-def alternating_latencies(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], rounds: int,
-                          warmup: int = 3, repeats: int = 10) -> dict[str, float]:
+def synchronize(batch: dict[str, torch.Tensor]) -> None:
+    """Wait for the GPU kernels queued on the batch's device; nothing on the CPU, which runs synchronously."""
+    device = next(iter(batch.values())).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def examples_per_s(batch_size: int, latency_ms: float) -> float:
+    """Throughput of a model that takes `latency_ms` per batch of `batch_size` examples."""
+    return 1000 * batch_size / latency_ms
+
+
+def alternating_latencies(models: dict[Key, torch.nn.Module], batch: dict[str, torch.Tensor], rounds: int,
+                          warmup: int = 3, repeats: int = 10) -> dict[Key, float]:
     """Median over `rounds` rounds of each model's `latency_ms`; the rounds alternate between the models so that
     drift in machine load hits every model alike."""
-    times: dict[str, list[float]] = {name: [] for name in models}
+    times: dict[Key, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
             times[name].append(latency_ms(model, batch, warmup=warmup, repeats=repeats))

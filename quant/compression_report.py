@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 from transformers import PreTrainedModel
 
-from distill.evaluate import accuracy, alternating_latencies, disk_size_mb
+from distill.evaluate import accuracy, alternating_latencies, disk_size_mb, examples_per_s
 from distill.pipeline import Stage
 
 from .bnb import require_package
@@ -61,7 +61,7 @@ def measure_models(candidates: list[Candidate], evaluation: Evaluation, latency:
     latencies = alternating_latencies(models, evaluation.batch, latency.rounds, latency.warmup, latency.repeats)
     for row in rows:
         row["latency_ms"] = latencies[row["model"]]
-        row["examples_per_s"] = 1000 * latency.batch_size / row["latency_ms"]
+        row["examples_per_s"] = examples_per_s(latency.batch_size, row["latency_ms"])
     return rows
 
 
