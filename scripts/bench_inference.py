@@ -47,7 +47,7 @@ def not_applicable(variant: str, dtype: str, device: str) -> str | None:
     if variant == "dynamic_int8" and dtype != "fp32":
         return "dynamic int8 Linears take fp32 activations only"
     if variant == "bnb_int8" and dtype != "fp32":
-        return "LLM.int8 has no compute dtype: bitsandbytes quantizes the activations from fp16 whatever the model's"
+        return "LLM.int8 has no compute dtype: bitsandbytes casts activations to fp16 to quantize them"
     return None
 
 
@@ -129,7 +129,8 @@ def markdown(rows: list[dict], reference: str, max_length: int) -> str:
             f"{r['median_ms']:.2f}", f"{r['examples_per_s']:.0f}", f"{r['speed_vs_reference']:.2f}x")
         lines.append(f"| {r['device']} | {r['model']} | {r['variant']} | {r['dtype']} | {r['batch']} | "
                      f"{' | '.join(numbers)} |")
-    notes = dict.fromkeys(f"- n/a, {r['variant']} {r['dtype']} on {r['device']}: {r['note']}" for r in rows if r["note"])
+    notes = dict.fromkeys(f"- n/a, {r['variant']} {r['dtype']} on {r['device']}: {r['note']}"
+                          for r in rows if r["note"])
     return "\n".join([*lines, *([""] + list(notes) if notes else [])])
 
 
