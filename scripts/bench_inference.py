@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.config import ConfigError, DataConfig
 from distill.evaluate import alternating_latencies, examples_per_s, latency_batch
@@ -80,7 +80,7 @@ def check_request(models: dict[str, str], variants: list[str], dtypes: list[str]
         check_variants(quantized, BnbConfig())
 
 
-def shared_tokenizer(models: dict[str, str]):
+def shared_tokenizer(models: dict[str, str]) -> PreTrainedTokenizerBase:
     """The first model's tokenizer, which every model must share: all are timed on the same token ids."""
     (first, folder), *others = models.items()
     tokenizer = load_tokenizer(folder)
@@ -98,11 +98,11 @@ def measure(models: dict[str, str], texts: list[str], variants: list[str], dtype
     """One row per device x batch size x model x variant x dtype, in that order; n/a rows carry a `note`."""
     check_request(models, variants, dtypes, batch_sizes, rounds, repeats)
     tokenizer = shared_tokenizer(models)
+    keys = [(name, variant, dtype) for name in models for variant in variants for dtype in dtypes]
     rows = []
     for device in devices:
-        keys = [(name, variant, dtype) for name in models for variant in variants for dtype in dtypes]
-        built = {key: build(models[key[0]], key[1], key[2], device) for key in keys
-                 if not_applicable(key[1], key[2], device) is None}
+        built = {(name, variant, dtype): build(models[name], variant, dtype, device) for name, variant, dtype in keys
+                 if not_applicable(variant, dtype, device) is None}
         for batch_size in batch_sizes:
             batch = {k: v.to(device) for k, v in latency_batch(tokenizer, texts, batch_size, max_length).items()}
             latencies = alternating_latencies(built, batch, rounds, warmup, repeats)
