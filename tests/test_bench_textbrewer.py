@@ -43,5 +43,6 @@ def test_parameter_fingerprint_ignores_order_but_not_values():
 def test_a_recipe_textbrewer_cannot_match_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="its losses are .*hidden_mse"):
         bench.bench_config(ROOT / "recipes" / "distill_tinybert.yaml", "teacher", 10, tmp_path)
-    stage, kl, ce = bench.matched_losses(bench.bench_config(ROOT / "recipes" / "distill_response.yaml", "t", 10, tmp_path))
+    cfg = bench.bench_config(ROOT / "recipes" / "distill_response.yaml", "teacher", 10, tmp_path)
+    stage, kl, ce = bench.matched_losses(cfg)
     assert (kl.temperature, kl.weight, ce.weight, stage.learning_rate) == (2.0, 1.0, 0.5, 1e-4)
