@@ -50,6 +50,26 @@ class EpochSampler(Sampler[int]):
         return self.size
 
 
+def train_sampler(train_set: Dataset, cfg: TrainConfig, seed: int) -> EpochSampler:
+    """The order in which a `Trainer` built with `cfg` and `seed` visits the tokenized `train_set`."""
+    lengths = [len(ids) for ids in train_set["input_ids"]] if cfg.group_by_length else None
+    return EpochSampler(len(train_set), seed, lengths, cfg.batch_size)
+
+
+def planned_batches(sampler: EpochSampler, batch_size: int, count: int) -> list[list[int]]:
+    """The example indices of the first `count` batches that a loader over `sampler` yields, epoch after epoch as the
+    `Trainer` runs them (each epoch's last batch may be short): what another training loop needs to see the same
+    batches in the same order."""
+    batches: list[list[int]] = []
+    epoch = 0
+    while len(batches) < count:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        batches += [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        epoch += 1
+    return batches[:count]
+
+
 class RankTrace:
     """Opt-in record of what each process trained on and ended with, to check data-parallel runs: with the
     environment variable DISTILL_RANK_TRACE naming a folder, process i writes `rank-<i>.json` there, holding the
@@ -163,8 +183,7 @@ class Trainer:
         self.accelerator, self.student, self.teacher = accelerator, student, teacher
         self.cfg, self.run_dir, self.on_step, self.metric = train_cfg, Path(run_dir), on_step, metric
         train_set = datasets["train"]
-        lengths = [len(ids) for ids in train_set["input_ids"]] if train_cfg.group_by_length else None
-        sampler = EpochSampler(len(train_set), seed, lengths, train_cfg.batch_size)
+        sampler = train_sampler(train_set, train_cfg, seed)
         self.collate = collate
         # A private generator: creating a loader iterator must not draw from the global RNG (dropout), or a
         # resumed run, which creates one more iterator mid-epoch, would diverge from an uninterrupted one.
@@ -231,7 +250,7 @@ class Trainer:
     def _run_stage(self, index: int, stage: StageConfig, setup: LossSetup, state: TrainState, is_last: bool):
         acc, cfg = self.accelerator, self.cfg
         self.objective = self.build_objective(stage, setup)
-        optimizer = torch.optim.AdamW(self._param_groups(self.objective), lr=stage.learning_rate)
+        optimizer = torch.optim.AdamW(param_groups(self.objective, cfg.weight_decay), lr=stage.learning_rate)
         steps_per_epoch = math.ceil(len(self.train_loader) / cfg.gradient_accumulation_steps)
         total_steps = math.ceil(stage.epochs * steps_per_epoch)
         if cfg.max_steps_per_stage is not None:
@@ -318,21 +337,6 @@ class Trainer:
         with self.accelerator.autocast():
             return self.teacher(**model_inputs(batch), **forward_options(objective))
 
-    def _param_groups(self, objective: nn.Module) -> list[dict]:
-        """Weight decay except on biases and norms; a loss with its own `learning_rate` gets its parameters in
-        groups of their own."""
-        own_rate = {id(param): module.spec.learning_rate for module in objective.modules()
-                    if isinstance(module, DistillLoss) and module.spec.learning_rate is not None
-                    for param in module.parameters()}
-        groups: dict[tuple, list] = {}
-        for name, param in objective.named_parameters():
-            if not param.requires_grad:
-                continue
-            decays = not (param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name)
-            groups.setdefault((decays, own_rate.get(id(param))), []).append(param)
-        return [{"params": params, "weight_decay": self.cfg.weight_decay if decays else 0.0,
-                 **({"lr": rate} if rate is not None else {})} for (decays, rate), params in groups.items()]
-
     def _log_running(self, running: dict[str, float], index: int, state: TrainState, lr: float,
                      scheduled: dict[str, float]) -> dict:
         batches = self.cfg.log_steps * self.cfg.gradient_accumulation_steps
@@ -364,6 +368,22 @@ class Trainer:
             tmp.rename(self.checkpoint_dir)
             shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's parameter groups: weight decay except on biases and norms; a loss with its own `learning_rate`
+    gets its parameters in groups of their own."""
+    own_rate = {id(param): loss.spec.learning_rate for loss in module.modules()
+                if isinstance(loss, DistillLoss) and loss.spec.learning_rate is not None
+                for param in loss.parameters()}
+    groups: dict[tuple, list] = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        decays = not (param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name)
+        groups.setdefault((decays, own_rate.get(id(param))), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+             **({"lr": rate} if rate is not None else {})} for (decays, rate), params in groups.items()]
 
 
 def tracked_scalars(record: dict) -> dict[str, float]:

@@ -5,7 +5,6 @@ import json
 import math
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from distill.early_exit import EarlyExitClassifier, ExitHeads, evaluate_threshol
 from distill.losses import LossInputs, LossSetup, build_losses
 from distill.losses.response import soft_kl
 from distill.run import check_stages, distill, finetune, save_model
-from distill.trainer import Objective, Trainer
+from distill.trainer import Objective, param_groups
 from distill.sources import collator, load_splits, tokenize
 
 from .conftest import data_cfg, make_sentences, tiny_bert_config, train_cfg
@@ -102,7 +101,7 @@ def test_exit_heads_start_as_copies_of_the_models_own_head(family, bert, tokeniz
 def test_a_loss_learning_rate_puts_its_own_parameters_in_groups_of_their_own(bert):
     losses = build_losses([LossConfig(name="early_exit", exit_layers=[1], learning_rate=0.01)],
                           LossSetup(bert.config, None, None))
-    groups = Trainer._param_groups(SimpleNamespace(cfg=train_cfg()), Objective(bert, losses))
+    groups = param_groups(Objective(bert, losses), train_cfg().weight_decay)
     heads = {id(p) for p in losses.parameters()}
     for group in groups:
         ids = {id(p) for p in group["params"]}

@@ -8,7 +8,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from distill.config import ConfigError, DataConfig, DistillConfig, FinetuneConfig, LayerMapConfig, LossConfig
 from distill.config import StageConfig, StudentConfig
-from distill.run import distill, finetune
+from distill.run import distill, finetune, load_task
+from distill.trainer import RankTrace, planned_batches, train_sampler
 
 from .conftest import data_cfg, make_tokenizer, tiny_bert_config, train_cfg
 
@@ -165,3 +166,18 @@ def test_resuming_with_a_different_config_is_refused(tiny_teacher_dir, sentiment
     cfg.stages[0].learning_rate = 5e-4
     with pytest.raises(ConfigError, match="unfinished run with a different config"):
         distill(cfg, on_step=never_train)
+
+
+def test_planned_batches_are_the_batches_the_trainer_trains_on(tiny_teacher_dir, sentiment_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_RANK_TRACE", str(tmp_path / "trace"))
+    monkeypatch.setattr(RankTrace, "batches_kept", 100)
+    steps = 12  # 139 training sentences in batches of 16: 9 per epoch, the 9th short, then into the second epoch
+    cfg = distill_cfg(sentiment_csv, tiny_teacher_dir, tmp_path / "student", stages=[StageConfig(
+        epochs=2, losses=[LossConfig(name="kl")])], train=train_cfg(max_steps_per_stage=steps))
+    distill(cfg)
+    trained_on = json.loads((tmp_path / "trace" / "rank-0.json").read_text())["batches"]
+
+    train_set = load_task(cfg.data, cfg.teacher).splits["train"]
+    planned = planned_batches(train_sampler(train_set, cfg.train, cfg.seed), cfg.train.batch_size, steps)
+    assert [len(batch) for batch in planned] == [16] * 8 + [11] + [16] * 3
+    assert trained_on == [[train_set[i]["input_ids"] for i in batch] for batch in planned]
