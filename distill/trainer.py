@@ -50,6 +50,12 @@ class EpochSampler(Sampler[int]):
         return self.size
 
 
+def train_sampler(train_set: Dataset, train_cfg: TrainConfig, seed: int) -> EpochSampler:
+    """The order in which a `Trainer` draws `train_set` (tokenized: an `input_ids` column), epoch by epoch."""
+    lengths = [len(ids) for ids in train_set["input_ids"]] if train_cfg.group_by_length else None
+    return EpochSampler(len(train_set), seed, lengths, train_cfg.batch_size)
+
+
 class RankTrace:
     """Opt-in record of what each process trained on and ended with, to check data-parallel runs: with the
     environment variable DISTILL_RANK_TRACE naming a folder, process i writes `rank-<i>.json` there, holding the
@@ -163,13 +169,11 @@ class Trainer:
         self.accelerator, self.student, self.teacher = accelerator, student, teacher
         self.cfg, self.run_dir, self.on_step, self.metric = train_cfg, Path(run_dir), on_step, metric
         train_set = datasets["train"]
-        lengths = [len(ids) for ids in train_set["input_ids"]] if train_cfg.group_by_length else None
-        sampler = EpochSampler(len(train_set), seed, lengths, train_cfg.batch_size)
         self.collate = collate
         # A private generator: creating a loader iterator must not draw from the global RNG (dropout), or a
         # resumed run, which creates one more iterator mid-epoch, would diverge from an uninterrupted one.
-        train_loader = DataLoader(train_set, train_cfg.batch_size, sampler=sampler, collate_fn=collate,
-                                  generator=torch.Generator().manual_seed(seed))
+        train_loader = DataLoader(train_set, train_cfg.batch_size, sampler=train_sampler(train_set, train_cfg, seed),
+                                  collate_fn=collate, generator=torch.Generator().manual_seed(seed))
         self.train_loader = accelerator.prepare(train_loader)
         self.eval_loader = self.eval_loader_for(datasets["validation"])
         if teacher is not None:
