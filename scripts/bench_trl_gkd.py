@@ -52,7 +52,7 @@ GKD_LOSS = "stages.0.losses=[{name: forward_kl, weight: 1.0, temperature: 1.0}]"
 
 
 class StepsDone(Exception):
-    """Raised after our last step: evaluation and saving are not needed without --eval."""
+    """Raised after our last step when the student is not to be evaluated: what would follow is not needed."""
 
 
 # ----- the TRL environment ----------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def run_trl(cfg: LMDistillConfig, total: int, warmup: int, out_dir: Path, keep_m
     stage, train_cfg = cfg.stages[0], cfg.train
     gkd = GKDConfig(
         output_dir=str(out_dir), seed=cfg.seed, max_steps=total, per_device_train_batch_size=train_cfg.batch_size,
-        gradient_accumulation_steps=1, train_sampling_strategy="sequential", dataloader_num_workers=0,
+        gradient_accumulation_steps=1, train_sampling_strategy="sequential",
         lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
         bf16=False, fp16=False, gradient_checkpointing=False,
         optim="adamw_torch", learning_rate=stage.learning_rate, weight_decay=train_cfg.weight_decay,
@@ -193,8 +193,10 @@ def markdown(summary: dict[str, dict], losses: dict[str, list[float]], perplexit
                      f"{row['seconds_per_step'] / ours['seconds_per_step']:.2f}x | {row['peak_rss_growth_mb']:.0f} | "
                      f"{row['peak_rss_growth_mb'] / ours['peak_rss_growth_mb']:.2f}x | {losses[side][0]:.4f} | "
                      f"{losses[side][-1]:.4f} | {'-' if ppl is None else f'{ppl:.2f}'} |")
+    first = losses["ours"][0], losses["trl"][0]
     lines.append(f"\nMedians of {args.repeats} run(s) per side, {args.steps} timed steps each after {args.warmup} "
-                 "warm-up steps; losses from the last run of each side.")
+                 "warm-up steps; losses from the last run of each side. The first step's losses (same weights, batch "
+                 f"and loss) differ by {abs(first[0] - first[1]) / abs(first[0]):.1e}, relative.")
     return "\n".join(lines)
 
 
@@ -210,6 +212,7 @@ def parse(argv: list[str]):
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # run one side, in this process
     parser.add_argument("--student-dir", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--keep-model", action="store_true", help=argparse.SUPPRESS)  # save the trained student
     args, overrides = parser.parse_known_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         parser.error("--warmup, --steps and --repeats must be at least 1")
@@ -221,8 +224,8 @@ def run_side(args, overrides: list[str]) -> dict:
     cfg = bench_config(args, overrides, args.student_dir, str(run_dir / "run"))
     total = args.warmup + args.steps
     if args.side == "trl":
-        return run_trl(cfg, total, args.warmup, run_dir, args.eval)
-    return run_ours(cfg, total, args.warmup, args.eval)
+        return run_trl(cfg, total, args.warmup, run_dir, args.keep_model)
+    return run_ours(cfg, total, args.warmup, args.keep_model)
 
 
 def main(argv: list[str]) -> None:
@@ -240,10 +243,12 @@ def main(argv: list[str]) -> None:
         student_dir = Path(tmp) / "student"
         save_initial_student(args, overrides, student_dir)
         model_dirs = {}
-        for i, side in enumerate(rotated_order(list(SIDES), args.repeats)):
+        order = rotated_order(list(SIDES), args.repeats)
+        for i, side in enumerate(order):
             run_dir = Path(tmp) / f"{side}-{i}"
+            last_of_side = side not in order[i + 1:]
             command = [pythons[side], __file__, *argv, "--side", side, "--student-dir", str(student_dir),
-                       "--run-dir", str(run_dir)]
+                       "--run-dir", str(run_dir), *(["--keep-model"] if args.eval and last_of_side else [])]
             runs[side].append(run_probe(command, env={"PYTHONPATH": str(ROOT)}))
             model_dirs[side] = run_dir / ("run/model" if side == "ours" else "model")
             print(f"{side}: median step {statistics.median(runs[side][-1]['step_seconds']):.2f} s, "
