@@ -41,8 +41,7 @@ from distill.sources import corpus_token_ids, ensure_pad_token, load_causal_lm, 
 from distill.student import build_student
 from distill.trainer import train_sampler
 
-sys.path.insert(0, str(Path(__file__).parent))
-from lm_perplexity import measure  # noqa: E402  (a sibling script)
+from lm_perplexity import measure  # a sibling script: this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_ENV = ROOT / ".bench-envs" / "trl"
