@@ -183,12 +183,11 @@ class Trainer:
         self.accelerator, self.student, self.teacher = accelerator, student, teacher
         self.cfg, self.run_dir, self.on_step, self.metric = train_cfg, Path(run_dir), on_step, metric
         train_set = datasets["train"]
-        sampler = train_sampler(train_set, train_cfg, seed)
         self.collate = collate
         # A private generator: creating a loader iterator must not draw from the global RNG (dropout), or a
         # resumed run, which creates one more iterator mid-epoch, would diverge from an uninterrupted one.
-        train_loader = DataLoader(train_set, train_cfg.batch_size, sampler=sampler, collate_fn=collate,
-                                  generator=torch.Generator().manual_seed(seed))
+        train_loader = DataLoader(train_set, train_cfg.batch_size, sampler=train_sampler(train_set, train_cfg, seed),
+                                  collate_fn=collate, generator=torch.Generator().manual_seed(seed))
         self.train_loader = accelerator.prepare(train_loader)
         self.eval_loader = self.eval_loader_for(datasets["validation"])
         if teacher is not None:

@@ -9,21 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from distill.benchmark import peak_mb, run_probe
 from distill.losses.causal import LogitSource, distill_tokens, forward_kl
-
-
-# Every allocation mapped and unmapped on its own: otherwise glibc keeps freed blocks in its heap, and the resident
-# peak would count memory that torch has already released.
-PROBE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def naive_forward_kl(states_s, head_s, states_t, head_t, labels, temperature):
@@ -33,12 +26,6 @@ def naive_forward_kl(states_s, head_s, states_t, head_t, labels, temperature):
     kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
     keep = labels[:, 1:] != -100
     return (kl * keep).sum() / keep.sum() * temperature ** 2
-
-
-def peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
 def run_variant(args) -> dict:
@@ -54,7 +41,7 @@ def run_variant(args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    before = peak_mb(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    before = peak_mb(device)
     start = time.perf_counter()
     if args.variant == "naive":
         loss = naive_forward_kl(states_s, head_s, states_t, head_t, labels, 2.0)
@@ -86,9 +73,7 @@ def main() -> None:
     print(f"B={args.batch} L={args.length} V={args.vocab} H={args.hidden} chunk={args.chunk_size} on {args.device}: "
           f"one model's float32 logits are {logits_mb:.0f} MB, one chunk's {chunk_mb:.0f} MB")
     for variant in ("naive", "chunked"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant], check=True,
-                             capture_output=True, text=True, env=PROBE_ENV).stdout
-        row = json.loads(out)
+        row = run_probe([sys.executable, __file__, *sys.argv[1:], "--variant", variant])
         print(f"{variant:>8}: peak +{row['peak_mb']:>8.1f} MB  {row['seconds']:>7.3f} s  loss {row['loss']:.6f}  "
               f"|grad| {row['grad_norm']:.6f}")
 

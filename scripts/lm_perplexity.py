@@ -27,25 +27,29 @@ def held_out_perplexities(model, splits, collate, batch_size: int, accelerator: 
             for name in ("validation", "test")}
 
 
+def measure(cfg: LMDistillConfig, models: dict) -> dict:
+    """The held-out slices' [start, end) ranges, and each model's validation and test perplexity on them."""
+    accelerator = Accelerator()
+    tokenizer = ensure_pad_token(load_tokenizer(cfg.teacher))
+    tokenizer.padding_side = "right"
+    splits, ranges = held_out_splits(corpus_token_ids(cfg.data, tokenizer), cfg, with_cache_index=False)
+    collate, batch = LMCollator(tokenizer), cfg.train.eval_batch_size
+    return {"splits": ranges, **{name: held_out_perplexities(model, splits, collate, batch, accelerator)
+                                 for name, model in models.items()}}
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a saved causal LM to measure instead of the teacher and the initial student")
     args, config_args = parser.parse_known_args(argv)
     cfg = parse_args_or_exit(LMDistillConfig, config_args)
     check_lm_config(cfg)
-    accelerator = Accelerator()
-    tokenizer = ensure_pad_token(load_tokenizer(cfg.teacher))
-    tokenizer.padding_side = "right"
-    splits, ranges = held_out_splits(corpus_token_ids(cfg.data, tokenizer), cfg, with_cache_index=False)
-    collate, batch = LMCollator(tokenizer), cfg.train.eval_batch_size
     if args.model:
         models = {args.model: load_causal_lm(args.model)}
     else:
         teacher = load_causal_lm(cfg.teacher)
         models = {"teacher": teacher, "student_before_training": build_student(cfg.student, teacher, load_causal_lm)}
-    result = {"splits": ranges, **{name: held_out_perplexities(model, splits, collate, batch, accelerator)
-                                   for name, model in models.items()}}
-    print(json.dumps(result, indent=2))
+    print(json.dumps(measure(cfg, models), indent=2))
 
 
 if __name__ == "__main__":

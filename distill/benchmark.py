@@ -1,0 +1,105 @@
+"""What the benchmark scripts share: each variant runs in a fresh subprocess, so that its resident peak is its own;
+training steps are timed from the end of one optimizer step to the end of the next; variants take turns over the
+repeats (in rotated order, so that none always runs first), and each is summarised by medians."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .config import to_dict
+
+# Every allocation mapped and unmapped on its own: otherwise glibc keeps freed blocks in its heap, and the resident
+# peak would count memory that torch has already released.
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def peak_rss_mb() -> float:
+    """The process's resident peak so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def peak_mb(device: torch.device) -> float:
+    """torch's peak allocation on a CUDA device, else the process's resident peak."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mb()
+
+
+def run_probe(command: list[str], env: Optional[dict[str, str]] = None) -> dict:
+    """Run `command` in a subprocess under `PROBE_ENV` (plus `env`); the JSON object on the last line of its stdout."""
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **PROBE_ENV, **(env or {})})
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    lines = done.stdout.strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"{' '.join(command)} printed no result:\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def rotated_order(variants: list[str], repeats: int) -> list[str]:
+    """The runs of `repeats` rounds, each round every variant once, starting one variant later than the round before."""
+    return [variants[(start + i) % len(variants)] for start in range(repeats) for i in range(len(variants))]
+
+
+def timed_steps(step_ends: list[float], warmup: int) -> list[float]:
+    """Seconds of each step after the first `warmup`, from the times at which steps ended (the first step's start is
+    not seen: at least one step is warm-up)."""
+    if warmup < 1:
+        raise ValueError(f"warmup must be at least 1 step (the first step has no start time); got {warmup}")
+    if len(step_ends) <= warmup:
+        raise ValueError(f"{len(step_ends)} steps ended, none after the {warmup} warm-up steps")
+    return [end - start for start, end in zip(step_ends[warmup - 1:], step_ends[warmup:])]
+
+
+class StepClock:
+    """Notes when each optimizer step ends; at the last of `total` steps it also notes the resident peak, over the
+    peak when the clock was made (after imports). `tick()` says whether that was the last step."""
+
+    def __init__(self, total: int, warmup: int):
+        if total <= warmup:
+            raise ValueError(f"{total} steps leave none to time after {warmup} warm-up steps")
+        self.total, self.warmup = total, warmup
+        self.baseline_mb, self.peak_mb = peak_rss_mb(), None
+        self.ends: list[float] = []
+
+    def tick(self) -> bool:
+        self.ends.append(time.perf_counter())
+        if len(self.ends) == self.total:
+            self.peak_mb = peak_rss_mb()
+        return len(self.ends) >= self.total
+
+    def result(self) -> dict:
+        return {"step_seconds": timed_steps(self.ends, self.warmup),
+                "peak_rss_growth_mb": round(self.peak_mb - self.baseline_mb, 1)}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """One variant's runs (`StepClock.result()`s): the median over runs of each run's median step, and of its peak."""
+    seconds = statistics.median(statistics.median(run["step_seconds"]) for run in runs)
+    return {"seconds_per_step": seconds, "steps_per_second": 1 / seconds, "runs": len(runs),
+            "peak_rss_growth_mb": statistics.median(run["peak_rss_growth_mb"] for run in runs)}
+
+
+def config_differences(configs: dict[str, Any], fields: Sequence[str]) -> list[str]:
+    """`field: name=value, ...` for each dotted field (`train.batch_size`) whose value is not the same in all
+    `configs` (dataclass configs, by name)."""
+    values = {name: to_dict(cfg) for name, cfg in configs.items()}
+    differences = []
+    for dotted in fields:
+        seen = {name: dotted_value(tree, dotted) for name, tree in values.items()}
+        if len({json.dumps(value, sort_keys=True) for value in seen.values()}) > 1:
+            differences.append(f"{dotted}: " + ", ".join(f"{name}={value!r}" for name, value in seen.items()))
+    return differences
+
+
+def dotted_value(tree: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
