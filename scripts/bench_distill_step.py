@@ -2,15 +2,18 @@
 
 Each variant is a real run through `distill.run` (the project's `Objective` and `Trainer` loop, AdamW included), cut
 after `--steps` optimizer steps; a step's time is the gap between two `on_step` calls, so it holds everything the
-loop does per batch. Every variant sees the same batches (same seed, same sampler):
+loop does per batch. Every variant sees the same batches (same seed, same sampler): Rotten Tomatoes sentences cut at
+`--max-length` tokens, padded per batch and grouped by length, as training does.
 
-  (a) floor      plain fine-tuning of the student: hard-label CE only, no teacher
+  (a) floor      plain fine-tuning of the student: hard-label CE only, the teacher never runs
   (b) response   KL at temperature 2 + CE, the teacher's logits cached before training (the teacher never runs)
   (c) tinybert   live teacher; KL + CE + hidden-state MSE + attention MSE (recipes/distill_tinybert.yaml)
-  (d) teacher    the teacher's forward alone, as the trainer runs it for (a)-style losses: no grad, logits only
+  (d) teacher    the teacher's forward alone at its cheapest: fp32, default attention, inference mode, logits only
 
 The variants alternate in rounds, and each round's median steps give the ratios (b)/(a) and (c)/((a)+(d)); the
-report is the median over rounds. `--profile` instead prints a torch.profiler table of one step of (c).
+report is the median over rounds. `--teacher-dtype bfloat16` runs (b)'s cache pass and (c)'s teacher in bf16 and
+adds how far that moved the teacher's logits (on the 32 validation examples the runs keep); (d) stays fp32.
+`--profile` instead prints a torch.profiler table of one step of (c).
 
     OMP_NUM_THREADS=2 python scripts/bench_distill_step.py --teacher runs/teacher/model [--rounds 5 --steps 12]
 """
@@ -149,7 +152,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="train.teacher_dtype of (b) and (c); (d) stays fp32, the floor")
+                        help="train.teacher_dtype of (b) and (c); (d) stays fp32")
     parser.add_argument("--profile", action="store_true", help="print a profile of one (c) step instead")
     parser.add_argument("--profile-rows", type=int, default=30)
     args = parser.parse_args()
