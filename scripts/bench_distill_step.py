@@ -36,7 +36,7 @@ from distill.config import DistillConfig, parse_args
 from distill.losses.base import model_inputs
 from distill.run import distill, load_task, load_teacher
 from distill.sources import collator
-from distill.trainer import EpochSampler, TrainState
+from distill.trainer import TrainState, train_sampler
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 VARIANT_RECIPES = {"floor": "distill_response.yaml", "response": "distill_response.yaml",
@@ -84,9 +84,8 @@ def training_batches(cfg: DistillConfig) -> tuple[PreTrainedModel, list[dict]]:
     """The plain teacher (fp32, default attention) and the batches the runs train on, in their order."""
     task = load_task(cfg.data, cfg.teacher)
     train = task.splits["train"]
-    lengths = [len(ids) for ids in train["input_ids"]] if cfg.train.group_by_length else None
-    sampler = EpochSampler(len(train), cfg.seed, lengths, cfg.train.batch_size)
-    loader = DataLoader(train, cfg.train.batch_size, sampler=sampler, collate_fn=collator(task.tokenizer))
+    loader = DataLoader(train, cfg.train.batch_size, sampler=train_sampler(train, cfg.train, cfg.seed),
+                        collate_fn=collator(task.tokenizer))
     plain = DistillConfig(teacher=cfg.teacher)  # no loss reads attention maps: the default attention
     return load_teacher(plain, task).eval(), list(loader)
 
