@@ -32,6 +32,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .teacher_outputs import IndexedRowsCollator
 from .config import CacheConfig, ConfigError
 from .fingerprint import config_sha256, file_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
 from .losses.base import TOPK_KEYS
@@ -322,19 +323,12 @@ def pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torc
     return dict(zip(TOPK_KEYS, (logprobs, indices)))
 
 
-class CachedTeacherCollator:
+class CachedTeacherCollator(IndexedRowsCollator):
     """Collates examples of the cached corpus that carry their example index as `cache_index`: `collate` pads
     the rest (a `DataCollatorWithPadding`, say), and the batch gains the cached teacher rows (`pad_rows`)."""
 
     def __init__(self, cache: TeacherCache, collate: Callable[[list[dict]], dict]):
-        self.cache, self.collate = cache, collate
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        indices = [feature["cache_index"] for feature in features]
-        batch = self.collate([{name: value for name, value in feature.items() if name != "cache_index"}
-                              for feature in features])
-        batch.update(self.cache.batch(indices, batch["attention_mask"]))
-        return batch
+        super().__init__(lambda indices, batch: cache.batch(indices, batch["attention_mask"]), collate)
 
 
 # ----- the job ----------------------------------------------------------------------------------------------------

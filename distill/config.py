@@ -139,6 +139,15 @@ class TrainConfig:
     """Stop a stage early after this many optimizer steps (smoke tests)."""
     select_best: bool = True
     """Keep the weights of the epoch with the best validation metric rather than the last."""
+    teacher_dtype: str = "float32"
+    """Distillation: the dtype the teacher runs in, `float32`, `bfloat16` or `float16`. Half precision runs the
+    teacher's forward faster (about 1.7x in bf16 on CPUs with AVX-512-BF16) and moves its outputs a little: the run
+    logs how far on the validation split (`teacher_dtype_drift`: largest logit change, prediction agreement)."""
+    cache_teacher_logits: bool = False
+    """Classifier distillation whose losses read only the teacher's logits (`kl`, `logit_mse`): run the teacher once
+    over the training split before training (again on resume; in every process of a data-parallel launch), keep
+    its logits per example, and never run it during training. Losses on its hidden states or attention maps are
+    refused, and so are `extra_teachers`."""
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers that also receive the logged metrics, through Accelerate: `tensorboard`, `wandb`,
     `mlflow`, `comet_ml`, `aim`, `clearml`, `dvclive`, `swanlab` or `trackio` (each needs its package). Empty:

@@ -21,8 +21,7 @@ from .ensemble import add_extra_teachers, normalised_teacher_weights
 from .evaluate import accuracy, count_parameters
 from .losses import LossSetup, build_losses
 from .run import (OnStep, RunResult, build_distill_student, check_stages, finish_run, load_task, load_teacher,
-                  measure_and_save, start_run)
-from .sources import collator
+                  measure_and_save, start_run, teacher_for_training)
 from .trainer import Objective, Trainer, TrainState, save_file_atomic
 
 
@@ -135,9 +134,10 @@ def distill_mutual(cfg: DistillConfig, on_step: OnStep = None) -> MutualResult:
             raise ConfigError(f"mutual.peers[{i}]: {err}") from err
     students, setups = [student for student, _ in built], [setup for _, setup in built]
     teachers = add_extra_teachers(teacher, cfg.extra_teachers, weights, task.tokenizer)
-    trainer = MutualTrainer(accelerator, Cohort(students), teachers, task.splits, collator(task.tokenizer), cfg.train,
-                            cfg.seed, run_dir, on_step)
-    trainer.log({"teacher_parameters": count_parameters(teachers),
+    live_teacher, splits, collate, about_teacher = teacher_for_training(cfg, teachers, task, accelerator)
+    trainer = MutualTrainer(accelerator, Cohort(students), live_teacher, splits, collate, cfg.train, cfg.seed, run_dir,
+                            on_step)
+    trainer.log({**about_teacher,
                  **{f"student_parameters{student_suffix(k)}": count_parameters(s) for k, s in enumerate(students)},
                  **{f"layer_map{student_suffix(k)}": setup.layer_map.hidden for k, setup in enumerate(setups)}})
     student, *peers = trainer.fit(cfg.stages, setups).members

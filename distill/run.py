@@ -17,6 +17,7 @@ import datasets
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType, set_seed
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
 
@@ -29,6 +30,8 @@ from .mapping import build_layer_map
 from .sources import (collator, label_names, load_classifier, load_splits, load_tokenizer, tokenize,
                       vocabulary_difference)
 from .student import build_student
+from .teacher_outputs import (check_logit_cache, check_teacher_dtype, reduce_teacher_precision,
+                              with_cached_logits)
 from .trainer import Trainer, TrainState
 
 OnStep = Optional[Callable[[TrainState], None]]
@@ -76,19 +79,37 @@ def distill(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
 
         return distill_mutual(cfg, on_step)
     check_stages(cfg.stages)
+    check_logit_cache(cfg)
     weights = normalised_teacher_weights(cfg)
     accelerator, run_dir = start_run(cfg)
     task = load_task(cfg.data, cfg.teacher)
     teacher = load_teacher(cfg, task)
     student, setup = build_distill_student(cfg, cfg.student, teacher, task)
     teachers = add_extra_teachers(teacher, cfg.extra_teachers, weights, task.tokenizer)
-    trainer = Trainer(accelerator, student, teachers, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
-                      run_dir, on_step)
-    trainer.log({"student_parameters": count_parameters(student), "teacher_parameters": count_parameters(teachers),
-                 "layer_map": setup.layer_map.hidden})
+    live_teacher, splits, collate, about_teacher = teacher_for_training(cfg, teachers, task, accelerator)
+    trainer = Trainer(accelerator, student, live_teacher, splits, collate, cfg.train, cfg.seed, run_dir, on_step)
+    trainer.log({"student_parameters": count_parameters(student), "layer_map": setup.layer_map.hidden,
+                 **about_teacher})
     student = trainer.fit(cfg.stages, setup)
     student.set_attn_implementation("sdpa")
     return finish_run(trainer, student, task, run_dir)
+
+
+def teacher_for_training(cfg: DistillConfig, teachers: nn.Module, task: Task, accelerator: Accelerator
+                         ) -> tuple[Optional[nn.Module], datasets.DatasetDict, Callable, dict]:
+    """The teacher as training runs it, in `train.teacher_dtype` (None with `train.cache_teacher_logits`: the
+    collator then carries its logits), the splits and collator to train on, and what to log about the teacher."""
+    teachers.to(accelerator.device)
+    splits, collate, batch_size = task.splits, collator(task.tokenizer), cfg.train.eval_batch_size
+    about = {"teacher_parameters": count_parameters(teachers)}
+    drift = reduce_teacher_precision(teachers, cfg.train.teacher_dtype, splits["validation"], collate, batch_size,
+                                     accelerator.device)
+    if drift:
+        about["teacher_dtype_drift"] = drift
+    if not cfg.train.cache_teacher_logits:
+        return teachers, splits, collate, about
+    splits, collate = with_cached_logits(teachers, splits, collate, batch_size, accelerator.device)
+    return None, splits, collate, about
 
 
 def load_teacher(cfg: DistillConfig, task: Task) -> PreTrainedModel:
@@ -149,6 +170,7 @@ def start_run(cfg: FinetuneConfig | DistillConfig) -> tuple[Accelerator, Path]:
     `output_dir`."""
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16; got '{cfg.train.mixed_precision}'")
+    check_teacher_options(cfg)
     check_trackers(cfg.train.report_to)
     run_dir = Path(cfg.output_dir)
     config_text = config_yaml(cfg)
@@ -170,6 +192,16 @@ def start_run(cfg: FinetuneConfig | DistillConfig) -> tuple[Accelerator, Path]:
     accelerator.wait_for_everyone()
     accelerator.init_trackers(run_dir.name, config=flat_dict(to_dict(cfg)))
     return accelerator, run_dir
+
+
+def check_teacher_options(cfg) -> None:
+    """`train.teacher_dtype` names a dtype; it and `train.cache_teacher_logits` serve classifier distillation only."""
+    check_teacher_dtype(cfg.train.teacher_dtype)
+    changed = [f"train.{key}" for key, default in (("teacher_dtype", "float32"), ("cache_teacher_logits", False))
+               if getattr(cfg.train, key) != default]
+    if changed and not isinstance(cfg, DistillConfig):
+        raise ConfigError(f"{' and '.join(changed)}: only classifier distillation (recipes/distill_student.py) "
+                          "supports this; leave it at its default")
 
 
 def check_trackers(names: list[str]) -> None:

@@ -21,13 +21,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
+from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from .config import StageConfig, TrainConfig
 from .evaluate import ACCURACY, ValidationMetric
 from .fingerprint import weights_sha256
 from .losses import DistillLoss, LossInputs, LossSetup, TeacherTopK, build_losses
-from .losses.base import model_inputs
+from .losses.base import TEACHER_LOGITS, model_inputs
 
 
 class EpochSampler(Sampler[int]):
@@ -329,8 +330,10 @@ class Trainer:
                 save_file_atomic(self.objective.state_dict(), self.best_path)
 
     # ----- helpers ------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def _teacher_outputs(self, batch: dict[str, torch.Tensor], objective: Objective):
+        if TEACHER_LOGITS in batch:
+            return SequenceClassifierOutput(logits=batch[TEACHER_LOGITS])
         if self.teacher is None or not objective.needs_teacher:
             return None
         with self.accelerator.autocast():

@@ -27,11 +27,14 @@ class LossSetup:
 
 TOPK_KEYS = ("teacher_topk_logprobs", "teacher_topk_indices")
 """The batch keys under which a teacher cache's collator places `TeacherTopK`'s tensors."""
+TEACHER_LOGITS = "teacher_logits"
+"""The batch key of a classifier teacher's cached logits (`distill.cached_logits`)."""
+NOT_MODEL_INPUTS = {"labels", TEACHER_LOGITS, *TOPK_KEYS}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of a batch that a model's forward takes: not the labels, nor cached teacher rows."""
-    return {name: value for name, value in batch.items() if name != "labels" and name not in TOPK_KEYS}
+    return {name: value for name, value in batch.items() if name not in NOT_MODEL_INPUTS}
 
 
 @dataclass
