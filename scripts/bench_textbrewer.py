@@ -9,7 +9,9 @@ the steps; with a check that both started from the same weights and saw the same
 Each side runs in its own process: ours through `distill.run.distill` (the recipe's real Trainer path) in this
 environment; TextBrewer's BasicDistiller in `.bench-envs/textbrewer`, created on first use, which sees this
 environment's packages (torch, transformers, tensorboard) through a .pth file and gets only TextBrewer installed, so
-TextBrewer never becomes a dependency of the project. Repeats alternate which side runs first.
+TextBrewer never becomes a dependency of the project. Repeats alternate which side runs first. `--ours KEY=VALUE`
+overrides the recipe on our side only, for what the framework offers to do the same work cheaper (cached teacher
+logits, a bf16 teacher): the losses, data, weights and batches stay the same and are still checked.
 
 What makes the two runs the same work:
 - recipe: `--recipe` (default recipes/distill_response.yaml), one stage of a `kl` loss and optionally `ce`, with
@@ -55,9 +57,9 @@ RESULT_FILE = "bench.json"
 
 
 # ----- what both sides run ----------------------------------------------------------------------------------------
-def bench_config(recipe: Path, teacher: str, steps: int, run_dir: Path) -> DistillConfig:
+def bench_config(recipe: Path, teacher: str, steps: int, run_dir: Path, overrides: list[str] = ()) -> DistillConfig:
     cfg = parse_args(DistillConfig, ["--config", str(recipe), f"teacher={teacher}", f"output_dir={run_dir}",
-                                     f"train.max_steps_per_stage={steps}", "train.select_best=false"])
+                                     f"train.max_steps_per_stage={steps}", "train.select_best=false", *overrides])
     matched_losses(cfg)
     return cfg
 
@@ -222,7 +224,7 @@ def run_side(side: str, python: Path, run_dir: Path, args: argparse.Namespace) -
            "DISTILL_RANK_TRACE": str(run_dir / "trace")}
     command = [str(python), str(Path(__file__).resolve()), "--worker", side, "--run-dir", str(run_dir),
                "--recipe", str(args.recipe), "--teacher", args.teacher, "--steps", str(args.steps),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), *(f"--ours={item}" for item in args.ours if side == "ours")]
     log = run_dir.with_name(run_dir.name + ".log")
     print(f"running {side} in {run_dir} (log: {log})", file=sys.stderr)
     with log.open("w") as out:
@@ -276,7 +278,8 @@ def markdown(summary: dict) -> str:
         row("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
         row(f"test accuracy after {summary['steps']} steps (%)", "test_accuracy", "{:.2f}", scale=100, ratio=False),
         "",
-        f"{summary['repeats']} repeat(s), medians over repeats. Same initial student weights: "
+        f"{summary['repeats']} repeat(s), medians over repeats. Our side's overrides: "
+        f"{', '.join(summary.get('ours_overrides') or ['none'])}. Same initial student weights: "
         f"{checks[summary['same_initial_weights']]}; same batches in the same order: "
         f"{checks[summary['same_batches']]}; every run made {summary['steps']} optimizer steps: "
         f"{checks[summary['all_steps_run']]}.",
@@ -295,18 +298,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads of each run")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-textbrewer"), help="folder of the runs")
     parser.add_argument("--json", type=Path, help="also write the summary and every run's measurements here")
+    parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for our side only, such as train.cache_teacher_logits=true or "
+                             "train.teacher_dtype=bfloat16: what our framework offers to make the same work cheaper")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         if args.worker:
-            cfg = bench_config(args.recipe, args.teacher, args.steps, args.run_dir)
+            cfg = bench_config(args.recipe, args.teacher, args.steps, args.run_dir, args.ours)
             (args.run_dir / RESULT_FILE).write_text(json.dumps(work(args.worker, cfg, args.threads)))
             return
         if args.steps < args.warmup + 2:
             parser.error(f"--steps {args.steps} leaves no timed step after --warmup {args.warmup}: need at least "
                          f"{args.warmup + 2}")
-        bench_config(args.recipe, args.teacher, args.steps, args.out)  # a recipe TextBrewer cannot match fails here
+        bench_config(args.recipe, args.teacher, args.steps, args.out, args.ours)  # what TextBrewer cannot match fails
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     pythons = {"ours": Path(sys.executable), "textbrewer": textbrewer_python()}
@@ -314,7 +320,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for repeat in range(args.repeats):
         for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
             results.append(run_side(side, pythons[side], args.out / f"{side}-{repeat}", args))
-    summary = summarize(results, args.warmup, args.steps)
+    summary = {**summarize(results, args.warmup, args.steps), "ours_overrides": args.ours}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))
