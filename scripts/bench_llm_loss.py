@@ -25,15 +25,14 @@ TEMPERATURE = 2.0
 def naive_loss(states_s, head_s, states_t, head_t, labels, with_ce):
     """What one writes first: every position's float32 logits of both models, then masked means."""
     student_logits = head_s(states_s[:, :-1]).float()
+    ce = F.cross_entropy(student_logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100) if with_ce else None
     log_q = F.log_softmax(student_logits / TEMPERATURE, -1)
+    del student_logits  # backward keeps the log-probabilities only
     log_p = F.log_softmax(head_t(states_t[:, :-1]).float() / TEMPERATURE, -1)
     kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
     keep = labels[:, 1:] != -100
-    loss = (kl * keep).sum() / keep.sum() * TEMPERATURE ** 2
-    if not with_ce:
-        return loss
-    ce = F.cross_entropy(student_logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-    return 0.5 * loss + 0.5 * ce
+    kl = (kl * keep).sum() / keep.sum() * TEMPERATURE ** 2
+    return 0.5 * kl + 0.5 * ce if with_ce else kl
 
 
 def chunked_loss(states_s, head_s, states_t, head_t, labels, with_ce, chunk_size):
