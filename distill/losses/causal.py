@@ -216,15 +216,20 @@ def fused_means(row_losses: dict[str, RowLoss], weights: dict[str, float], stude
     count = max(len(positions), 1)
     gradients = _ChunkGradients.needed(student)
 
-    def chunk_sums(chunk: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each loss's detached sum over the `chunk` of positions, its gradients added; the chunk's logits die on
-        return, before the next chunk's exist."""
-        states = gradients.leaf_rows(chunk) if gradients else student.flat_states()[chunk]
+    def chunk_values(chunk: torch.Tensor, states: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each loss's sum over the `chunk` of positions, whose student `states` are given; the raw logits die on
+        return, before the gradients are taken (the losses' graphs keep what backward needs)."""
         with torch.no_grad():
             teacher_logits = teacher.rows(chunk, vocab_size) if teacher is not None else None
         rows = TokenRows(student.project(states, vocab_size), teacher_logits,
                          topk.rows(chunk) if topk is not None else None, targets[chunk])
-        values = {name: loss(rows).sum() for name, loss in row_losses.items()}
+        return {name: loss(rows).sum() for name, loss in row_losses.items()}
+
+    def chunk_sums(chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each loss's detached sum over the `chunk` of positions, its gradients added; the chunk's graph dies on
+        return, before the next chunk's logits exist."""
+        states = gradients.leaf_rows(chunk) if gradients else student.flat_states()[chunk]
+        values = chunk_values(chunk, states)
         if gradients:
             # unnormalised sums: gradients through a half-precision head keep their magnitude (divided by count later)
             gradients.add(sum(weights[name] * value for name, value in values.items()), states, chunk)
