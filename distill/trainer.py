@@ -29,6 +29,7 @@ from .evaluate import ACCURACY, ValidationMetric
 from .fingerprint import weights_sha256
 from .losses import DistillLoss, LossInputs, LossSetup, TeacherTopK, build_losses
 from .losses.base import TEACHER_LOGITS, model_inputs
+from .losses.causal import token_losses
 
 
 class EpochSampler(Sampler[int]):
@@ -132,13 +133,20 @@ class Objective(nn.Module):
 
     def weighted_losses(self, outputs, teacher_outputs, batch: dict[str, torch.Tensor],
                         peer_logits: Optional[list[torch.Tensor]] = None):
-        """The weighted sum of the losses on the student's `outputs`, and each loss's detached value."""
+        """The weighted sum of the losses on the student's `outputs`, and each loss's detached value. The causal token
+        losses run as one pass through the LM heads (`token_losses`), sharing each chunk's logits."""
         heads = (self.student.get_output_embeddings(), self.teacher_heads[0]) if self.reads_heads else (None, None)
         loss_inputs = LossInputs(outputs, teacher_outputs, batch["labels"], batch["attention_mask"], peer_logits,
                                  TeacherTopK.from_batch(batch), *heads)
-        parts = {name: loss(loss_inputs) for name, loss in self.losses.items()}
-        total = sum(self.losses[name].weight * value for name, value in parts.items())
-        return total, {name: value.detach() for name, value in parts.items()}
+        token = {name: loss for name, loss in self.losses.items() if loss.reads_lm_head}
+        total, parts = (token_losses(token, {name: loss.weight for name, loss in token.items()}, loss_inputs)
+                        if token else (0.0, {}))
+        for name, loss in self.losses.items():
+            if name not in token:
+                value = loss(loss_inputs)
+                total = total + loss.weight * value
+                parts[name] = value.detach()
+        return total, {name: parts[name] for name in self.losses}
 
 
 def forward_options(objective: nn.Module) -> dict:

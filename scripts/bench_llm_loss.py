@@ -1,9 +1,10 @@
 """Peak memory and time of the chunked causal distillation loss against the naive one (full float32 logits of both
-models), forward + backward, on synthetic final hidden states and LM heads. Each variant runs in its own process;
-its peak is the growth of the process's maximum resident set over the inputs (CPU), or torch's peak allocation
-(CUDA).
+models), forward + backward, on synthetic final hidden states and LM heads: forward KL alone, or with `--with-ce`
+the default stage mix, 0.5 forward KL + 0.5 next-token CE (one fused pass when chunked). Each variant runs in its
+own process; its peak is the growth of the process's maximum resident set over the inputs (CPU), or torch's peak
+allocation (CUDA).
 
-    python scripts/bench_llm_loss.py [--batch 2 --length 512 --vocab 32000 --hidden 64 --chunk-size 256]
+    python scripts/bench_llm_loss.py [--batch 2 --length 512 --vocab 32000 --hidden 64 --chunk-size 256 --with-ce]
 """
 from __future__ import annotations
 
@@ -16,16 +17,33 @@ import torch
 import torch.nn.functional as F
 
 from distill.benchmark import peak_mb, run_probe
-from distill.losses.causal import LogitSource, distill_tokens, forward_kl
+from distill.losses.causal import LogitSource, cross_entropy_rows, forward_kl, fused_means, scaled_divergence
+
+TEMPERATURE = 2.0
 
 
-def naive_forward_kl(states_s, head_s, states_t, head_t, labels, temperature):
-    """What one writes first: every position's float32 logits of both models, then a masked mean."""
-    log_q = F.log_softmax(head_s(states_s[:, :-1]).float() / temperature, -1)
-    log_p = F.log_softmax(head_t(states_t[:, :-1]).float() / temperature, -1)
+def naive_loss(states_s, head_s, states_t, head_t, labels, with_ce):
+    """What one writes first: every position's float32 logits of both models, then masked means."""
+    student_logits = head_s(states_s[:, :-1]).float()
+    ce = F.cross_entropy(student_logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100) if with_ce else None
+    log_q = F.log_softmax(student_logits / TEMPERATURE, -1)
+    del student_logits  # backward keeps the log-probabilities only
+    log_p = F.log_softmax(head_t(states_t[:, :-1]).float() / TEMPERATURE, -1)
     kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
     keep = labels[:, 1:] != -100
-    return (kl * keep).sum() / keep.sum() * temperature ** 2
+    kl = (kl * keep).sum() / keep.sum() * TEMPERATURE ** 2
+    return 0.5 * kl + 0.5 * ce if with_ce else kl
+
+
+def chunked_loss(states_s, head_s, states_t, head_t, labels, with_ce, chunk_size):
+    """The same through `fused_means`: one pass over chunks of positions for both losses."""
+    losses = {"forward_kl": scaled_divergence(forward_kl, TEMPERATURE)}
+    weights = {"forward_kl": 1.0}
+    if with_ce:
+        losses["next_token_ce"] = cross_entropy_rows
+        weights = {"forward_kl": 0.5, "next_token_ce": 0.5}
+    return fused_means(losses, weights, LogitSource(states_s, head_s), labels, LogitSource(states_t, head_t),
+                       chunk_size=chunk_size)[0]
 
 
 def run_variant(args) -> dict:
@@ -44,10 +62,9 @@ def run_variant(args) -> dict:
     before = peak_mb(device)
     start = time.perf_counter()
     if args.variant == "naive":
-        loss = naive_forward_kl(states_s, head_s, states_t, head_t, labels, 2.0)
+        loss = naive_loss(states_s, head_s, states_t, head_t, labels, args.with_ce)
     else:
-        loss = distill_tokens(forward_kl, LogitSource(states_s, head_s), LogitSource(states_t, head_t), labels, 2.0,
-                              args.chunk_size)
+        loss = chunked_loss(states_s, head_s, states_t, head_t, labels, args.with_ce, args.chunk_size)
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -63,6 +80,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--with-ce", action="store_true", help="0.5 forward KL + 0.5 next-token CE")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variant", choices=["naive", "chunked"], help="run one variant in this process")
     args = parser.parse_args()
@@ -70,7 +88,9 @@ def main() -> None:
         print(json.dumps(run_variant(args)))
         return
     logits_mb, chunk_mb = (rows * args.vocab * 4 / 2**20 for rows in (args.batch * args.length, args.chunk_size))
-    print(f"B={args.batch} L={args.length} V={args.vocab} H={args.hidden} chunk={args.chunk_size} on {args.device}: "
+    mix = "forward KL + CE" if args.with_ce else "forward KL"
+    print(f"{mix}, B={args.batch} L={args.length} V={args.vocab} H={args.hidden} chunk={args.chunk_size} "
+          f"on {args.device}: "
           f"one model's float32 logits are {logits_mb:.0f} MB, one chunk's {chunk_mb:.0f} MB")
     for variant in ("naive", "chunked"):
         row = run_probe([sys.executable, __file__, *sys.argv[1:], "--variant", variant])

@@ -3,15 +3,17 @@ cache's estimators, chunked == unchunked for values and gradients, the vocabular
 on tiny Llamas."""
 import logging
 import math
+from functools import partial
 
 import pytest
 import torch
+from transformers import PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutput
 
 from distill.config import ConfigError, LossConfig, StageConfig
 from distill.losses import LossInputs, LossSetup, TeacherTopK, build_losses
 from distill.losses.causal import (LogitSource, distill_tokens, distill_topk, forward_kl, generalized_jsd,
-                                   next_token_ce, reverse_kl)
+                                   next_token_ce, reverse_kl, token_losses, topk_kl)
 from distill.run import check_stages
 from distill.vocab_check import common_vocab_size
 
@@ -172,6 +174,172 @@ def test_chunked_ce_and_topk_equal_one_chunk():
             value = loss(chunk_size)
             assert value.item() == pytest.approx(whole.item(), rel=1e-6)
             torch.testing.assert_close(torch.autograd.grad(value, [states_s])[0], whole_grad, rtol=1e-5, atol=1e-7)
+
+
+# ----- one pass for all token losses, gradients taken in forward -------------------------------------------------
+class LoRAHead(torch.nn.Module):
+    """A frozen LM head plus a trainable low-rank update, as a LoRA wrapper makes it."""
+
+    def __init__(self, hidden, vocab):
+        super().__init__()
+        self.base = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+        self.down, self.up = torch.nn.Parameter(torch.randn(2, hidden)), torch.nn.Parameter(torch.randn(vocab, 2))
+
+    def forward(self, states):
+        return self.base(states) + states @ self.down.T @ self.up.T
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding -> one mixing layer -> LM head (tied to the embedding, untied with a bias, or LoRA-wrapped)."""
+
+    def __init__(self, head_kind, hidden=8, vocab=37):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.mix = torch.nn.Embedding(vocab, hidden), torch.nn.Linear(hidden, hidden)
+        self.head = {"tied": lambda: torch.nn.Linear(hidden, vocab, bias=False),
+                     "bias": lambda: torch.nn.Linear(hidden, vocab),
+                     "lora": lambda: LoRAHead(hidden, vocab)}[head_kind]()
+        if head_kind == "tied":
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        states = torch.tanh(self.mix(self.embed(ids)))
+        return CausalLMOutput(logits=self.head(states), hidden_states=(states,))
+
+
+def lm_batch(seed, batch=2, length=11, vocab=37):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt
+    labels[1, 8:] = -100  # padding
+    return ids, labels
+
+
+SETUP = LossSetup(PretrainedConfig(), PretrainedConfig(), None)  # token losses read neither model's config
+
+MIXES = {
+    "forward_kl+ce": [LossConfig(name="forward_kl", weight=0.7, temperature=2.0),
+                      LossConfig(name="next_token_ce", weight=0.3)],
+    "jsd": [LossConfig(name="jsd", beta=0.3, temperature=1.5)],
+    "topk_tail": [LossConfig(name="topk_kl", topk_tail=True), LossConfig(name="next_token_ce", weight=0.5)],
+    "topk_renormalised": [LossConfig(name="topk_kl", topk_tail=False, temperature=2.0)],
+}
+
+
+def naive_total(specs, student_logits, teacher_logits, topk, labels):
+    """The losses on every real position's full logits at once, and each loss's value."""
+    keep = (labels[:, 1:] != -100).flatten()
+    flat = lambda tensor: tensor[:, :-1].reshape(-1, tensor.shape[-1])[keep]
+    student, teacher, targets = flat(student_logits), flat(teacher_logits), labels[:, 1:].flatten()[keep]
+    values = {}
+    for spec in specs:
+        t = spec.temperature
+        if spec.name == "next_token_ce":
+            values[spec.name] = torch.nn.functional.cross_entropy(student, targets)
+        elif spec.name == "topk_kl":
+            rows = topk_kl(student, flat(topk.logprobs).float(), flat(topk.indices).long(), t, spec.topk_tail)
+            values[spec.name] = rows.mean() * t ** 2
+        else:
+            divergence = forward_kl if spec.name == "forward_kl" else partial(generalized_jsd, beta=spec.beta)
+            values[spec.name] = divergence(student, teacher, t).mean() * t ** 2
+    return sum(spec.weight * values[spec.name] for spec in specs), values
+
+
+def fused_case(mix, head_kind, chunk_size, seed=0):
+    """The fused total and parts of a mix on a TinyLM, and the naive ones, both as functions of the student."""
+    specs = [LossConfig(**{**vars(spec), "chunk_size": chunk_size}) for spec in MIXES[mix]]
+    student, teacher = TinyLM(head_kind), TinyLM("bias")
+    teacher.requires_grad_(False)
+    ids, labels = lm_batch(seed)
+    teacher_out = teacher(ids)
+    topk = topk_of(teacher_out.logits, 5, specs[0].temperature)
+    losses = build_losses(specs, SETUP)
+    out = student(ids)
+    inputs = LossInputs(out, teacher_out, labels, None, teacher_topk=topk, student_head=student.head,
+                        teacher_head=teacher.head)
+    fused = token_losses(dict(losses), {name: loss.weight for name, loss in losses.items()}, inputs)
+    naive = naive_total(specs, out.logits, teacher_out.logits, topk, labels)
+    return student, losses, inputs, fused, naive
+
+
+def student_gradients(student, total):
+    params = [param for param in student.parameters() if param.requires_grad]
+    return torch.autograd.grad(total, params, retain_graph=True)
+
+
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("head_kind", ["tied", "bias", "lora"])
+def test_fused_losses_and_gradients_equal_full_logits(mix, head_kind):
+    student, losses, inputs, (total, parts), (naive, naive_parts) = fused_case(mix, head_kind, chunk_size=3)
+    torch.testing.assert_close(total, naive, rtol=1e-5, atol=1e-6)
+    for name, value in parts.items():
+        torch.testing.assert_close(value, naive_parts[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(value, losses[name](inputs).detach(), rtol=1e-5, atol=1e-6)  # each loss alone
+    # every trainable parameter: the states' path (embedding, mixing layer) and the head's (tied, bias, LoRA)
+    for grad, expected in zip(student_gradients(student, total), student_gradients(student, naive)):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mix", ["forward_kl+ce", "topk_tail"])
+def test_fused_chunk_sizes_agree(mix):
+    results = []
+    for chunk_size in [1, 3, 1000]:  # 1000: one chunk longer than the 16 real positions
+        student, _, _, (total, parts), _ = fused_case(mix, "tied", chunk_size)
+        results.append((total.detach(), parts, student_gradients(student, total)))
+    for total, parts, grads in results[1:]:
+        torch.testing.assert_close(total, results[0][0], rtol=1e-6, atol=1e-7)
+        for name in parts:
+            torch.testing.assert_close(parts[name], results[0][1][name], rtol=1e-6, atol=1e-7)
+        for grad, expected in zip(grads, results[0][2]):
+            torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_pass_takes_the_smallest_chunk_size(monkeypatch):
+    specs = [LossConfig(name="forward_kl", chunk_size=5), LossConfig(name="next_token_ce", chunk_size=3)]
+    losses = build_losses(specs, SETUP)
+    student, teacher = TinyLM("tied"), TinyLM("bias")
+    ids, labels = lm_batch(0)
+    seen = []
+    project = LogitSource.project
+    monkeypatch.setattr(LogitSource, "project", lambda self, states, vocab: seen.append(len(states)) or
+                        project(self, states, vocab))
+    inputs = LossInputs(student(ids), teacher(ids), labels, None, student_head=student.head, teacher_head=teacher.head)
+    token_losses(dict(losses), {"forward_kl": 1.0, "next_token_ce": 1.0}, inputs)
+    assert max(seen) == 3  # the 16 real positions: student and teacher rows, 3 at a time
+
+
+def test_gradient_accumulation_over_two_micro_batches_equals_one_batch():
+    losses = build_losses(MIXES["forward_kl+ce"], SETUP)
+    weights = {name: loss.weight for name, loss in losses.items()}
+    student, teacher = TinyLM("tied"), TinyLM("bias").requires_grad_(False)
+    ids, labels = lm_batch(0)
+    labels[0, 8:] = -100  # both examples: 7 real targets, so the batch mean is the mean of the two
+    ids, labels = torch.cat([ids, ids.flip(0)]), torch.cat([labels, labels.flip(0)])
+
+    def backward(rows, scale):
+        inputs = LossInputs(student(ids[rows]), teacher(ids[rows]), labels[rows], None, student_head=student.head,
+                            teacher_head=teacher.head)
+        (token_losses(dict(losses), weights, inputs)[0] * scale).backward()
+
+    backward(slice(0, 4), 1.0)
+    whole = [param.grad.clone() for param in student.parameters()]
+    student.zero_grad()
+    backward(slice(0, 2), 0.5)
+    backward(slice(2, 4), 0.5)
+    for param, expected in zip(student.parameters(), whole):
+        torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_without_grad_mode_the_pass_builds_no_graph():
+    student, teacher = TinyLM("tied"), TinyLM("bias")
+    ids, labels = lm_batch(0)
+    losses = build_losses(MIXES["forward_kl+ce"], SETUP)
+    with torch.no_grad():
+        inputs = LossInputs(student(ids), teacher(ids), labels, None, student_head=student.head,
+                            teacher_head=teacher.head)
+        total, _ = token_losses(dict(losses), {"forward_kl": 1.0, "next_token_ce": 1.0}, inputs)
+    assert not total.requires_grad
 
 
 # ----- the vocabulary check ---------------------------------------------------------------------------------------

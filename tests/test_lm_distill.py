@@ -21,6 +21,7 @@ from distill.evaluate import perplexity
 from distill.lm import LMCollator, check_lm_config, distill_lm
 from distill.losses import LossInputs, LossSetup, build_losses
 from distill.losses.base import model_inputs
+from distill.mapping import LayerMap
 from distill.sources import resolve_model
 from distill.student import build_student
 from distill.trainer import Objective, forward_options
@@ -251,3 +252,28 @@ def test_token_losses_read_the_lm_heads_and_the_models_compute_no_logits():
     full = LossInputs(student(**batch), teacher(**model_inputs(batch)), batch["labels"], batch["attention_mask"])
     expected = sum(loss.weight * loss(full) for loss in losses.values())
     torch.testing.assert_close(total, expected)
+
+
+def test_objective_runs_token_losses_in_one_pass_beside_other_losses_with_scheduled_weights():
+    tokenizer = make_tokenizer(WORDS)
+    student, teacher = tiny_causal_lm(len(tokenizer), tied=True), tiny_causal_lm(len(tokenizer), tied=False)
+    specs = [LossConfig(name="hidden_mse", weight=0.2), *ONLINE[:1],
+             LossConfig(name="next_token_ce", schedule="linear", weight=1.0, final_weight=0.0)]
+    losses = build_losses(specs, LossSetup(student.config, teacher.config, LayerMap(hidden=[(2, 2)])))
+    objective = Objective(student, losses, teacher.get_output_embeddings())
+    objective.set_progress(0.75)  # next_token_ce's weight is 0.25 now
+    batch = LMCollator(tokenizer)([{"input_ids": ids} for ids in tokenizer(["the film was good", "bad"])["input_ids"]])
+    teacher_outputs = teacher(**model_inputs(batch), **forward_options(objective))
+    total, parts = objective.weighted_losses(objective.student_outputs(batch), teacher_outputs, batch)
+    assert list(parts) == ["hidden_mse", "forward_kl", "next_token_ce"]
+    full = LossInputs(student(**batch, output_hidden_states=True),
+                      teacher(**model_inputs(batch), output_hidden_states=True), batch["labels"],
+                      batch["attention_mask"])
+    separate = {name: loss(full) for name, loss in losses.items()}
+    for name, value in separate.items():
+        torch.testing.assert_close(parts[name], value.detach())
+    expected = 0.2 * separate["hidden_mse"] + 0.5 * separate["forward_kl"] + 0.25 * separate["next_token_ce"]
+    torch.testing.assert_close(total, expected)
+    params = [param for param in student.parameters() if param.requires_grad]
+    for grad, want in zip(torch.autograd.grad(total, params), torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)

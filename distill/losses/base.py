@@ -80,8 +80,9 @@ class DistillLoss(nn.Module):
     needs_attentions = False
     needs_peers = False
     reads_lm_head = False
-    """Causal token losses: given the LM heads (`LossInputs.student_head` / `teacher_head`), they read the final
-    hidden states instead of the logits."""
+    """Causal token losses (`causal._TokenLoss`): given the LM heads (`LossInputs.student_head` / `teacher_head`), they
+    read the final hidden states instead of the logits, and a stage runs them together as one pass
+    (`causal.token_losses`)."""
 
     def __init__(self, spec: LossConfig, setup: LossSetup):
         super().__init__()

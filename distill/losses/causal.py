@@ -5,11 +5,16 @@ cached top-k, and next-token CE, each a mean over real target tokens. A stage mi
 Causal shift: the logits at position t predict token t + 1, so position t counts when `labels[t + 1] != -100`
 (padding and prompt tokens carry -100; the last position never counts).
 
-Memory: the losses walk through the real target positions `chunk_size` at a time, each chunk under activation
-checkpointing, so that only one chunk's float32 logits (chunk_size x vocabulary, a few copies) exist at once,
-forward and backward. Given the LM heads (`LossInputs.student_head` / `teacher_head`), the models' (batch, length,
-vocabulary) logits never exist at all: memory beyond the models' own activations is O(chunk_size x vocabulary).
-Without heads the losses read the models' logits, in whatever precision the models produced them."""
+One pass, gradients in forward: all the token losses of a stage walk together through the real target positions,
+`chunk_size` at a time (the smallest of their `chunk_size` options). For each chunk the student's logits are computed
+once, the teacher's once without gradient, every loss is evaluated on them, and the gradient of the chunk's weighted
+sum with respect to the student's final states and its head's trainable parameters is taken at once and added up;
+the returned total hands those sums to backward. So only one chunk's float32 logits (chunk_size x vocabulary, a few
+copies) exist at a time, nothing is recomputed, and memory beyond the models is O(chunk_size x vocabulary) plus one
+gradient buffer the size of the final states and one the size of the head's trainable weights. Given the LM heads
+(`LossInputs.student_head` / `teacher_head`), the models' (batch, length, vocabulary) logits never exist at all.
+Without heads the losses read the models' logits, in whatever precision the models produced them. The teacher gets
+no gradient."""
 from __future__ import annotations
 
 import math
@@ -19,7 +24,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
 from ..config import ConfigError, LossConfig
@@ -42,12 +46,24 @@ class LogitSource:
     def of(cls, output: ModelOutput, head: Optional[nn.Module]) -> LogitSource:
         return cls(output.hidden_states[-1], head) if head is not None else cls(output.logits)
 
+    def flat_states(self) -> torch.Tensor:
+        """The states as (batch * length, hidden or vocabulary) rows."""
+        return self.states.reshape(-1, self.states.shape[-1])
+
+    def project(self, states: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+        """float32 logits of `states` rows, cut to `vocab_size` token ids."""
+        logits = states if self.head is None else self.head(states)
+        return logits[:, :vocab_size].float()
+
     def rows(self, positions: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
         """float32 logits (len(positions), vocabulary) of the flat (batch * length) `positions`, cut to
         `vocab_size` token ids."""
-        states = self.states.reshape(-1, self.states.shape[-1])[positions]
-        logits = states if self.head is None else self.head(states)
-        return logits[:, :vocab_size].float()
+        return self.project(self.flat_states()[positions], vocab_size)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The head's parameters that take gradients (with tied embeddings, the input embedding; with LoRA, the
+        adapters)."""
+        return [] if self.head is None else [param for param in self.head.parameters() if param.requires_grad]
 
 
 # ----- divergences per position -------------------------------------------------------------------------------
@@ -108,7 +124,7 @@ def topk_kl(student: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indic
     return kl + torch.special.xlogy(p_rest, p_rest) - p_rest * log_q_rest
 
 
-# ----- means over target tokens, chunk by chunk ---------------------------------------------------------------
+# ----- one pass over target tokens, chunk by chunk ----------------------------------------------------------------
 def next_tokens(labels: torch.Tensor) -> torch.Tensor:
     """The token each position predicts: `labels` shifted left by one, -100 at the last position."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -119,49 +135,157 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return (next_tokens(labels) != IGNORE_INDEX).flatten().nonzero().squeeze(1)
 
 
-def chunked_mean(per_position: Callable[[torch.Tensor], torch.Tensor], positions: torch.Tensor,
-                 chunk_size: int) -> torch.Tensor:
-    """Mean over `positions` of `per_position` (flat positions -> one value each), `chunk_size` positions at a
-    time. Each chunk runs under activation checkpointing: backward recomputes its logits instead of keeping them."""
-    total = torch.zeros((), device=positions.device)
+@dataclass
+class TokenRows:
+    """What the losses see of one chunk of target positions: the student's float32 logits, the teacher's (None when
+    no loss of the pass reads a teacher model), the teacher's cached top-k log-probabilities and ids (None without a
+    cache), and the target token ids."""
+    student: torch.Tensor
+    teacher: Optional[torch.Tensor]
+    topk: Optional[tuple[torch.Tensor, torch.Tensor]]
+    targets: torch.Tensor
+
+
+RowLoss = Callable[[TokenRows], torch.Tensor]
+"""One chunk's rows -> one loss value per row; a loss is the mean of its values over the target positions."""
+
+
+class _GradientsFromForward(torch.autograd.Function):
+    """Returns `value`; its backward hands `inputs` the `gradients` computed in forward, times the incoming
+    gradient (so loss scaling, gradient accumulation and weighting by a caller all apply)."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, gradients: list[torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.gradients = gradients
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        # scaled in place and let go of, so that the buffers become the gradients without a copy: one backward only
+        gradients, ctx.gradients = ctx.gradients, None
+        return None, None, *(gradient.mul_(grad_output) for gradient in gradients)
+
+
+class _ChunkGradients:
+    """The gradient of the student's chunk losses with respect to its final states and its head's trainable
+    parameters, summed chunk by chunk in forward: states are fed to the head from a detached copy, so that each
+    chunk's graph ends at that copy and is freed once its gradient is taken."""
+
+    def __init__(self, student: LogitSource):
+        self.states = student.states
+        self.params = student.trainable_parameters()
+        self.detached = student.flat_states().detach()
+        self.state_sum = torch.zeros_like(self.detached) if self.states.requires_grad else None
+        self.param_sums = [torch.zeros_like(param) for param in self.params]
+
+    @classmethod
+    def needed(cls, student: LogitSource) -> Optional[_ChunkGradients]:
+        """None when nothing asks for gradients: grad mode is off, or neither the states nor the head take any."""
+        takes_gradients = student.states.requires_grad or student.trainable_parameters()
+        return cls(student) if torch.is_grad_enabled() and takes_gradients else None
+
+    def leaf_rows(self, chunk: torch.Tensor) -> torch.Tensor:
+        return self.detached[chunk].requires_grad_(self.state_sum is not None)
+
+    def add(self, chunk_total: torch.Tensor, rows: torch.Tensor, chunk: torch.Tensor) -> None:
+        wrt = ([rows] if self.state_sum is not None else []) + self.params
+        gradients = list(torch.autograd.grad(chunk_total, wrt, allow_unused=True, materialize_grads=True))
+        if self.state_sum is not None:
+            self.state_sum[chunk] += gradients.pop(0)
+        for total, gradient in zip(self.param_sums, gradients):
+            total += gradient
+
+    def attach(self, value: torch.Tensor, scale: float) -> torch.Tensor:
+        """`value`, differentiable: its gradient is the sums so far times `scale`."""
+        inputs, sums = [], []
+        if self.state_sum is not None:
+            inputs.append(self.states)
+            sums.append(self.state_sum.view_as(self.states))
+        inputs += self.params
+        sums += self.param_sums
+        return _GradientsFromForward.apply(value, [total.mul_(scale) for total in sums], *inputs)
+
+
+def fused_means(row_losses: dict[str, RowLoss], weights: dict[str, float], student: LogitSource, labels: torch.Tensor,
+                teacher: Optional[LogitSource] = None, topk: Optional[TeacherTopK] = None, chunk_size: int = 256,
+                vocab_size: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Each of `row_losses` averaged over real target tokens, all from the same chunks of student (and teacher)
+    logits, cut to the first `vocab_size` token ids: their weighted sum, differentiable with respect to the student's
+    states and head (when grad mode is on and they take gradients), and each loss's own detached value."""
+    positions, targets = target_positions(labels), next_tokens(labels).flatten()
+    count = max(len(positions), 1)
+    gradients = _ChunkGradients.needed(student)
+
+    def chunk_values(chunk: torch.Tensor, states: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each loss's sum over the `chunk` of positions, whose student `states` are given; the raw logits die on
+        return, before the gradients are taken (the losses' graphs keep what backward needs)."""
+        with torch.no_grad():
+            teacher_logits = teacher.rows(chunk, vocab_size) if teacher is not None else None
+        rows = TokenRows(student.project(states, vocab_size), teacher_logits,
+                         topk.rows(chunk) if topk is not None else None, targets[chunk])
+        return {name: loss(rows).sum() for name, loss in row_losses.items()}
+
+    def chunk_sums(chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each loss's detached sum over the `chunk` of positions, its gradients added; the chunk's graph dies on
+        return, before the next chunk's logits exist."""
+        states = gradients.leaf_rows(chunk) if gradients else student.flat_states()[chunk]
+        values = chunk_values(chunk, states)
+        if gradients:
+            # unnormalised sums: gradients through a half-precision head keep their magnitude (divided by count later)
+            gradients.add(sum(weights[name] * value for name, value in values.items()), states, chunk)
+        return {name: value.detach() for name, value in values.items()}
+
+    sums = {name: torch.zeros((), device=labels.device) for name in row_losses}
     for chunk in positions.split(chunk_size):
-        total = total + checkpoint(lambda rows: per_position(rows).sum(), chunk, use_reentrant=False,
-                                   preserve_rng_state=False)  # nothing random in a chunk
-    return total / max(len(positions), 1)
+        sums = {name: sums[name] + value for name, value in chunk_sums(chunk).items()}
+    means = {name: total / count for name, total in sums.items()}
+    weighted = sum(weights[name] * mean for name, mean in means.items())
+    return (gradients.attach(weighted, 1 / count) if gradients else weighted), means
+
+
+def token_mean(row_loss: RowLoss, student: LogitSource, labels: torch.Tensor, **options) -> torch.Tensor:
+    """One loss of `fused_means`, alone."""
+    return fused_means({"loss": row_loss}, {"loss": 1.0}, student, labels, **options)[0]
+
+
+def scaled_divergence(divergence: Divergence, temperature: float) -> RowLoss:
+    """`divergence` of the student's rows from the teacher's at `temperature`, times T^2."""
+    return lambda rows: divergence(rows.student, rows.teacher, temperature) * temperature ** 2
+
+
+def scaled_topk_kl(temperature: float, tail: bool) -> RowLoss:
+    """`topk_kl` to the cached top-k at `temperature`, times T^2."""
+    return lambda rows: topk_kl(rows.student, *rows.topk, temperature, tail) * temperature ** 2
+
+
+def cross_entropy_rows(rows: TokenRows) -> torch.Tensor:
+    return F.cross_entropy(rows.student, rows.targets, reduction="none")
 
 
 def distill_tokens(divergence: Divergence, student: LogitSource, teacher: LogitSource, labels: torch.Tensor,
                    temperature: float = 1.0, chunk_size: int = 256, vocab_size: Optional[int] = None) -> torch.Tensor:
     """`divergence` between the student's and the teacher's next-token distributions at `temperature`, times T^2,
     averaged over real target tokens; both logits cut to the first `vocab_size` token ids."""
-    def per_position(rows: torch.Tensor) -> torch.Tensor:
-        return divergence(student.rows(rows, vocab_size), teacher.rows(rows, vocab_size), temperature)
-
-    return chunked_mean(per_position, target_positions(labels), chunk_size) * temperature ** 2
+    return token_mean(scaled_divergence(divergence, temperature), student, labels, teacher=teacher,
+                      chunk_size=chunk_size, vocab_size=vocab_size)
 
 
 def distill_topk(student: LogitSource, teacher: TeacherTopK, labels: torch.Tensor, temperature: float = 1.0,
                  tail: bool = True, chunk_size: int = 256, vocab_size: Optional[int] = None) -> torch.Tensor:
     """`topk_kl` to the teacher's cached top-k at `temperature`, times T^2, averaged over real target tokens."""
-    def per_position(rows: torch.Tensor) -> torch.Tensor:
-        return topk_kl(student.rows(rows, vocab_size), *teacher.rows(rows), temperature, tail)
-
-    return chunked_mean(per_position, target_positions(labels), chunk_size) * temperature ** 2
+    return token_mean(scaled_topk_kl(temperature, tail), student, labels, topk=teacher, chunk_size=chunk_size,
+                      vocab_size=vocab_size)
 
 
 def next_token_ce(student: LogitSource, labels: torch.Tensor, chunk_size: int = 256,
                   vocab_size: Optional[int] = None) -> torch.Tensor:
     """Cross-entropy of each real next token, averaged over them (what transformers' causal LMs report as `loss`)."""
-    targets = next_tokens(labels).flatten()
-
-    def per_position(rows: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(student.rows(rows, vocab_size), targets[rows], reduction="none")
-
-    return chunked_mean(per_position, target_positions(labels), chunk_size)
+    return token_mean(cross_entropy_rows, student, labels, chunk_size=chunk_size, vocab_size=vocab_size)
 
 
 # ----- registered losses --------------------------------------------------------------------------------------
 class _TokenLoss(DistillLoss):
+    """A loss on each real target token's logits; a stage's token losses run as one pass (`token_losses`)."""
     reads_lm_head = True
 
     def __init__(self, spec: LossConfig, setup: LossSetup):
@@ -175,24 +299,40 @@ class _TokenLoss(DistillLoss):
             raise ConfigError(f"{where}loss '{spec.name}': chunk_size is a number of positions, at least 1; "
                               f"got {spec.chunk_size}")
 
+    def row_loss(self, inputs: LossInputs) -> RowLoss:
+        """This loss's value per row of a chunk, with the current temperature."""
+        raise NotImplementedError
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        return token_losses({self.spec.name: self}, {self.spec.name: 1.0}, inputs)[0]
+
+
+def token_losses(losses: dict[str, _TokenLoss], weights: dict[str, float],
+                 inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`losses` in one pass over the chunks of target positions (`fused_means`), `chunk_size` positions at a time:
+    the smallest of the losses' options, so that no loss holds more logits at once than it asked for. Their weighted
+    (by `weights`) sum, and each loss's own detached value."""
+    first = next(iter(losses.values()))  # built from one stage's setup: they share its vocabulary cut
+    reads_teacher = any(loss.needs_teacher for loss in losses.values())
+    return fused_means({name: loss.row_loss(inputs) for name, loss in losses.items()}, weights,
+                       LogitSource.of(inputs.student, inputs.student_head), inputs.labels,
+                       LogitSource.of(inputs.teacher, inputs.teacher_head) if reads_teacher else None,
+                       inputs.teacher_topk, min(loss.spec.chunk_size for loss in losses.values()), first.vocab_size)
+
 
 @register("next_token_ce")
 class NextTokenCE(_TokenLoss):
     needs_teacher = False
 
-    def forward(self, inputs: LossInputs) -> torch.Tensor:
-        student = LogitSource.of(inputs.student, inputs.student_head)
-        return next_token_ce(student, inputs.labels, self.spec.chunk_size, self.vocab_size)
+    def row_loss(self, inputs: LossInputs) -> RowLoss:
+        return cross_entropy_rows
 
 
 class _TokenDivergence(_TokenLoss):
     divergence = staticmethod(forward_kl)
 
-    def forward(self, inputs: LossInputs) -> torch.Tensor:
-        student = LogitSource.of(inputs.student, inputs.student_head)
-        teacher = LogitSource.of(inputs.teacher, inputs.teacher_head)
-        return distill_tokens(self.divergence, student, teacher, inputs.labels, self.temperature,
-                              self.spec.chunk_size, self.vocab_size)
+    def row_loss(self, inputs: LossInputs) -> RowLoss:
+        return scaled_divergence(self.divergence, self.temperature)
 
 
 @register("forward_kl")
@@ -223,10 +363,8 @@ class TopKKL(_TokenLoss):
     """KL to the teacher's cached top-k (`LossInputs.teacher_topk`): no teacher model runs."""
     needs_teacher = False
 
-    def forward(self, inputs: LossInputs) -> torch.Tensor:
+    def row_loss(self, inputs: LossInputs) -> RowLoss:
         if inputs.teacher_topk is None:
             raise ValueError("loss 'topk_kl' reads the teacher's top-k (LossInputs.teacher_topk), from a teacher "
                              "cache; this batch has none")
-        student = LogitSource.of(inputs.student, inputs.student_head)
-        return distill_topk(student, inputs.teacher_topk, inputs.labels, self.temperature, self.spec.topk_tail,
-                            self.spec.chunk_size, self.vocab_size)
+        return scaled_topk_kl(self.temperature, self.spec.topk_tail)
