@@ -5,11 +5,13 @@ own process; its peak is the growth of the process's maximum resident set over t
 allocation (CUDA).
 
     python scripts/bench_llm_loss.py [--batch 2 --length 512 --vocab 32000 --hidden 64 --chunk-size 256 --with-ce]
+    python scripts/bench_llm_loss.py --lengths 512 1024 2048 4096 --vocabs 32000 49152 [--repeats 3]   # scaling
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -73,6 +75,33 @@ def run_variant(args) -> dict:
             "loss": loss.item(), "grad_norm": head_s.weight.grad.norm().item()}
 
 
+def probe(args, variant: str, length: int, vocab: int) -> dict:
+    """One variant at one shape in its own process."""
+    shape = ["--batch", str(args.batch), "--length", str(length), "--vocab", str(vocab), "--hidden", str(args.hidden),
+             "--chunk-size", str(args.chunk_size), "--device", args.device, *(["--with-ce"] if args.with_ce else [])]
+    return run_probe([sys.executable, __file__, *shape, "--variant", variant])
+
+
+def scaling_table(args) -> str:
+    """Peak memory and median time of both variants over the grid of lengths x vocabularies, as a Markdown table.
+    Each shape's variants alternate over the repeats."""
+    lines = ["| L | V | one model's fp32 logits MB | naive peak MB | chunked peak MB | memory ratio | naive s | "
+             "chunked s | time ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for length in args.lengths:
+        for vocab in args.vocabs:
+            runs = {"naive": [], "chunked": []}
+            for _ in range(args.repeats):
+                for variant in runs:
+                    runs[variant].append(probe(args, variant, length, vocab))
+            peak = {v: statistics.median(r["peak_mb"] for r in rows) for v, rows in runs.items()}
+            secs = {v: statistics.median(r["seconds"] for r in rows) for v, rows in runs.items()}
+            logits_mb = args.batch * length * vocab * 4 / 2**20
+            lines.append(f"| {length} | {vocab} | {logits_mb:.0f} | {peak['naive']:.0f} | {peak['chunked']:.0f} | "
+                         f"{peak['chunked'] / peak['naive']:.2f}x | {secs['naive']:.2f} | {secs['chunked']:.2f} | "
+                         f"{secs['chunked'] / secs['naive']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
@@ -82,18 +111,26 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--with-ce", action="store_true", help="0.5 forward KL + 0.5 next-token CE")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--lengths", type=int, nargs="+", help="with --vocabs: a scaling table over this grid")
+    parser.add_argument("--vocabs", type=int, nargs="+")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant per grid shape (medians)")
     parser.add_argument("--variant", choices=["naive", "chunked"], help="run one variant in this process")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    logits_mb, chunk_mb = (rows * args.vocab * 4 / 2**20 for rows in (args.batch * args.length, args.chunk_size))
     mix = "forward KL + CE" if args.with_ce else "forward KL"
+    if args.lengths or args.vocabs:
+        args.lengths, args.vocabs = args.lengths or [args.length], args.vocabs or [args.vocab]
+        print(f"{mix}, B={args.batch} H={args.hidden} chunk={args.chunk_size} on {args.device}, forward + backward, "
+              f"medians of {args.repeats}:\n{scaling_table(args)}")
+        return
+    logits_mb, chunk_mb = (rows * args.vocab * 4 / 2**20 for rows in (args.batch * args.length, args.chunk_size))
     print(f"{mix}, B={args.batch} L={args.length} V={args.vocab} H={args.hidden} chunk={args.chunk_size} "
           f"on {args.device}: "
           f"one model's float32 logits are {logits_mb:.0f} MB, one chunk's {chunk_mb:.0f} MB")
     for variant in ("naive", "chunked"):
-        row = run_probe([sys.executable, __file__, *sys.argv[1:], "--variant", variant])
+        row = probe(args, variant, args.length, args.vocab)
         print(f"{variant:>8}: peak +{row['peak_mb']:>8.1f} MB  {row['seconds']:>7.3f} s  loss {row['loss']:.6f}  "
               f"|grad| {row['grad_norm']:.6f}")
 
