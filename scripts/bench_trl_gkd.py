@@ -20,7 +20,11 @@ step. Both report their loss at each step: with the same weights, batches and lo
 
 TRL never becomes a dependency of the project: on first use the script makes a virtual environment of its own in
 .bench-envs/trl, which sees the project environment's packages (torch, transformers, ...) through a .pth file and
-holds only trl, installed without dependencies."""
+holds only trl, installed without dependencies.
+
+With `--cache`, a third side, `ours_cached`, trains the same student on the same batches with `topk_kl` (weight 1,
+T = 1, tail bucket) read from a teacher cache instead of running the teacher: what the cache buys against TRL's
+live teacher. Its loss is a different estimate of the same KL, so its losses are close to, not equal to, the others'."""
 from __future__ import annotations
 
 import argparse
@@ -47,7 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TRL_ENV = ROOT / ".bench-envs" / "trl"
 TRL_VERSION = "1.16.0"  # the newest 1.x on PyPI; trl.experimental.gkd and transformers 5 support since 1.0
 SIDES = ("ours", "trl")
+CACHED_SIDE = "ours_cached"
 GKD_LOSS = "stages.0.losses=[{name: forward_kl, weight: 1.0, temperature: 1.0}]"
+CACHED_LOSS = "stages.0.losses=[{name: topk_kl, weight: 1.0, temperature: 1.0}]"
 
 
 class StepsDone(Exception):
@@ -79,10 +85,13 @@ def has_trl(python: Path) -> bool:
 
 
 # ----- what both sides share --------------------------------------------------------------------------------------
-def bench_config(args, overrides: list[str], student_dir: str, run_dir: str = "unused") -> LMDistillConfig:
-    """The config with forward KL alone, the saved student, float32, log every step, no checkpoint before the end."""
+def bench_config(args, overrides: list[str], student_dir: str, run_dir: str = "unused", side: str = "ours"
+                 ) -> LMDistillConfig:
+    """The config with forward KL alone (for the cached side: top-k KL from `--cache`), the saved student, float32,
+    log every step, no checkpoint before the end."""
     total = args.warmup + args.steps
-    cfg = parse_args(LMDistillConfig, ["--config", args.config, *overrides, GKD_LOSS, f"output_dir={run_dir}",
+    loss = [CACHED_LOSS, f"cache={args.cache}"] if side == CACHED_SIDE else [GKD_LOSS]
+    cfg = parse_args(LMDistillConfig, ["--config", args.config, *overrides, *loss, f"output_dir={run_dir}",
                                        "student.init=pretrained", f"student.model={student_dir}",
                                        "train.mixed_precision='no'", f"train.max_steps_per_stage={total}",
                                        f"train.save_steps={total + 1}", "train.log_steps=1",
@@ -208,7 +217,9 @@ def parse(argv: list[str]):
     parser.add_argument("--eval", action="store_true", help="also the test perplexity of both students after the "
                                                             "steps (of the last run of each side)")
     parser.add_argument("--json", type=Path, help="also write every run's step times and losses here")
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # run one side, in this process
+    parser.add_argument("--cache", help="a teacher cache of the config's corpus (recipes/build_teacher_cache.py): adds "
+                                        f"'{CACHED_SIDE}', our run on top-k KL read from it, no teacher run")
+    parser.add_argument("--side", choices=(*SIDES, CACHED_SIDE), help=argparse.SUPPRESS)  # run one side, in this process
     parser.add_argument("--student-dir", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     parser.add_argument("--keep-model", action="store_true", help=argparse.SUPPRESS)  # save the trained student
@@ -220,7 +231,7 @@ def parse(argv: list[str]):
 
 def run_side(args, overrides: list[str]) -> dict:
     run_dir = Path(args.run_dir)
-    cfg = bench_config(args, overrides, args.student_dir, str(run_dir / "run"))
+    cfg = bench_config(args, overrides, args.student_dir, str(run_dir / "run"), args.side)
     total = args.warmup + args.steps
     if args.side == "trl":
         return run_trl(cfg, total, args.warmup, run_dir, args.keep_model)
@@ -236,20 +247,21 @@ def main(argv: list[str]) -> None:
         cfg = bench_config(args, overrides, "unused")
     except ConfigError as err:
         parser.error(str(err))
-    pythons = {"ours": sys.executable, "trl": str(trl_python())}
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    sides = (*SIDES, CACHED_SIDE) if args.cache else SIDES
+    pythons = {"ours": sys.executable, "trl": str(trl_python()), CACHED_SIDE: sys.executable}
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="bench-trl-gkd-") as tmp:
         student_dir = Path(tmp) / "student"
         save_initial_student(args, overrides, student_dir)
         model_dirs = {}
-        order = rotated_order(list(SIDES), args.repeats)
+        order = rotated_order(list(sides), args.repeats)
         for i, side in enumerate(order):
             run_dir = Path(tmp) / f"{side}-{i}"
             last_of_side = side not in order[i + 1:]
             command = [pythons[side], __file__, *argv, "--side", side, "--student-dir", str(student_dir),
                        "--run-dir", str(run_dir), *(["--keep-model"] if args.eval and last_of_side else [])]
             runs[side].append(run_probe(command, env={"PYTHONPATH": str(ROOT)}))
-            model_dirs[side] = run_dir / ("run/model" if side == "ours" else "model")
+            model_dirs[side] = run_dir / ("model" if side == "trl" else "run/model")
             print(f"{side}: median step {statistics.median(runs[side][-1]['step_seconds']):.2f} s, "
                   f"peak +{runs[side][-1]['peak_rss_growth_mb']:.0f} MB", file=sys.stderr)
         perplexities = measure(cfg, {side: load_causal_lm(str(folder)) for side, folder in model_dirs.items()}) \
