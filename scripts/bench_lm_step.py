@@ -45,7 +45,8 @@ def variant_config(args, variant: str, overrides: list[str], run_dir: str = "unu
     total = args.warmup + args.steps
     argv = ["--config", getattr(args, variant), *overrides, f"output_dir={run_dir}",
             f"train.max_steps_per_stage={total}", f"train.save_steps={total + 1}"]
-    cfg = parse_args(LMDistillConfig, argv + ([f"cache={args.cache}"] if variant == "cached" else []))
+    cache = [f"cache={args.cache}"] if variant == "cached" and args.cache else []
+    cfg = parse_args(LMDistillConfig, argv + cache)
     check_lm_config(cfg)
     return cfg
 
