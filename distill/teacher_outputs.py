@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .config import ConfigError, DistillConfig
 from .ensemble import TeacherEnsemble
@@ -71,7 +72,8 @@ def teacher_logits(teacher: nn.Module, dataset: Dataset, collate: Callable, batc
     # A private generator: a loader iterator would otherwise draw from the global RNG, and the student's dropout
     # masks would differ from those of a run with the live teacher.
     loader = DataLoader(dataset, batch_size, collate_fn=collate, generator=torch.Generator())
-    return torch.cat([teacher(**model_inputs(batch.to(device))).logits.float().cpu() for batch in loader])
+    return torch.cat([teacher(**model_inputs(batch.to(device))).logits.float().cpu()
+                      for batch in tqdm(loader, desc="teacher logits", leave=False)])
 
 
 def with_cached_logits(teacher: nn.Module, splits: DatasetDict, collate: Callable, batch_size: int,
