@@ -11,7 +11,7 @@ environment; TextBrewer's BasicDistiller in `.bench-envs/textbrewer`, created on
 environment's packages (torch, transformers, tensorboard) through a .pth file and gets only TextBrewer installed, so
 TextBrewer never becomes a dependency of the project. Repeats alternate which side runs first. `--ours KEY=VALUE`
 overrides the recipe on our side only, for what the framework offers to do the same work cheaper (cached teacher
-logits, a bf16 teacher): the losses, data, weights and batches stay the same and are still checked.
+logits, a bf16 teacher, bf16 mixed precision): the losses, data, weights and batches stay the same and are checked.
 
 What makes the two runs the same work:
 - recipe: `--recipe` (default recipes/distill_response.yaml), one stage of a `kl` loss and optionally `ce`, with
@@ -58,9 +58,15 @@ RESULT_FILE = "bench.json"
 
 # ----- what both sides run ----------------------------------------------------------------------------------------
 def bench_config(recipe: Path, teacher: str, steps: int, run_dir: Path, overrides: list[str] = ()) -> DistillConfig:
-    cfg = parse_args(DistillConfig, ["--config", str(recipe), f"teacher={teacher}", f"output_dir={run_dir}",
-                                     f"train.max_steps_per_stage={steps}", "train.select_best=false", *overrides])
-    matched_losses(cfg)
+    """The recipe as both sides run it (checked to be one TextBrewer can match), with `overrides` for our side, which
+    may change how the work is done (precision, cached teacher logits) but not the losses."""
+    argv = ["--config", str(recipe), f"teacher={teacher}", f"output_dir={run_dir}",
+            f"train.max_steps_per_stage={steps}", "train.select_best=false"]
+    shared = parse_args(DistillConfig, argv)
+    matched_losses(shared)
+    cfg = parse_args(DistillConfig, argv + list(overrides))
+    if cfg.stages != shared.stages:
+        raise ConfigError(f"--ours {' '.join(overrides)} changes the losses or stages: the work would not be the same")
     return cfg
 
 
