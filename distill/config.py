@@ -264,7 +264,10 @@ class LMDistillConfig:
     """As for `DistillConfig`, with causal LMs: by default every other teacher layer, ending at the top one."""
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(losses=[
         LossConfig(name="forward_kl"), LossConfig(name="next_token_ce")])])
-    """Causal token losses only: `forward_kl`, `reverse_kl`, `jsd`, `topk_kl` (needs `cache`), `next_token_ce`."""
+    """Causal token losses (`forward_kl`, `reverse_kl`, `jsd`, `topk_kl` (needs `cache`), `next_token_ce`), and
+    hidden-state losses over `layer_map` (`hidden_mse`, `hidden_cosine`; they need the running teacher)."""
+    layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)
+    """Which teacher layer's hidden state each student layer matches, for `hidden_mse` / `hidden_cosine`."""
     cache: Optional[str] = None
     """A teacher cache folder (recipes/build_teacher_cache.py over the same `data`) that `topk_kl` reads. It must
     match this run's tokenizer, corpus token ids, k and temperature, and the teacher's config; the teacher's weights

@@ -5,7 +5,8 @@ mixed with `next_token_ce` on the text itself.
 
 The corpus is tokenized once with the teacher's tokenizer (`corpus_token_ids`, as a cache build does). Its last
 `test_examples` texts are the test slice, the `validation_examples` before them the validation slice, the rest are
-trained on; metrics.json records the three index ranges and the corpus fingerprint. The validation metric is
+trained on; metrics.json records the three index ranges and the corpus fingerprint. Hidden-state losses (`hidden_mse`,
+`hidden_cosine` over `layer_map`) may join the token losses when the teacher runs. The validation metric is
 perplexity (lower is better); `generations.jsonl` holds the final student's greedy completion of each fixed prompt."""
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .evaluate import PERPLEXITY, count_parameters
 from .fingerprint import config_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
 from .losses import LOSSES, LossSetup
 from .losses.causal import IGNORE_INDEX
+from .mapping import build_layer_map
 from .run import OnStep, RunResult, Task, check_stages, finish_run, start_run
 from .sources import corpus_token_ids, ensure_pad_token, load_causal_lm, load_tokenizer, resolve_model
 from .student import build_student
@@ -30,6 +32,9 @@ from .trainer import Trainer
 from .vocab_check import common_vocab_size
 
 TOKEN_LOSSES = sorted(name for name, cls in LOSSES.items() if cls.reads_lm_head)
+HIDDEN_LOSSES = ("hidden_mse", "hidden_cosine")
+"""Hidden-state losses an LM run takes beside the token losses: mapped layers (`layer_map`), with a learned
+projection when the widths differ; they read the live teacher's hidden states, which a teacher cache does not hold."""
 
 
 class LMCollator:
@@ -67,7 +72,8 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
     trainer = Trainer(accelerator, student, teacher, splits, collate, cfg.train, cfg.seed, run_dir, on_step,
                       metric=PERPLEXITY)
     trainer.log({"student_parameters": count_parameters(student), "vocab_size": vocab_size, "splits": ranges})
-    student = trainer.fit(cfg.stages, LossSetup(student.config, teacher_config, None, vocab_size))
+    layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher_config.num_hidden_layers)
+    student = trainer.fit(cfg.stages, LossSetup(student.config, teacher_config, layer_map, vocab_size))
     generations = greedy_generations(student, tokenizer, cfg.eval)
     if accelerator.is_main_process:
         (run_dir / "generations.jsonl").write_text("".join(json.dumps(row) + "\n" for row in generations))
@@ -81,9 +87,13 @@ def check_lm_config(cfg: LMDistillConfig) -> None:
     topk = [loss for stage in cfg.stages for loss in stage.losses if loss.name == "topk_kl"]
     for i, stage in enumerate(cfg.stages):
         for loss in stage.losses:
-            if loss.name not in TOKEN_LOSSES:
-                raise ConfigError(f"stages[{i}]: loss '{loss.name}' is not a causal token loss; an LM run takes "
-                                  f"{', '.join(TOKEN_LOSSES)}")
+            if loss.name not in (*TOKEN_LOSSES, *HIDDEN_LOSSES):
+                raise ConfigError(f"stages[{i}]: loss '{loss.name}' is not a causal token loss or a hidden-state "
+                                  f"loss; an LM run takes {', '.join((*TOKEN_LOSSES, *HIDDEN_LOSSES))}")
+            if loss.name in HIDDEN_LOSSES and cfg.cache is not None:
+                raise ConfigError(f"stages[{i}]: loss '{loss.name}' reads the running teacher's hidden states; a "
+                                  "teacher cache holds only its top-k next-token probabilities: drop `cache` or the "
+                                  "loss")
     if topk and cfg.cache is None:
         raise ConfigError("loss 'topk_kl' reads a teacher cache: set `cache` to a folder built by "
                           "recipes/build_teacher_cache.py over the same data")

@@ -15,7 +15,7 @@ import distill.lm
 import distill.sources
 from distill.cache import build_from_config
 from distill.config import (CacheConfig, ConfigError, CorpusConfig, LMDistillConfig, LMEvalConfig, LossConfig,
-                            StageConfig, StudentConfig)
+                            LayerMapConfig, StageConfig, StudentConfig)
 from distill.converted import CACHE_ENV, converted_copy
 from distill.evaluate import perplexity
 from distill.lm import LMCollator, check_lm_config, distill_lm
@@ -95,6 +95,17 @@ def test_online_run_trains_saves_a_reloadable_student_and_writes_generations(tmp
     assert all(isinstance(row["completion"], str) for row in rows)
 
 
+def test_hidden_state_loss_joins_the_token_losses_over_the_layer_map(tmp_path, teacher_dir, corpus):
+    losses = [*ONLINE, LossConfig(name="hidden_mse", weight=0.5)]
+    distill_lm(lm_cfg(tmp_path, teacher_dir, corpus, losses, layer_map=LayerMapConfig(kind="explicit", layers=[1])))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    hidden = [r["train_hidden_mse"] for r in records if "train_hidden_mse" in r]
+    assert hidden and all(value > 0 for value in hidden)
+    with pytest.raises(ConfigError, match="layer_map.layers"):
+        distill_lm(lm_cfg(tmp_path, teacher_dir, corpus, losses, layer_map=LayerMapConfig(kind="explicit",
+                                                                                          layers=[1, 0])))
+
+
 def test_perplexity_is_exp_of_the_mean_nll_over_real_tokens():
     tokenizer = make_tokenizer(WORDS)
     model = tiny_causal_lm(len(tokenizer), tied=False)
@@ -171,6 +182,8 @@ def test_a_cache_of_anything_else_is_refused(tmp_path, teacher_dir, corpus, chan
     ({"stages": [StageConfig(losses=CACHED)]}, "topk_kl' reads a teacher cache"),
     ({"cache": "somewhere"}, "no stage has the 'topk_kl'"),
     ({"stages": [StageConfig(losses=[LossConfig(name="kl")])]}, "not a causal token loss"),
+    ({"stages": [StageConfig(losses=[*CACHED, LossConfig(name="hidden_mse")])], "cache": "somewhere"},
+     "a teacher cache holds only"),
     ({"test_examples": 0}, "at least 1"),
 ])
 def test_config_errors_before_anything_loads(tmp_path, corpus, change, message):
