@@ -8,7 +8,10 @@ import os
 import resource
 import statistics
 import subprocess
+import sys
+import sysconfig
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -103,3 +106,35 @@ def dotted_value(tree: dict, dotted: str) -> Any:
     for key in dotted.split("."):
         tree = tree[key]
     return tree
+
+
+def peer_environment(folder: Path, requirement: str, usable: str, extras: Sequence[tuple[str, str]] = ()) -> Path:
+    """The Python of the virtual environment `folder` that holds a peer framework, made on first use: it sees this
+    environment's packages (torch, transformers, ...) through a .pth file and gets `requirement` installed without
+    dependencies, so the peer never becomes a dependency of the project. `extras` are (module, requirement) pairs
+    installed (with dependencies) when the module cannot be imported; `usable` is Python code that succeeds once
+    the peer works."""
+    python = folder / "bin" / "python"
+    if not python.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        # this environment's packages, after the peer environment's own
+        Path(site, "project-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    for module, extra in extras:
+        if not succeeds(python, f"import {module}"):
+            pip_install(python, extra)
+    if not succeeds(python, usable):
+        pip_install(python, "--no-deps", requirement)
+        if not succeeds(python, usable):
+            raise RuntimeError(f"{folder} has {requirement} installed, but this fails there: {usable}")
+    return python
+
+
+def succeeds(python: Path, code: str) -> bool:
+    return subprocess.run([str(python), "-c", code], capture_output=True).returncode == 0
+
+
+def pip_install(python: Path, *requirements: str) -> None:
+    subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", *requirements],
+                   check=True)

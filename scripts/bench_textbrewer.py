@@ -33,12 +33,10 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 from typing import Iterable, Optional
@@ -46,6 +44,7 @@ from typing import Iterable, Optional
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from distill.benchmark import peak_rss_mb, peer_environment
 from distill.config import ConfigError, DistillConfig, LossConfig, StageConfig, parse_args
 from distill.fingerprint import text_sha256
 
@@ -109,7 +108,7 @@ class StepClock:
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.times.append(time.perf_counter())
-        self.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        self.peak_rss_mb = peak_rss_mb()
 
 
 def parameters_sha256(parameters: Iterable[torch.Tensor]) -> str:
@@ -196,29 +195,9 @@ def work(side: str, cfg: DistillConfig, threads: int) -> dict:
 
 # ----- the parent: environments, processes, summary ----------------------------------------------------------------
 def textbrewer_python() -> Path:
-    """The bench environment's interpreter, with TextBrewer importable; created on first use."""
-    python = BENCH_ENV / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(BENCH_ENV)], check=True)
-        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              check=True, capture_output=True, text=True).stdout.strip()
-        # this environment's packages, after the bench environment's own
-        Path(site, "project-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    if not importable(python, "tensorboard"):  # TextBrewer imports torch.utils.tensorboard
-        pip_install(python, "tensorboard")
-    if not importable(python, "textbrewer"):
-        pip_install(python, "--no-deps", TEXTBREWER)  # its other dependencies (torch, numpy, tqdm) are shared
-    return python
-
-
-def importable(python: Path, module: str) -> bool:
-    check = f"import importlib.util, sys; sys.exit(importlib.util.find_spec('{module}') is None)"
-    return subprocess.run([str(python), "-c", check]).returncode == 0
-
-
-def pip_install(python: Path, *requirements: str) -> None:
-    subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", *requirements],
-                   check=True)
+    """The bench environment's interpreter, with TextBrewer importable; created on first use. TextBrewer's other
+    dependencies (torch, numpy, tqdm) are shared; it imports torch.utils.tensorboard, hence tensorboard."""
+    return peer_environment(BENCH_ENV, TEXTBREWER, "import textbrewer", extras=[("tensorboard", "tensorboard")])
 
 
 def run_side(side: str, python: Path, run_dir: Path, args: argparse.Namespace) -> dict:

@@ -30,15 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from distill.benchmark import StepClock, rotated_order, run_probe, summarise
+from distill.benchmark import StepClock, peer_environment, rotated_order, run_probe, summarise
 from distill.config import ConfigError, LMDistillConfig, parse_args
 from distill.lm import LMCollator, check_lm_config, distill_lm, held_out_splits
 from distill.sources import corpus_token_ids, ensure_pad_token, load_causal_lm, load_tokenizer
@@ -62,26 +60,9 @@ class StepsDone(Exception):
 
 # ----- the TRL environment ----------------------------------------------------------------------------------------
 def trl_python() -> Path:
-    """The Python of .bench-envs/trl, made on first use: a venv whose .pth file adds this environment's
-    site-packages, with trl installed into it without dependencies."""
-    python = TRL_ENV / "bin" / "python"
-    if has_trl(python):
-        return python
-    if not python.is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(TRL_ENV)], check=True)
-    own_packages = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  check=True, capture_output=True, text=True).stdout.strip()
-    (Path(own_packages) / "project-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", f"trl=={TRL_VERSION}"], check=True)
-    if not has_trl(python):
-        raise RuntimeError(f"{TRL_ENV} has trl {TRL_VERSION} installed but cannot import trl.experimental.gkd; run "
-                           f"{python} -c 'import trl.experimental.gkd' to see why")
-    return python
-
-
-def has_trl(python: Path) -> bool:
-    check = f"import trl, trl.experimental.gkd; assert trl.__version__ == '{TRL_VERSION}'"
-    return python.is_file() and subprocess.run([str(python), "-c", check], capture_output=True).returncode == 0
+    """The Python of .bench-envs/trl (made on first use), with trl importable at the pinned version."""
+    return peer_environment(TRL_ENV, f"trl=={TRL_VERSION}",
+                            f"import trl, trl.experimental.gkd; assert trl.__version__ == '{TRL_VERSION}'")
 
 
 # ----- what both sides share --------------------------------------------------------------------------------------
