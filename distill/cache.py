@@ -32,12 +32,12 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .teacher_outputs import IndexedRowsCollator
 from .config import CacheConfig, ConfigError
 from .fingerprint import config_sha256, file_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
 from .losses.base import TOPK_KEYS
 from .run import write_json_atomic
 from .sources import corpus_token_ids, load_causal_lm, load_tokenizer
+from .teacher_outputs import IndexedRowsCollator
 from .trainer import save_file_atomic
 
 FORMAT_VERSION = 1

@@ -32,6 +32,7 @@ from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
+from distill.benchmark import timed_steps
 from distill.config import DistillConfig, parse_args
 from distill.losses.base import model_inputs
 from distill.run import distill, load_task, load_teacher
@@ -76,8 +77,7 @@ def step_times(cfg: DistillConfig, on_step=None) -> list[float]:
 
     distill(cfg, on_step=mark)
     reset_accelerate()
-    gaps = [later - earlier for earlier, later in zip(marks, marks[1:])]
-    return gaps[WARMUP_STEPS - 1:]
+    return timed_steps(marks, WARMUP_STEPS)
 
 
 def training_batches(cfg: DistillConfig) -> tuple[PreTrainedModel, list[dict]]:

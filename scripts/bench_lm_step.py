@@ -51,20 +51,23 @@ def variant_config(args, variant: str, overrides: list[str], run_dir: str = "unu
     return cfg
 
 
-def run_variant(cfg: LMDistillConfig, total: int, warmup: int) -> dict:
-    """`distill_lm` on `cfg`, stopped at the end of step `total`: the clock's step times and peak."""
+def run_variant(cfg: LMDistillConfig, total: int, warmup: int, keep_going: bool = False) -> dict:
+    """`distill_lm` on `cfg`, stopped at the end of step `total` (with `keep_going`, left to evaluate and save its
+    student): the clock's step times and peak."""
     clock = StepClock(total, warmup)
 
     def on_step(state) -> None:
-        if clock.tick():
+        if clock.tick() and not keep_going:
             raise StepsDone
 
     try:
         distill_lm(cfg, on_step)
     except StepsDone:
-        return clock.result()
-    raise ConfigError(f"the run ended after {len(clock.ends)} of its {total} steps: its train slice is too small; "
-                      "raise data.limit or lower --steps")
+        pass
+    if len(clock.ends) < total:
+        raise ConfigError(f"the run ended after {len(clock.ends)} of its {total} steps: its train slice is too "
+                          "small; raise data.limit or lower --steps")
+    return clock.result()
 
 
 def losses_text(cfg: LMDistillConfig) -> str:

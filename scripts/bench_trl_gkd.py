@@ -38,12 +38,13 @@ from transformers import TrainerCallback
 
 from distill.benchmark import StepClock, peer_environment, rotated_order, run_probe, summarise
 from distill.config import ConfigError, LMDistillConfig, parse_args
-from distill.lm import LMCollator, check_lm_config, distill_lm, held_out_splits
+from distill.lm import LMCollator, check_lm_config, held_out_splits
 from distill.sources import corpus_token_ids, ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.student import build_student
 from distill.trainer import train_sampler
 
-from lm_perplexity import measure  # a sibling script: this script's folder is on sys.path
+from bench_lm_step import run_variant  # sibling scripts: this script's folder is on sys.path
+from lm_perplexity import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_ENV = ROOT / ".bench-envs" / "trl"
@@ -52,10 +53,6 @@ SIDES = ("ours", "trl")
 CACHED_SIDE = "ours_cached"
 GKD_LOSS = "stages.0.losses=[{name: forward_kl, weight: 1.0, temperature: 1.0}]"
 CACHED_LOSS = "stages.0.losses=[{name: topk_kl, weight: 1.0, temperature: 1.0}]"
-
-
-class StepsDone(Exception):
-    """Raised after our last step when the student is not to be evaluated: what would follow is not needed."""
 
 
 # ----- the TRL environment ----------------------------------------------------------------------------------------
@@ -101,21 +98,9 @@ def check_float32(**models) -> None:
 # ----- our side ---------------------------------------------------------------------------------------------------
 def run_ours(cfg: LMDistillConfig, total: int, warmup: int, keep_model: bool) -> dict:
     """`distill_lm`, stopped after its last step unless the student is to be evaluated (then saved in the run)."""
-    clock = StepClock(total, warmup)
-
-    def on_step(state) -> None:
-        if clock.tick() and not keep_model:
-            raise StepsDone
-
-    try:
-        distill_lm(cfg, on_step)
-    except StepsDone:
-        pass
-    if len(clock.ends) < total:
-        raise ConfigError(f"the run ended after {len(clock.ends)} of its {total} steps: raise data.limit or lower "
-                          "--steps")
+    result = run_variant(cfg, total, warmup, keep_going=keep_model)
     records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {**clock.result(), "losses": [record["train_loss"] for record in records if "train_loss" in record]}
+    return {**result, "losses": [record["train_loss"] for record in records if "train_loss" in record]}
 
 
 # ----- TRL's side -------------------------------------------------------------------------------------------------

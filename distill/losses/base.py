@@ -28,7 +28,7 @@ class LossSetup:
 TOPK_KEYS = ("teacher_topk_logprobs", "teacher_topk_indices")
 """The batch keys under which a teacher cache's collator places `TeacherTopK`'s tensors."""
 TEACHER_LOGITS = "teacher_logits"
-"""The batch key of a classifier teacher's cached logits (`distill.cached_logits`)."""
+"""The batch key of a classifier teacher's cached logits (`distill.teacher_outputs`)."""
 NOT_MODEL_INPUTS = {"labels", TEACHER_LOGITS, *TOPK_KEYS}
 
 
