@@ -1,17 +1,24 @@
-"""Offline distillation cache: a causal-LM teacher's top-k log-probabilities at every token of a corpus, computed
-once, so that distillation runs never load the teacher.
+"""Offline distillation cache: a causal-LM teacher's top-k log-probabilities at every token of a corpus (and, if
+asked, tokens sampled from the rest of its distribution), computed once, so that distillation runs never load the
+teacher.
 
 A cache is a folder:
   manifest.json            what it was built from (`CacheKey`: teacher config and weights, tokenizer, corpus, k,
-                           temperature), its shards with their SHA-256, example and token counts, sizes in bytes
-  shard-00000.safetensors  `logprobs` (tokens, k) float16 and `indices` (tokens, k) uint16 (int32 when the
-                           vocabulary has more than 65536 tokens): the rows of the shard's examples, concatenated;
+                           samples, temperature), its shards with their SHA-256, example and token counts, sizes
+  shard-00000.safetensors  `logprobs` (tokens, k + samples) float16 and `indices` (tokens, k + samples) uint16 (int32
+                           when the vocabulary has more than 65536 tokens): the rows of the shard's examples,
                            `offsets` (examples + 1,) int64: example j of the shard is rows offsets[j]:offsets[j+1]
 
 Alignment: an example of n tokens has n rows, one per token position. Row t is the teacher's distribution over
 token t+1 given tokens 0..t (its logits at position t), that is `log_softmax(logits / temperature)` over the full
 vocabulary, of which the row keeps the k largest: the mass left out is 1 - sum(exp(row)). Row t therefore lines up
 with position t of the student's logits, as the labels of a causal LM do before its shift.
+
+Sampled rows (`samples` > 0): after the top k, the row holds `samples` tokens drawn with replacement from the
+teacher's distribution outside its top k, each with log-probability log(rest / samples), rest being the mass outside
+the top k; a token drawn twice appears twice. The row's expected value is the whole distribution, so a forward-KL
+gradient through it is unbiased (the top k alone says nothing of the tail's shape), and it leaves no mass out:
+reading renormalises it to sum to 1, undoing the float16 rounding.
 
 A build writes into `<folder>.tmp` and renames it into place when complete, so a folder with a manifest is always
 whole. After each shard, `progress.json` there records the shards done; a rerun with the same key resumes after
@@ -40,7 +47,7 @@ from .sources import corpus_token_ids, load_causal_lm, load_tokenizer
 from .teacher_outputs import IndexedRowsCollator
 from .trainer import save_file_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 LOGPROB_DTYPE = torch.float16
@@ -61,34 +68,36 @@ class CacheKey:
     tokenizer_sha256: str
     corpus_sha256: str
     k: Optional[int]
+    samples: Optional[int]
     temperature: float
 
     @classmethod
     def of(cls, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Examples, k: int,
-           temperature: float) -> CacheKey:
+           samples: int, temperature: float) -> CacheKey:
         return cls(config_sha256(teacher.config), weights_sha256(teacher), tokenizer_sha256(tokenizer),
-                   token_ids_sha256(examples), k, float(temperature))
+                   token_ids_sha256(examples), k, samples, float(temperature))
 
 
 # ----- building ---------------------------------------------------------------------------------------------------
 def build_cache(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Examples, folder: str | Path,
                 k: int, temperature: float = 1.0, shard_examples: int = 1024, batch_size: int = 8,
-                on_shard: OnShard = None) -> Path:
+                on_shard: OnShard = None, samples: int = 0, sample_seed: int = 0) -> Path:
     """Run `teacher` (on its device, in eval mode, without gradients) over `examples` (lists of token ids, such as
-    a tokenized dataset's `input_ids` column) and write the cache to `folder`. A complete cache with the same key
-    already there is kept as it is; a different one is replaced. `on_shard(i)` is called after shard i is written."""
-    check_settings(k, temperature, shard_examples, batch_size)
+    a tokenized dataset's `input_ids` column) and write the cache to `folder`: per token its top `k` and `samples`
+    draws from the rest (the module docstring). A complete cache with the same key already there is kept as it
+    is; a different one is replaced. `on_shard(i)` is called after shard i is written."""
+    check_settings(k, temperature, shard_examples, batch_size, samples)
     vocab_size = teacher.config.get_text_config().vocab_size
     lengths = [len(ids) for ids in examples]
-    check_corpus_and_k(k, vocab_size, lengths)
-    key = CacheKey.of(teacher, tokenizer, examples, k, temperature)
+    check_corpus_and_k(k, vocab_size, lengths, samples)
+    key = CacheKey.of(teacher, tokenizer, examples, k, samples, temperature)
     folder = Path(folder)
     if complete_cache_matches(folder, key):
         return folder
     # token ids below 65536 fit 2 bytes instead of 4: a third of each row's bytes
     plan = {"format_version": FORMAT_VERSION, "key": asdict(key),
             "indices_dtype": "uint16" if vocab_size <= 1 << 16 else "int32",
-            "shard_examples": shard_examples, "examples": len(lengths)}
+            "shard_examples": shard_examples, "examples": len(lengths), "sample_seed": sample_seed}
     tmp = folder.with_name(folder.name + ".tmp")
     shards = finished_shards(tmp, plan)
     teacher.eval()
@@ -110,25 +119,31 @@ def write_remaining_shards(teacher: PreTrainedModel, examples: Examples, plan: d
     with tqdm(total=total, initial=sum(shard["examples"] for shard in shards), desc="teacher cache") as bar:
         for index in range(len(shards), math.ceil(total / size)):
             part = [examples[i] for i in range(index * size, min((index + 1) * size, total))]
-            logprobs, indices = shard_rows(teacher, part, key["k"], key["temperature"], batch_size, bar)
+            draws = Draws(key["samples"], plan["sample_seed"], index, teacher.device)
+            logprobs, indices = shard_rows(teacher, part, key["k"], key["temperature"], draws, batch_size, bar)
             shards.append(write_shard(tmp, index, [len(ids) for ids in part], logprobs, indices.to(index_dtype)))
             write_json_atomic({**plan, "shards": shards}, tmp / PROGRESS)
             if on_shard:
                 on_shard(index)
 
 
-def check_settings(k: int, temperature: float, shard_examples: int, batch_size: int) -> None:
+def check_settings(k: int, temperature: float, shard_examples: int, batch_size: int, samples: int) -> None:
     if k < 1:
         raise ConfigError(f"k must be at least 1; got {k}")
+    if samples < 0:
+        raise ConfigError(f"samples must be 0 (top k only) or more; got {samples}")
     if temperature <= 0:
         raise ConfigError(f"temperature must be positive; got {temperature}")
     if shard_examples < 1 or batch_size < 1:
         raise ConfigError(f"shard_examples and batch_size must be at least 1; got {shard_examples} and {batch_size}")
 
 
-def check_corpus_and_k(k: int, vocab_size: int, lengths: list[int]) -> None:
+def check_corpus_and_k(k: int, vocab_size: int, lengths: list[int], samples: int) -> None:
     if k > vocab_size:
         raise ConfigError(f"k={k} exceeds the teacher's vocabulary of {vocab_size} tokens")
+    if samples and k == vocab_size:
+        raise ConfigError(f"k={k} keeps the teacher's whole vocabulary: there is no rest to draw samples from; set "
+                          "samples: 0")
     if not lengths:
         raise ConfigError("the corpus has no examples")
     if 0 in lengths:
@@ -153,32 +168,59 @@ def finished_shards(tmp: Path, plan: dict) -> list[dict]:
     return kept
 
 
+class Draws:
+    """`count` tokens per row drawn from the teacher's distribution outside its top k, by a generator seeded from
+    the build's seed and the shard's number."""
+
+    def __init__(self, count: int, seed: int, shard: int, device: torch.device):
+        self.count = count
+        self.generator = torch.Generator(device).manual_seed(seed * 1_000_003 + shard)
+
+    def rows(self, logprobs: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, count) log-weights log(rest / count) and drawn ids, from full (rows, vocabulary) `logprobs` whose
+        top-k ids are `top`."""
+        rest = logprobs.exp().scatter(-1, top, 0.0)
+        mass = rest.sum(-1, keepdim=True)
+        # a row whose top k holds all of its mass has nothing to draw from: its draws get weight 0
+        drawn = torch.multinomial(torch.where(mass > 0, rest, 1.0), self.count, replacement=True,
+                                  generator=self.generator)
+        return (mass / self.count).log().expand(-1, self.count), drawn
+
+
 @torch.no_grad()
-def shard_rows(teacher: PreTrainedModel, part: list[Sequence[int]], k: int, temperature: float, batch_size: int,
-               bar: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of each example of `part`, concatenated in order: (tokens, k) log-probabilities and indices."""
+def shard_rows(teacher: PreTrainedModel, part: list[Sequence[int]], k: int, temperature: float, draws: Draws,
+               batch_size: int, bar: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of each example of `part`, concatenated in order: (tokens, k + samples) log-probabilities and
+    indices."""
     order = sorted(range(len(part)), key=lambda i: len(part[i]))  # batches of similar lengths pad less
     rows: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(part)
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
-        logprobs, indices = batch_topk(teacher, [part[i] for i in chosen], k, temperature)
+        logprobs, indices = batch_rows(teacher, [part[i] for i in chosen], k, temperature, draws)
         for row, i in enumerate(chosen):
             rows[i] = logprobs[row, :len(part[i])], indices[row, :len(part[i])]
         bar.update(len(chosen))
     return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
 
 
-def batch_topk(teacher: PreTrainedModel, batch: list[Sequence[int]], k: int, temperature: float
+def batch_rows(teacher: PreTrainedModel, batch: list[Sequence[int]], k: int, temperature: float, draws: Draws
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L, k) top-k log-probabilities (float16) and indices of right-padded `batch`; rows past an example's
-    length are padding. Padded positions hold id 0: the attention mask hides them and their rows are dropped."""
+    """(B, L, k + samples) log-probabilities (float16) and indices of right-padded `batch`: the top k, then the
+    draws; rows past an example's length are padding. Padded positions hold id 0: the attention mask hides them and
+    their rows are dropped."""
     input_ids = torch.zeros(len(batch), max(len(ids) for ids in batch), dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for row, ids in enumerate(batch):
         input_ids[row, :len(ids)] = torch.as_tensor(ids)
         attention_mask[row, :len(ids)] = 1
     logits = teacher(input_ids=input_ids.to(teacher.device), attention_mask=attention_mask.to(teacher.device)).logits
-    values, indices = torch.log_softmax(logits.float() / temperature, dim=-1).topk(k, dim=-1)
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    values, indices = logprobs.topk(k, dim=-1)
+    if draws.count:
+        flat = logprobs.flatten(0, 1)
+        weights, drawn = draws.rows(flat, indices.flatten(0, 1))
+        values = torch.cat([values, weights.view(*values.shape[:2], -1)], -1)
+        indices = torch.cat([indices, drawn.view(*indices.shape[:2], -1)], -1)
     return values.to(LOGPROB_DTYPE).cpu(), indices.cpu()
 
 
@@ -195,25 +237,26 @@ def manifest(plan: dict, shards: list[dict], teacher: PreTrainedModel, tokenizer
     tokens = sum(shard["tokens"] for shard in shards)
     total = sum(shard["bytes"] for shard in shards)
     index_bytes = getattr(torch, plan["indices_dtype"]).itemsize
-    k = plan["key"]["k"]
+    slots = plan["key"]["k"] + plan["key"]["samples"]
     return {
         "format": "distill.teacher_cache", **plan, "alignment": ALIGNMENT,
         "teacher": {"name": teacher.name_or_path, "vocab_size": vocab_size},
         "tokenizer": {"name": tokenizer.name_or_path},
         "logprobs_dtype": str(LOGPROB_DTYPE).removeprefix("torch."), "tokens": tokens, "shards": shards,
         "bytes": {"total": total, "per_token": total / tokens,
-                  "payload_per_token": k * (LOGPROB_DTYPE.itemsize + index_bytes)},
+                  "payload_per_token": slots * (LOGPROB_DTYPE.itemsize + index_bytes)},
     }
 
 
 # ----- reading ----------------------------------------------------------------------------------------------------
 class TeacherCache:
-    """A built cache, read lazily: `cache[i]` is example i's (log-probabilities (n, k) float32, indices (n, k)
-    int64), n its number of tokens, aligned as the module docstring says."""
+    """A built cache, read lazily: `cache[i]` is example i's (log-probabilities (n, k + samples) float32, indices
+    (n, k + samples) int64), n its number of tokens, aligned as the module docstring says."""
 
     def __init__(self, folder: Path, manifest: dict):
         self.folder, self.manifest = folder, manifest
-        self.k, self.temperature = manifest["key"]["k"], manifest["key"]["temperature"]
+        key = manifest["key"]
+        self.k, self.samples, self.temperature = key["k"], key["samples"], key["temperature"]
         self._shards: dict[int, tuple] = {}  # shard number -> (open safetensors file, offsets), opened on first use
 
     @classmethod
@@ -237,7 +280,10 @@ class TeacherCache:
         handle, offsets = self._shard(index // self.manifest["shard_examples"])
         local = index % self.manifest["shard_examples"]
         rows = slice(offsets[local], offsets[local + 1])
-        return handle.get_slice("logprobs")[rows].float(), handle.get_slice("indices")[rows].long()
+        logprobs = handle.get_slice("logprobs")[rows].float()
+        if self.samples:
+            logprobs = logprobs - logprobs.logsumexp(-1, keepdim=True)
+        return logprobs, handle.get_slice("indices")[rows].long()
 
     def batch(self, indices: Sequence[int], attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The cached rows of examples `indices`, placed as `pad_rows` does."""
@@ -245,7 +291,7 @@ class TeacherCache:
 
     def sizes(self) -> dict:
         """Examples, tokens and bytes on disk: in all, per token, and per token without the shards' offsets and
-        headers (k * (2 + bytes per index))."""
+        headers ((k + samples) * (2 + bytes per index))."""
         return {"examples": len(self), "tokens": self.manifest["tokens"], **self.manifest["bytes"]}
 
     def _shard(self, number: int) -> tuple:
@@ -335,7 +381,7 @@ class CachedTeacherCollator(IndexedRowsCollator):
 def build_from_config(cfg: CacheConfig) -> TeacherCache:
     """recipes/build_teacher_cache.py: tokenize the corpus with the teacher's tokenizer, run the teacher (on the GPU
     when there is one) and write the cache to `cfg.output_dir`."""
-    check_settings(cfg.k, cfg.temperature, cfg.shard_examples, cfg.batch_size)
+    check_settings(cfg.k, cfg.temperature, cfg.shard_examples, cfg.batch_size, cfg.samples)
     if cfg.data.max_length < 1 or (cfg.data.limit is not None and cfg.data.limit < 1):
         raise ConfigError(f"data.max_length and data.limit must be at least 1; got {cfg.data.max_length} and "
                           f"{cfg.data.limit}")
@@ -343,5 +389,5 @@ def build_from_config(cfg: CacheConfig) -> TeacherCache:
     examples = corpus_token_ids(cfg.data, tokenizer)
     teacher = load_causal_lm(cfg.teacher).to("cuda" if torch.cuda.is_available() else "cpu")
     folder = build_cache(teacher, tokenizer, examples, cfg.output_dir, cfg.k, cfg.temperature, cfg.shard_examples,
-                         cfg.batch_size)
+                         cfg.batch_size, samples=cfg.samples, sample_seed=cfg.sample_seed)
     return TeacherCache.open(folder)

@@ -231,6 +231,13 @@ class CacheConfig:
     data: CorpusConfig = field(default_factory=CorpusConfig)
     k: int = 64
     """Log-probabilities kept per token: the k most likely next tokens."""
+    samples: int = 0
+    """Tokens also drawn (with replacement) at every position from the teacher's distribution outside its top k,
+    each kept with weight (the mass outside the top k) / samples. With them a row is an unbiased estimate of the
+    whole distribution, so the forward-KL gradient through it is unbiased; the top k alone leaves the shape of the
+    tail out. 0: the top k only."""
+    sample_seed: int = 0
+    """Seed of the draws (per shard, so that a resumed build draws what an uninterrupted one would)."""
     temperature: float = 1.0
     """The teacher's logits are divided by it before the log-softmax; a loss must use the same."""
     batch_size: int = 8

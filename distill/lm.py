@@ -138,8 +138,13 @@ def open_cache(cfg: LMDistillConfig, tokenizer: PreTrainedTokenizerBase, example
     and teacher config; its weights too when the run has loaded the teacher (hashing them needs the model)."""
     temperature = next(loss.temperature for stage in cfg.stages for loss in stage.losses if loss.name == "topk_kl")
     expect = CacheKey(config_sha256(teacher_config), weights_sha256(teacher) if teacher is not None else None,
-                      tokenizer_sha256(tokenizer), token_ids_sha256(examples), None, float(temperature))
-    return TeacherCache.open(cfg.cache, expect=expect)
+                      tokenizer_sha256(tokenizer), token_ids_sha256(examples), None, None, float(temperature))
+    cache = TeacherCache.open(cfg.cache, expect=expect)
+    if cache.samples and any(not loss.topk_tail for stage in cfg.stages for loss in stage.losses
+                             if loss.name == "topk_kl"):
+        raise ConfigError(f"teacher cache {cfg.cache} holds tokens sampled from the teacher's whole distribution; "
+                          "'topk_kl' with topk_tail: false would renormalise the student over them: set it true")
+    return cache
 
 
 @torch.no_grad()

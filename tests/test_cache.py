@@ -1,6 +1,6 @@
 """The teacher-logit cache on a tiny random Llama: cached rows equal the teacher's top-k, batches line up with padded
 input_ids, a cache built from anything else is refused by name, corruption is caught, a killed build resumes to
-the same cache, and its size on disk follows from k."""
+the same cache, and its size on disk follows from k; sampled rows estimate the whole distribution without bias."""
 import json
 import struct
 
@@ -61,6 +61,41 @@ def test_cached_rows_are_the_teachers_top_k_at_every_position(tokenizer, example
         torch.testing.assert_close(logprobs, expected.values, atol=2e-3, rtol=1e-3)  # float16 on disk
 
 
+def test_sampled_rows_hold_the_top_k_then_draws_from_the_rest_weighted_by_its_mass(tokenizer, examples, tmp_path):
+    teacher = tiny_causal_lm(len(tokenizer), tied=False)
+    folder = build(teacher, tokenizer, examples, tmp_path / "cache", samples=7, sample_seed=3)
+    cache = TeacherCache.open(folder)
+    assert (cache.k, cache.samples) == (5, 7) and cache.sizes()["payload_per_token"] == 12 * (2 + 2)
+    raw = load_file(folder / "shard-00000.safetensors")
+    for i, ids in enumerate(examples[:4]):
+        logprobs, indices = cache[i]
+        expected = reference_topk(teacher, ids, k=5, temperature=2.0)
+        assert logprobs.shape == indices.shape == (len(ids), 12)
+        assert torch.equal(indices[:, :5], expected.indices)
+        assert not (indices[:, 5:, None] == expected.indices[:, None, :]).any()  # drawn from outside the top k
+        rest = 1 - expected.values.exp().sum(-1, keepdim=True)
+        stored = raw["logprobs"][raw["offsets"][i]:raw["offsets"][i + 1]].float()
+        torch.testing.assert_close(stored[:, 5:], (rest / 7).log().expand(-1, 7), atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(len(ids)))  # renormalised on reading
+    again = build(teacher, tokenizer, examples, tmp_path / "again", samples=7, sample_seed=3)
+    assert all(torch.equal(cache[i][1], TeacherCache.open(again)[i][1]) for i in range(len(cache)))
+    other_seed = TeacherCache.open(build(teacher, tokenizer, examples, tmp_path / "seed4", samples=7, sample_seed=4))
+    assert not all(torch.equal(cache[i][1], other_seed[i][1]) for i in range(len(cache)))
+
+
+def test_draws_average_to_the_teachers_whole_distribution():
+    from distill.cache import Draws
+
+    logprobs = torch.log_softmax(torch.randn(3, 40, generator=torch.Generator().manual_seed(0)) * 2, -1)
+    top = logprobs.topk(4, -1).indices
+    weights, drawn = Draws(100_000, seed=0, shard=0, device=torch.device("cpu")).rows(logprobs, top)
+    assert not (drawn[:, :, None] == top[:, None, :]).any()
+    estimate = torch.zeros_like(logprobs).scatter(-1, top, logprobs.gather(-1, top).exp())
+    estimate.scatter_add_(-1, drawn, weights.exp())
+    torch.testing.assert_close(estimate.sum(-1), torch.ones(3))
+    torch.testing.assert_close(estimate, logprobs.exp(), atol=4e-3, rtol=0)
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_batches_line_up_with_padded_input_ids_and_a_tokenizer_without_pad(teacher, tokenizer, examples, tmp_path,
                                                                           padding_side):
@@ -89,17 +124,18 @@ def changed_weights(teacher, tokenizer, examples):
     other = tiny_causal_lm(len(tokenizer), tied=True)
     with torch.no_grad():
         other.model.norm.weight[0] += 1e-3
-    return CacheKey.of(other, tokenizer, examples, 5, 2.0)
+    return CacheKey.of(other, tokenizer, examples, 5, 0, 2.0)
 
 
 REFUSALS = {
     "teacher_weights_sha256": changed_weights,
     "tokenizer_sha256": lambda teacher, tokenizer, examples: CacheKey.of(teacher, make_tokenizer(WORDS + ["new"]),
-                                                                          examples, 5, 2.0),
+                                                                          examples, 5, 0, 2.0),
     "corpus_sha256": lambda teacher, tokenizer, examples: CacheKey.of(teacher, tokenizer,
-                                                                       [examples[0][::-1], *examples[1:]], 5, 2.0),
-    "k": lambda teacher, tokenizer, examples: CacheKey.of(teacher, tokenizer, examples, 4, 2.0),
-    "temperature": lambda teacher, tokenizer, examples: CacheKey.of(teacher, tokenizer, examples, 5, 1.0),
+                                                                       [examples[0][::-1], *examples[1:]], 5, 0, 2.0),
+    "k": lambda teacher, tokenizer, examples: CacheKey.of(teacher, tokenizer, examples, 4, 0, 2.0),
+    "samples": lambda teacher, tokenizer, examples: CacheKey.of(teacher, tokenizer, examples, 5, 3, 2.0),
+    "temperature": lambda teacher, tokenizer, examples: CacheKey.of(teacher, tokenizer, examples, 5, 0, 1.0),
 }
 
 
@@ -120,7 +156,7 @@ def test_the_key_ignores_where_teacher_and_tokenizer_were_loaded_from(teacher, t
     teacher.save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
     reloaded = CacheKey.of(load_causal_lm(str(tmp_path / "teacher")), ensure_pad_token(load_tokenizer(
-        str(tmp_path / "teacher"))), examples, 5, 2.0)
+        str(tmp_path / "teacher"))), examples, 5, 0, 2.0)
     assert len(TeacherCache.open(folder, expect=reloaded)) == 10
 
 
@@ -141,14 +177,15 @@ def test_missing_or_corrupt_shards_are_refused(teacher, tokenizer, examples, tmp
         TeacherCache.open(folder)
 
 
+@pytest.mark.parametrize("samples", [0, 3])
 def test_a_killed_build_leaves_no_cache_and_a_rerun_resumes_to_a_clean_builds_cache(teacher, tokenizer, examples,
-                                                                                 tmp_path):
+                                                                                 tmp_path, samples):
     def kill_after_first(index):
         raise KeyboardInterrupt
 
     folder = tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
-        build(teacher, tokenizer, examples, folder, on_shard=kill_after_first)
+        build(teacher, tokenizer, examples, folder, samples=samples, on_shard=kill_after_first)
     assert not folder.exists()
     with pytest.raises(ConfigError, match="no complete teacher cache.*unfinished build"):
         TeacherCache.open(folder)
@@ -156,16 +193,16 @@ def test_a_killed_build_leaves_no_cache_and_a_rerun_resumes_to_a_clean_builds_ca
     written = first_shard.stat().st_mtime_ns
 
     done = []
-    build(teacher, tokenizer, examples, folder, on_shard=done.append)
+    build(teacher, tokenizer, examples, folder, samples=samples, on_shard=done.append)
     assert done == [1, 2]  # three shards of 4, 4 and 2 examples; the first kept
     assert (folder / first_shard.name).stat().st_mtime_ns == written
     assert not folder.with_name("cache.tmp").exists() and not (folder / "progress.json").exists()
-    clean = build(teacher, tokenizer, examples, tmp_path / "clean")
+    clean = build(teacher, tokenizer, examples, tmp_path / "clean", samples=samples)
     assert (folder / "manifest.json").read_text() == (clean / "manifest.json").read_text()
 
-    build(teacher, tokenizer, examples, folder, on_shard=done.append)  # complete with the same key: kept
+    build(teacher, tokenizer, examples, folder, samples=samples, on_shard=done.append)  # complete with the same key: kept
     assert done == [1, 2]
-    build(teacher, tokenizer, examples, folder, k=4, on_shard=done.append)  # another key: rebuilt
+    build(teacher, tokenizer, examples, folder, k=4, samples=samples, on_shard=done.append)  # another key: rebuilt
     assert done == [1, 2, 0, 1, 2] and TeacherCache.open(folder).k == 4
 
 
@@ -205,6 +242,7 @@ def test_config_errors_come_before_any_loading(tmp_path):
     from distill.cache import build_from_config
 
     for bad, message in [({"k": 0}, "k must be at least 1"), ({"temperature": 0.0}, "temperature must be positive"),
+                         ({"samples": -1}, "samples must be 0"),
                          ({"data": CorpusConfig(limit=0)}, "data.max_length and data.limit must be at least 1")]:
         with pytest.raises(ConfigError, match=message):
             build_from_config(CacheConfig(teacher=str(tmp_path / "absent"), **bad))

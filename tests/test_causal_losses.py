@@ -124,6 +124,34 @@ def test_topk_with_tail_bucket_and_renormalised_hand_values():
     assert renormalised.item() == pytest.approx(sum(expected) / 2, rel=1e-3)
 
 
+def test_topk_through_sampled_rows_has_the_forward_kl_gradient_on_average():
+    """A sampled cache's rows (top k, then draws from the rest at weight rest / draws, repeats allowed): the
+    gradient is student probabilities minus the weights summed per token, so with many draws it nears the full
+    forward-KL gradient; a zero-weight slot (a row with nothing outside its top k) counts nothing."""
+    from distill.cache import Draws
+
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(1, 4, 30, generator=generator, requires_grad=True)
+    teacher = torch.randn(1, 4, 30, generator=generator) * 2
+    labels = torch.tensor([[1, 2, 3, 4]])
+    logprobs = torch.log_softmax(teacher, -1).flatten(0, 1)
+    top = logprobs.topk(3, -1)
+    weights, drawn = Draws(50_000, seed=0, shard=0, device=torch.device("cpu")).rows(logprobs, top.indices)
+    sampled = TeacherTopK(torch.cat([top.values, weights], -1)[None], torch.cat([top.indices, drawn], -1)[None])
+    gradient, = torch.autograd.grad(distill_topk(LogitSource(student), sampled, labels), student)
+    full, = torch.autograd.grad(distill_tokens(forward_kl, LogitSource(student), LogitSource(teacher), labels),
+                                student)
+    torch.testing.assert_close(gradient, full, atol=2e-3, rtol=0)
+    assert not torch.allclose(gradient, torch.autograd.grad(
+        distill_topk(LogitSource(student), TeacherTopK(top.values[None], top.indices[None]), labels), student)[0],
+        atol=2e-3)  # the top 3 with a tail bucket has another gradient
+
+    zero_weight = TeacherTopK(torch.tensor([[[0.0, float("-inf")]] * 4]), torch.tensor([[[5, 7]] * 4]))
+    value = distill_topk(LogitSource(student), zero_weight, labels)
+    assert value.item() == pytest.approx(-torch.log_softmax(student[0, :3], -1)[:, 5].mean().item(), rel=1e-6)
+    assert torch.isfinite(torch.autograd.grad(value, student)[0]).all()
+
+
 def test_topk_refuses_ids_beyond_the_compared_vocabulary():
     teacher = topk_of(TEACHER, 2)
     with pytest.raises(ValueError, match="token id 2, beyond the 2 token ids compared"):

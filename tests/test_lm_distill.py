@@ -160,6 +160,17 @@ def test_cached_run_reads_the_cache_and_never_runs_the_teacher(tmp_path, teacher
     assert any(r.get("train_topk_kl", 0) > 0 for r in records)
 
 
+def test_a_sampled_cache_trains_and_refuses_renormalising_over_its_draws(tmp_path, teacher_dir, corpus):
+    cache = str(build_cache(tmp_path, teacher_dir, corpus, samples=6))
+    renormalised = [LossConfig(name="topk_kl", topk_tail=False)]
+    with pytest.raises(ConfigError, match="sampled from the teacher's whole distribution.*topk_tail"):
+        distill_lm(lm_cfg(tmp_path, teacher_dir, corpus, renormalised, cache=cache))
+    distill_lm(lm_cfg(tmp_path, teacher_dir, corpus, CACHED, cache=cache))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("train_topk_kl", 0) > 0 for r in records)
+    assert all(math.isfinite(r["train_topk_kl"]) for r in records if "train_topk_kl" in r)
+
+
 @pytest.mark.parametrize("change, field", [
     ({"data": CorpusConfig(max_length=8)}, "corpus_sha256"),
     ({"temperature": 2.0}, "temperature"),

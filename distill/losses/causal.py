@@ -102,12 +102,24 @@ def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     return (beta * kl_rows(log_p, log_m) + (1 - beta) * kl_rows(log_q, log_m)) / (beta * (1 - beta))
 
 
+def sparse_kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum p (log p - log q) of each row over its slots, where a slot of p may be 0 (log p = -inf) and count
+    nothing."""
+    p = log_p.exp()
+    return (torch.special.xlogy(p, p) - p * log_q).sum(-1)
+
+
 def topk_kl(student: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor,
             temperature: float, tail: bool) -> torch.Tensor:
-    """KL(teacher || student) per row against the teacher's top-k log-probabilities (already at `temperature`) at
-    token ids `teacher_indices` (distinct within a row). With `tail`, over k + 1 buckets: the k tokens, and the rest
-    of the vocabulary (the teacher's 1 - its top-k mass, the student's own mass outside those tokens); when k covers
-    the vocabulary there is no rest. Without `tail`, both renormalised over the k tokens."""
+    """KL(teacher || student) per row against the teacher's cached log-probabilities (already at `temperature`) at
+    token ids `teacher_indices`: its top k, distinct, and perhaps tokens sampled from the rest (a sampled cache, whose
+    slots may repeat a token and hold the whole mass; `distill.cache`). With `tail`, over the slots plus one bucket
+    for the rest of the vocabulary (the teacher's mass left out of the slots, the student's own mass outside those
+    tokens); when k covers the vocabulary there is no rest. Without `tail`, both renormalised over the k tokens.
+
+    Through a sampled row the gradient with respect to the student's logits is (student probabilities - slot
+    weights summed per token), whose expectation is the full forward-KL gradient; the value itself is the sampled
+    estimate's KL, not the full one."""
     vocabulary = student.shape[-1]
     if teacher_indices.numel() and teacher_indices.max() >= vocabulary:
         raise ValueError(f"the teacher's top-k holds token id {int(teacher_indices.max())}, beyond the {vocabulary} "
@@ -116,8 +128,8 @@ def topk_kl(student: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indic
     log_q_top = log_q.gather(-1, teacher_indices)
     if not tail:
         return kl_rows(F.log_softmax(teacher_logprobs, -1), F.log_softmax(log_q_top, -1))
-    kl = kl_rows(teacher_logprobs, log_q_top)
-    if teacher_indices.shape[-1] == vocabulary:
+    kl = sparse_kl_rows(teacher_logprobs, log_q_top)
+    if teacher_indices.shape[-1] >= vocabulary:  # a top k of the whole vocabulary; sampled slots leave no rest
         return kl
     p_rest = (1 - teacher_logprobs.exp().sum(-1)).clamp_min(0)  # a cache's rounding can push the sum past 1
     log_q_rest = log_q.scatter(-1, teacher_indices, float("-inf")).logsumexp(-1)
