@@ -2,11 +2,12 @@
 --eval) the test perplexity of both students.
 
     python scripts/bench_trl_gkd.py [--config recipes/distill_lm.yaml] [--steps 10 --warmup 2 --repeats 1] [--eval] \
-        [key=value ...]
+        [--bf16] [key=value ...]
 
 Both sides train the student that the config builds (saved once to a temporary folder; each side loads it from there,
-so both start from the same weights) against the config's teacher, in float32, without gradient checkpointing, on
-the same batches: the first batches of the config's train slice in the order this project's Trainer draws them
+so both start from the same weights) against the config's teacher, in float32 (with `--bf16`, float32 weights under
+bfloat16 autocast on both sides: TRL's `bf16=True`, our `train.mixed_precision: bf16`), without gradient
+checkpointing, on the same batches: the first batches of the config's train slice in the order this project's Trainer draws them
 (TRL's sampler is made sequential over them), padded by the same collator. The loss is forward KL(teacher || student)
 at T = 1, averaged over the real target tokens, and nothing else: TRL's `trl.experimental.gkd.GKDTrainer` with
 lmbda = 0 (no generation by the student), beta = 0 (its generalized JSD is then forward KL) and no seq_kd, and ours
@@ -65,13 +66,14 @@ def trl_python() -> Path:
 # ----- what both sides share --------------------------------------------------------------------------------------
 def bench_config(args, overrides: list[str], student_dir: str, run_dir: str = "unused", side: str = "ours"
                  ) -> LMDistillConfig:
-    """The config with forward KL alone (for the cached side: top-k KL from `--cache`), the saved student, float32,
-    log every step, no checkpoint before the end."""
+    """The config with forward KL alone (for the cached side: top-k KL from `--cache`), the saved student, float32
+    or bf16 autocast, log every step, no checkpoint before the end."""
     total = args.warmup + args.steps
     loss = [CACHED_LOSS, f"cache={args.cache}"] if side == CACHED_SIDE else [GKD_LOSS]
     cfg = parse_args(LMDistillConfig, ["--config", args.config, *overrides, *loss, f"output_dir={run_dir}",
                                        "student.init=pretrained", f"student.model={student_dir}",
-                                       "train.mixed_precision='no'", f"train.max_steps_per_stage={total}",
+                                       f"train.mixed_precision={'bf16' if args.bf16 else repr('no')}",
+                                       f"train.max_steps_per_stage={total}",
                                        f"train.save_steps={total + 1}", "train.log_steps=1",
                                        "train.gradient_accumulation_steps=1"])
     check_lm_config(cfg)
@@ -141,7 +143,7 @@ def run_trl(cfg: LMDistillConfig, total: int, warmup: int, out_dir: Path, keep_m
         output_dir=str(out_dir), seed=cfg.seed, max_steps=total, per_device_train_batch_size=train_cfg.batch_size,
         gradient_accumulation_steps=1, train_sampling_strategy="sequential",
         lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
-        bf16=False, fp16=False, gradient_checkpointing=False,
+        bf16=cfg.train.mixed_precision == "bf16", fp16=False, gradient_checkpointing=False,
         optim="adamw_torch", learning_rate=stage.learning_rate, weight_decay=train_cfg.weight_decay,
         lr_scheduler_type=train_cfg.lr_scheduler, warmup_steps=round(train_cfg.warmup_ratio * total),
         max_grad_norm=train_cfg.max_grad_norm, max_length=cfg.data.max_length,
@@ -183,6 +185,7 @@ def parse(argv: list[str]):
     parser.add_argument("--eval", action="store_true", help="also the test perplexity of both students after the "
                                                             "steps (of the last run of each side)")
     parser.add_argument("--json", type=Path, help="also write every run's step times and losses here")
+    parser.add_argument("--bf16", action="store_true", help="both sides under bfloat16 autocast (TRL's default)")
     parser.add_argument("--cache", help="a teacher cache of the config's corpus (recipes/build_teacher_cache.py): adds "
                                         f"'{CACHED_SIDE}', our run on top-k KL read from it, no teacher run")
     parser.add_argument("--side", choices=(*SIDES, CACHED_SIDE), help=argparse.SUPPRESS)  # run one side, in this process

@@ -12,8 +12,9 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from distill.config import ConfigError, LossConfig, StageConfig
 from distill.losses import LossInputs, LossSetup, TeacherTopK, build_losses
-from distill.losses.causal import (LogitSource, distill_tokens, distill_topk, forward_kl, generalized_jsd,
-                                   next_token_ce, reverse_kl, token_losses, topk_kl)
+from distill.losses.causal import (LogitSource, SoftenedStudent, TokenRows, cross_entropy_rows, distill_tokens,
+                                   distill_topk, forward_kl, generalized_jsd, next_token_ce, reverse_kl,
+                                   scaled_divergence, scaled_topk_kl, token_losses, topk_kl)
 from distill.run import check_stages
 from distill.vocab_check import common_vocab_size
 
@@ -152,6 +153,30 @@ def test_topk_through_sampled_rows_has_the_forward_kl_gradient_on_average():
     assert torch.isfinite(torch.autograd.grad(value, student)[0]).all()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_closed_forms_give_autograds_values_and_gradients(temperature):
+    """CE, forward KL and top-k KL with the tail bucket (on a top 3 and on sampled slots with a repeated token and a
+    zero weight) train from values and gradients in closed form: they equal autograd's on the same rows."""
+    generator = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(5, 11, generator=generator) * 3, torch.randn(5, 11, generator=generator) * 3
+    targets = torch.randint(0, 11, (5,), generator=generator)
+    top = torch.log_softmax(teacher / temperature, -1).topk(3, -1)
+    sampled = (torch.cat([top.values, torch.full((5, 2), math.log(0.1)), torch.full((5, 1), float("-inf"))], -1),
+               torch.cat([top.indices, top.indices[:, :1] * 0 + 10, top.indices[:, :1] * 0 + 10, top.indices[:, :1]],
+                         -1))
+    cases = {"ce": (cross_entropy_rows, None), "forward_kl": (scaled_divergence(forward_kl, temperature), None),
+             "topk": (scaled_topk_kl(temperature, True), (top.values, top.indices)),
+             "sampled": (scaled_topk_kl(temperature, True), sampled)}
+    for name, (row_loss, topk) in cases.items():
+        leaf = student.clone().requires_grad_()
+        values = row_loss(TokenRows(leaf, teacher, topk, targets))
+        (expected,) = torch.autograd.grad(values.sum(), leaf)
+        closed_values, gradient = row_loss.closed_form(TokenRows(student, teacher, topk, targets),
+                                                       SoftenedStudent(student))
+        torch.testing.assert_close(closed_values, values.detach(), msg=name)
+        torch.testing.assert_close(gradient, expected, msg=name)
+
+
 def test_topk_refuses_ids_beyond_the_compared_vocabulary():
     teacher = topk_of(TEACHER, 2)
     with pytest.raises(ValueError, match="token id 2, beyond the 2 token ids compared"):
@@ -252,6 +277,7 @@ MIXES = {
     "jsd": [LossConfig(name="jsd", beta=0.3, temperature=1.5)],
     "topk_tail": [LossConfig(name="topk_kl", topk_tail=True), LossConfig(name="next_token_ce", weight=0.5)],
     "topk_renormalised": [LossConfig(name="topk_kl", topk_tail=False, temperature=2.0)],
+    "topk_tail_t2": [LossConfig(name="topk_kl", topk_tail=True, temperature=2.0)],
 }
 
 

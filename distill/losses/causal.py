@@ -109,6 +109,12 @@ def sparse_kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (torch.special.xlogy(p, p) - p * log_q).sum(-1)
 
 
+def check_topk_ids(indices: torch.Tensor, vocabulary: int) -> None:
+    if indices.numel() and indices.max() >= vocabulary:
+        raise ValueError(f"the teacher's top-k holds token id {int(indices.max())}, beyond the {vocabulary} token ids "
+                         f"compared; cache the teacher's logits cut to {vocabulary} ids")
+
+
 def topk_kl(student: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor,
             temperature: float, tail: bool) -> torch.Tensor:
     """KL(teacher || student) per row against the teacher's cached log-probabilities (already at `temperature`) at
@@ -121,9 +127,7 @@ def topk_kl(student: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indic
     weights summed per token), whose expectation is the full forward-KL gradient; the value itself is the sampled
     estimate's KL, not the full one."""
     vocabulary = student.shape[-1]
-    if teacher_indices.numel() and teacher_indices.max() >= vocabulary:
-        raise ValueError(f"the teacher's top-k holds token id {int(teacher_indices.max())}, beyond the {vocabulary} "
-                         f"token ids compared; cache the teacher's logits cut to {vocabulary} ids")
+    check_topk_ids(teacher_indices, vocabulary)
     log_q = F.log_softmax(student / temperature, -1)
     log_q_top = log_q.gather(-1, teacher_indices)
     if not tail:
@@ -158,8 +162,43 @@ class TokenRows:
     targets: torch.Tensor
 
 
-RowLoss = Callable[[TokenRows], torch.Tensor]
-"""One chunk's rows -> one loss value per row; a loss is the mean of its values over the target positions."""
+class SoftenedStudent:
+    """The student's log-probabilities and probabilities over one chunk's rows at each temperature asked for,
+    computed once each, without autograd: what the closed forms of a pass's losses share."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+        self._log_probs: dict[float, torch.Tensor] = {}
+        self._probs: dict[float, torch.Tensor] = {}
+
+    def log_probs(self, temperature: float) -> torch.Tensor:
+        if temperature not in self._log_probs:
+            scaled = self.logits if temperature == 1 else self.logits / temperature
+            self._log_probs[temperature] = F.log_softmax(scaled, -1)
+        return self._log_probs[temperature]
+
+    def probs(self, temperature: float) -> torch.Tensor:
+        if temperature not in self._probs:
+            self._probs[temperature] = self.log_probs(temperature).exp()
+        return self._probs[temperature]
+
+
+ClosedForm = Callable[[TokenRows, SoftenedStudent], tuple[torch.Tensor, torch.Tensor]]
+"""(a chunk's rows, the student softened) -> (one value per row, the gradient of their sum with respect to the
+student's logits), computed without autograd."""
+
+
+class RowLoss:
+    """One chunk's rows -> one loss value per row; a loss is the mean of its values over the target positions. The
+    values are differentiable by autograd; with a `closed_form`, a training pass takes the values and their gradient
+    from it instead: a few passes over the (rows, vocabulary) logits where autograd's graph of the same operations
+    takes several times as many."""
+
+    def __init__(self, values: Callable[[TokenRows], torch.Tensor], closed_form: Optional[ClosedForm] = None):
+        self.values, self.closed_form = values, closed_form
+
+    def __call__(self, rows: TokenRows) -> torch.Tensor:
+        return self.values(rows)
 
 
 class _GradientsFromForward(torch.autograd.Function):
@@ -199,9 +238,10 @@ class _ChunkGradients:
     def leaf_rows(self, chunk: torch.Tensor) -> torch.Tensor:
         return self.detached[chunk].requires_grad_(self.state_sum is not None)
 
-    def add(self, chunk_total: torch.Tensor, rows: torch.Tensor, chunk: torch.Tensor) -> None:
+    def add(self, logits: torch.Tensor, logit_gradient: torch.Tensor, rows: torch.Tensor, chunk: torch.Tensor) -> None:
+        """Add the gradient that `logit_gradient` on the chunk's `logits` (made from its state `rows`) gives."""
         wrt = ([rows] if self.state_sum is not None else []) + self.params
-        gradients = list(torch.autograd.grad(chunk_total, wrt, allow_unused=True, materialize_grads=True))
+        gradients = list(torch.autograd.grad(logits, wrt, logit_gradient, allow_unused=True, materialize_grads=True))
         if self.state_sum is not None:
             self.state_sum[chunk] += gradients.pop(0)
         for total, gradient in zip(self.param_sums, gradients):
@@ -228,24 +268,22 @@ def fused_means(row_losses: dict[str, RowLoss], weights: dict[str, float], stude
     count = max(len(positions), 1)
     gradients = _ChunkGradients.needed(student)
 
-    def chunk_values(chunk: torch.Tensor, states: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each loss's sum over the `chunk` of positions, whose student `states` are given; the raw logits die on
-        return, before the gradients are taken (the losses' graphs keep what backward needs)."""
+    def chunk_sums(chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each loss's detached sum over the `chunk` of positions, its gradients added; the chunk's logits die on
+        return, before the next chunk's exist."""
+        states = gradients.leaf_rows(chunk) if gradients else student.flat_states()[chunk]
+        logits = student.project(states, vocab_size)
         with torch.no_grad():
             teacher_logits = teacher.rows(chunk, vocab_size) if teacher is not None else None
-        rows = TokenRows(student.project(states, vocab_size), teacher_logits,
-                         topk.rows(chunk) if topk is not None else None, targets[chunk])
-        return {name: loss(rows).sum() for name, loss in row_losses.items()}
-
-    def chunk_sums(chunk: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each loss's detached sum over the `chunk` of positions, its gradients added; the chunk's graph dies on
-        return, before the next chunk's logits exist."""
-        states = gradients.leaf_rows(chunk) if gradients else student.flat_states()[chunk]
-        values = chunk_values(chunk, states)
-        if gradients:
-            # unnormalised sums: gradients through a half-precision head keep their magnitude (divided by count later)
-            gradients.add(sum(weights[name] * value for name, value in values.items()), states, chunk)
-        return {name: value.detach() for name, value in values.items()}
+        rows = TokenRows(logits.detach(), teacher_logits, topk.rows(chunk) if topk is not None else None,
+                         targets[chunk])
+        if not gradients:
+            with torch.no_grad():
+                return {name: loss(rows).sum() for name, loss in row_losses.items()}
+        # unnormalised sums: gradients through a half-precision head keep their magnitude (divided by count later)
+        values, logit_gradient = sums_and_logit_gradient(row_losses, weights, rows)
+        gradients.add(logits, logit_gradient, states, chunk)
+        return values
 
     sums = {name: torch.zeros((), device=labels.device) for name in row_losses}
     for chunk in positions.split(chunk_size):
@@ -255,23 +293,93 @@ def fused_means(row_losses: dict[str, RowLoss], weights: dict[str, float], stude
     return (gradients.attach(weighted, 1 / count) if gradients else weighted), means
 
 
+def sums_and_logit_gradient(row_losses: dict[str, RowLoss], weights: dict[str, float], rows: TokenRows
+                            ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each loss's detached sum over the chunk's `rows`, and the gradient of their weighted sum with respect to the
+    student's logits: in closed form where a loss has one, by autograd for the others."""
+    sums, gradient = {}, None
+    softened = SoftenedStudent(rows.student)
+    with torch.no_grad():
+        for name, loss in row_losses.items():
+            if loss.closed_form is not None:
+                values, loss_gradient = loss.closed_form(rows, softened)
+                sums[name] = values.sum()
+                loss_gradient.mul_(weights[name])
+                gradient = loss_gradient if gradient is None else gradient.add_(loss_gradient)
+    by_autograd = [name for name, loss in row_losses.items() if loss.closed_form is None]
+    if by_autograd:
+        leaf = rows.student.detach().requires_grad_()
+        leaf_rows = TokenRows(leaf, rows.teacher, rows.topk, rows.targets)
+        leaf_sums = {name: row_losses[name](leaf_rows).sum() for name in by_autograd}
+        (leaf_gradient,) = torch.autograd.grad(sum(weights[name] * leaf_sums[name] for name in by_autograd), leaf)
+        sums.update({name: value.detach() for name, value in leaf_sums.items()})
+        gradient = leaf_gradient if gradient is None else gradient.add_(leaf_gradient)
+    return {name: sums[name] for name in row_losses}, gradient
+
+
 def token_mean(row_loss: RowLoss, student: LogitSource, labels: torch.Tensor, **options) -> torch.Tensor:
     """One loss of `fused_means`, alone."""
     return fused_means({"loss": row_loss}, {"loss": 1.0}, student, labels, **options)[0]
 
 
 def scaled_divergence(divergence: Divergence, temperature: float) -> RowLoss:
-    """`divergence` of the student's rows from the teacher's at `temperature`, times T^2."""
-    return lambda rows: divergence(rows.student, rows.teacher, temperature) * temperature ** 2
+    """`divergence` of the student's rows from the teacher's at `temperature`, times T^2 (forward KL in closed
+    form)."""
+    closed_form = forward_kl_closed_form(temperature) if divergence is forward_kl else None
+    return RowLoss(lambda rows: divergence(rows.student, rows.teacher, temperature) * temperature ** 2, closed_form)
 
 
 def scaled_topk_kl(temperature: float, tail: bool) -> RowLoss:
-    """`topk_kl` to the cached top-k at `temperature`, times T^2."""
-    return lambda rows: topk_kl(rows.student, *rows.topk, temperature, tail) * temperature ** 2
+    """`topk_kl` to the cached top-k at `temperature`, times T^2 (in closed form with the tail bucket)."""
+    return RowLoss(lambda rows: topk_kl(rows.student, *rows.topk, temperature, tail) * temperature ** 2,
+                   topk_kl_closed_form(temperature) if tail else None)
 
 
-def cross_entropy_rows(rows: TokenRows) -> torch.Tensor:
-    return F.cross_entropy(rows.student, rows.targets, reduction="none")
+def cross_entropy_closed_form(rows: TokenRows, softened: SoftenedStudent) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log q(target) per row; gradient q - onehot(target)."""
+    on_target = (torch.arange(len(rows.targets), device=rows.targets.device), rows.targets)
+    gradient = softened.probs(1.0).clone()
+    gradient[on_target] -= 1
+    return -softened.log_probs(1.0)[on_target], gradient
+
+
+cross_entropy_rows = RowLoss(lambda rows: F.cross_entropy(rows.student, rows.targets, reduction="none"),
+                             cross_entropy_closed_form)
+
+
+def forward_kl_closed_form(temperature: float) -> ClosedForm:
+    """T^2 KL(p || q) per row, p and q the teacher's and the student's distributions at T; gradient T (q - p)."""
+    def closed_form(rows: TokenRows, softened: SoftenedStudent) -> tuple[torch.Tensor, torch.Tensor]:
+        log_p = F.log_softmax(rows.teacher if temperature == 1 else rows.teacher / temperature, -1)
+        values = kl_rows(log_p, softened.log_probs(temperature)) * temperature ** 2
+        return values, (softened.probs(temperature) - log_p.exp()).mul_(temperature)
+    return closed_form
+
+
+def topk_kl_closed_form(temperature: float) -> ClosedForm:
+    """`topk_kl` with the tail bucket, times T^2. With w the slot weights (p̂ summed per token), S the slots' tokens,
+    p_rest = 1 - sum(w) and q_rest the student's mass outside S, the gradient is
+
+        T (q (sum(w) + p_rest) - p̂ - p_rest q 1[token not in S] / q_rest)."""
+    def closed_form(rows: TokenRows, softened: SoftenedStudent) -> tuple[torch.Tensor, torch.Tensor]:
+        logprobs, indices = rows.topk
+        check_topk_ids(indices, softened.logits.shape[-1])
+        q, weights = softened.probs(temperature), logprobs.exp()
+        values = sparse_kl_rows(logprobs, softened.log_probs(temperature).gather(-1, indices))
+        mass = weights.sum(-1, keepdim=True)
+        if indices.shape[-1] >= q.shape[-1]:  # as in topk_kl: no rest
+            gradient = q * mass
+        else:
+            p_rest = (1 - mass).clamp_min(0)
+            outside = q.scatter(-1, indices, 0.0)
+            q_rest = outside.sum(-1, keepdim=True)
+            log_q_rest = q_rest.clamp_min(torch.finfo(q.dtype).tiny).log()
+            values += (torch.special.xlogy(p_rest, p_rest) - p_rest * log_q_rest).squeeze(-1)
+            gradient = q * (mass + p_rest)
+            gradient -= outside.mul_(torch.where(q_rest > 0, p_rest / q_rest, 0.0))
+        gradient.scatter_add_(-1, indices, -weights)
+        return values * temperature ** 2, gradient.mul_(temperature)
+    return closed_form
 
 
 def distill_tokens(divergence: Divergence, student: LogitSource, teacher: LogitSource, labels: torch.Tensor,
