@@ -35,6 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from distill.benchmark import StepClock, peer_environment, rotated_order, run_probe, summarise
@@ -144,6 +145,7 @@ def run_trl(cfg: LMDistillConfig, total: int, warmup: int, out_dir: Path, keep_m
         gradient_accumulation_steps=1, train_sampling_strategy="sequential",
         lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0,
         bf16=cfg.train.mixed_precision == "bf16", fp16=False, gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),  # transformers refuses bf16 on CPU unless told
         optim="adamw_torch", learning_rate=stage.learning_rate, weight_decay=train_cfg.weight_decay,
         lr_scheduler_type=train_cfg.lr_scheduler, warmup_steps=round(train_cfg.warmup_ratio * total),
         max_grad_norm=train_cfg.max_grad_norm, max_length=cfg.data.max_length,
