@@ -228,12 +228,12 @@ def test_recipe_builds_a_cache_from_a_text_file_and_reports_its_size(teacher, to
     (tmp_path / "corpus.txt").write_text("\n\n".join(texts) + "\n")  # blank lines are no examples
     build_recipe([f"teacher={tmp_path / 'teacher'}", f"output_dir={tmp_path / 'cache'}",
                   f"data.source={tmp_path / 'corpus.txt'}", "data.limit=5", "data.max_length=6", "k=3",
-                  "shard_examples=2"])
+                  "samples=2", "shard_examples=2"])
     report = json.loads(capsys.readouterr().out)
     cache = TeacherCache.open(report["cache"], verify=True)
     assert len(cache) == report["examples"] == 5
     assert report["tokens"] == sum(min(6, len(ids)) for ids in tokenizer(texts[:5])["input_ids"])
-    assert report["payload_per_token"] == 3 * 4 and report["per_token"] > 12
+    assert report["payload_per_token"] == (3 + 2) * 4 and report["per_token"] > 20
 
 
 def test_config_errors_come_before_any_loading(tmp_path):

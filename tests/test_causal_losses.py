@@ -177,6 +177,17 @@ def test_closed_forms_give_autograds_values_and_gradients(temperature):
         torch.testing.assert_close(gradient, expected, msg=name)
 
 
+def test_topk_kl_merges_repeated_slots_into_one_token_of_their_total_weight():
+    student = torch.tensor([[0.5, -1.0, 2.0, 0.0, 1.0]])
+    q = torch.softmax(student, -1)[0]
+    # token 2 drawn twice (0.2 each), token 4 once (0.2), and a slot of weight 0: the estimate is {0: .4, 2: .4, 4: .2}
+    slots = torch.tensor([[0.4, 0.2, 0.2, 0.2, 0.0]]).log(), torch.tensor([[0, 2, 4, 2, 1]])
+    merged = {0: 0.4, 2: 0.4, 4: 0.2}
+    expected = sum(p * math.log(p / q[token]) for token, p in merged.items())
+    assert topk_kl(student, *slots, 1.0, tail=True).item() == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+
+
 def test_topk_refuses_ids_beyond_the_compared_vocabulary():
     teacher = topk_of(TEACHER, 2)
     with pytest.raises(ValueError, match="token id 2, beyond the 2 token ids compared"):

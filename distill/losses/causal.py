@@ -102,11 +102,20 @@ def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     return (beta * kl_rows(log_p, log_m) + (1 - beta) * kl_rows(log_q, log_m)) / (beta * (1 - beta))
 
 
-def sparse_kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """sum p (log p - log q) of each row over its slots, where a slot of p may be 0 (log p = -inf) and count
-    nothing."""
+def sparse_kl_rows(log_p: torch.Tensor, log_q: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """KL over each row's slots: sum of p (log p_token - log q), p_token the weight of the slot's token summed over
+    the slots that repeat it (so that repeats count as one token of their total weight, and the value is a KL of
+    distributions, never below 0 with the rest bucket); a slot of weight 0 (log p = -inf) counts nothing."""
     p = log_p.exp()
-    return (torch.special.xlogy(p, p) - p * log_q).sum(-1)
+    return torch.where(p > 0, p * (token_weights(p, indices).log() - log_q), 0.0).sum(-1)
+
+
+def token_weights(weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Each slot's token's weight summed over the row's slots that hold the same token (by sorting, O(slots))."""
+    sorted_ids, order = indices.sort(-1)
+    group = F.pad((sorted_ids[..., 1:] != sorted_ids[..., :-1]).long().cumsum(-1), (1, 0))
+    totals = torch.zeros_like(weights).scatter_add_(-1, group, weights.gather(-1, order))
+    return torch.empty_like(weights).scatter_(-1, order, totals.gather(-1, group))
 
 
 def check_topk_ids(indices: torch.Tensor, vocabulary: int) -> None:
@@ -124,15 +133,15 @@ def topk_kl(student: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indic
     tokens); when k covers the vocabulary there is no rest. Without `tail`, both renormalised over the k tokens.
 
     Through a sampled row the gradient with respect to the student's logits is (student probabilities - slot
-    weights summed per token), whose expectation is the full forward-KL gradient; the value itself is the sampled
-    estimate's KL, not the full one."""
+    weights summed per token), whose expectation is the full forward-KL gradient; the value itself is the KL to the
+    sampled estimate (repeats merged), not to the full distribution."""
     vocabulary = student.shape[-1]
     check_topk_ids(teacher_indices, vocabulary)
     log_q = F.log_softmax(student / temperature, -1)
     log_q_top = log_q.gather(-1, teacher_indices)
     if not tail:
         return kl_rows(F.log_softmax(teacher_logprobs, -1), F.log_softmax(log_q_top, -1))
-    kl = sparse_kl_rows(teacher_logprobs, log_q_top)
+    kl = sparse_kl_rows(teacher_logprobs, log_q_top, teacher_indices)
     if teacher_indices.shape[-1] >= vocabulary:  # a top k of the whole vocabulary; sampled slots leave no rest
         return kl
     p_rest = (1 - teacher_logprobs.exp().sum(-1)).clamp_min(0)  # a cache's rounding can push the sum past 1
@@ -365,7 +374,7 @@ def topk_kl_closed_form(temperature: float) -> ClosedForm:
         logprobs, indices = rows.topk
         check_topk_ids(indices, softened.logits.shape[-1])
         q, weights = softened.probs(temperature), logprobs.exp()
-        values = sparse_kl_rows(logprobs, softened.log_probs(temperature).gather(-1, indices))
+        values = sparse_kl_rows(logprobs, softened.log_probs(temperature).gather(-1, indices), indices)
         mass = weights.sum(-1, keepdim=True)
         if indices.shape[-1] >= q.shape[-1]:  # as in topk_kl: no rest
             gradient = q * mass
