@@ -8,9 +8,10 @@ Causal shift: the logits at position t predict token t + 1, so position t counts
 One pass, gradients in forward: all the token losses of a stage walk together through the real target positions,
 `chunk_size` at a time (the smallest of their `chunk_size` options). For each chunk the student's logits are computed
 once, the teacher's once without gradient, every loss is evaluated on them, and the gradient of the chunk's weighted
-sum with respect to the student's final states and its head's trainable parameters is taken at once and added up;
-the returned total hands those sums to backward. So only one chunk's float32 logits (chunk_size x vocabulary, a few
-copies) exist at a time, nothing is recomputed, and memory beyond the models is O(chunk_size x vocabulary) plus one
+sum with respect to the student's final states and its head's trainable parameters is taken at once and added up
+(CE, forward KL and top-k KL with the tail bucket give their gradient with respect to the logits in closed form,
+from one softmax per chunk that they share; other losses go through autograd); the returned total hands those sums
+to backward. So only one chunk's float32 logits (chunk_size x vocabulary, a few copies) exist at a time, nothing is recomputed, and memory beyond the models is O(chunk_size x vocabulary) plus one
 gradient buffer the size of the final states and one the size of the head's trainable weights. Given the LM heads
 (`LossInputs.student_head` / `teacher_head`), the models' (batch, length, vocabulary) logits never exist at all.
 Without heads the losses read the models' logits, in whatever precision the models produced them. The teacher gets
