@@ -11,8 +11,9 @@ once, the teacher's once without gradient, every loss is evaluated on them, and 
 sum with respect to the student's final states and its head's trainable parameters is taken at once and added up
 (CE, forward KL and top-k KL with the tail bucket give their gradient with respect to the logits in closed form,
 from one softmax per chunk that they share; other losses go through autograd); the returned total hands those sums
-to backward. So only one chunk's float32 logits (chunk_size x vocabulary, a few copies) exist at a time, nothing is recomputed, and memory beyond the models is O(chunk_size x vocabulary) plus one
-gradient buffer the size of the final states and one the size of the head's trainable weights. Given the LM heads
+to backward. So only one chunk's float32 logits (chunk_size x vocabulary, a few copies) exist at a time, nothing
+is recomputed, and memory beyond the models is O(chunk_size x vocabulary) plus one gradient buffer the size of the
+final states and one the size of the head's trainable weights. Given the LM heads
 (`LossInputs.student_head` / `teacher_head`), the models' (batch, length, vocabulary) logits never exist at all.
 Without heads the losses read the models' logits, in whatever precision the models produced them. The teacher gets
 no gradient."""
