@@ -91,9 +91,9 @@ def markdown(summary: dict[str, dict], configs: dict[str, LMDistillConfig], args
 
 
 def cache_text(sizes: dict, vocab_size: int) -> str:
-    return (f"Teacher cache: {sizes['total'] / 2**20:.1f} MB for {sizes['tokens']} tokens of {sizes['examples']} "
-            f"texts: {sizes['per_token']:.0f} bytes per token ({sizes['payload_per_token']} of them top-k values and "
-            f"ids); the full float16 distribution would take {2 * vocab_size} bytes per token.")
+    return (f"Teacher cache: {sizes['total'] / 2**20:.1f} MiB for {sizes['tokens']} tokens of {sizes['examples']} "
+            f"texts: {sizes['per_token']:.0f} bytes per token ({sizes['payload_per_token']} of them the rows' values "
+            f"and ids); the full float16 distribution would take {2 * vocab_size} bytes per token.")
 
 
 def parse(argv: list[str]):
