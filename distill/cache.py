@@ -5,8 +5,10 @@ teacher.
 A cache is a folder:
   manifest.json            what it was built from (`CacheKey`: teacher config and weights, tokenizer, corpus, k,
                            samples, temperature), its shards with their SHA-256, example and token counts, sizes
+                           in bytes
   shard-00000.safetensors  `logprobs` (tokens, k + samples) float16 and `indices` (tokens, k + samples) uint16 (int32
                            when the vocabulary has more than 65536 tokens): the rows of the shard's examples,
+                           concatenated;
                            `offsets` (examples + 1,) int64: example j of the shard is rows offsets[j]:offsets[j+1]
 
 Alignment: an example of n tokens has n rows, one per token position. Row t is the teacher's distribution over

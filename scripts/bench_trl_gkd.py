@@ -7,13 +7,14 @@
 Both sides train the student that the config builds (saved once to a temporary folder; each side loads it from there,
 so both start from the same weights) against the config's teacher, in float32 (with `--bf16`, float32 weights under
 bfloat16 autocast on both sides: TRL's `bf16=True`, our `train.mixed_precision: bf16`), without gradient
-checkpointing, on the same batches: the first batches of the config's train slice in the order this project's Trainer draws them
-(TRL's sampler is made sequential over them), padded by the same collator. The loss is forward KL(teacher || student)
-at T = 1, averaged over the real target tokens, and nothing else: TRL's `trl.experimental.gkd.GKDTrainer` with
-lmbda = 0 (no generation by the student), beta = 0 (its generalized JSD is then forward KL) and no seq_kd, and ours
-with the config's losses replaced by `forward_kl` of weight 1 (GKD has no CE term; its `temperature` only reaches
-sampling, so its KL is at T = 1). Both use torch's AdamW at the config's learning rate, weight decay (not on norms and
-biases), warm-up steps and schedule over the same number of steps, and gradient clipping at the same norm.
+checkpointing, on the same batches: the first batches of the config's train slice in the order this project's
+Trainer draws them (TRL's sampler is made sequential over them), padded by the same collator. The loss is forward
+KL(teacher || student) at T = 1, averaged over the real target tokens, and nothing else: TRL's
+`trl.experimental.gkd.GKDTrainer` with lmbda = 0 (no generation by the student), beta = 0 (its generalized JSD is
+then forward KL) and no seq_kd, and ours with the config's losses replaced by `forward_kl` of weight 1 (GKD has no CE
+term; its `temperature` only reaches sampling, so its KL is at T = 1). Both use torch's AdamW at the config's
+learning rate, weight decay (not on norms and biases), warm-up steps and schedule over the same number of steps, and
+gradient clipping at the same norm.
 
 Each side runs in a subprocess of its own; a step counts from the end of the optimizer step before it, after
 `--warmup` untimed steps; the peak is the growth of the subprocess's resident peak from after imports to its last

@@ -200,7 +200,7 @@ def test_a_killed_build_leaves_no_cache_and_a_rerun_resumes_to_a_clean_builds_ca
     clean = build(teacher, tokenizer, examples, tmp_path / "clean", samples=samples)
     assert (folder / "manifest.json").read_text() == (clean / "manifest.json").read_text()
 
-    build(teacher, tokenizer, examples, folder, samples=samples, on_shard=done.append)  # complete with the same key: kept
+    build(teacher, tokenizer, examples, folder, samples=samples, on_shard=done.append)  # same key, complete: kept
     assert done == [1, 2]
     build(teacher, tokenizer, examples, folder, k=4, samples=samples, on_shard=done.append)  # another key: rebuilt
     assert done == [1, 2, 0, 1, 2] and TeacherCache.open(folder).k == 4

@@ -161,9 +161,9 @@ def test_closed_forms_give_autograds_values_and_gradients(temperature):
     student, teacher = torch.randn(5, 11, generator=generator) * 3, torch.randn(5, 11, generator=generator) * 3
     targets = torch.randint(0, 11, (5,), generator=generator)
     top = torch.log_softmax(teacher / temperature, -1).topk(3, -1)
+    # two draws of token 10 at weight 0.1 each, then a zero-weight slot repeating the top token
     sampled = (torch.cat([top.values, torch.full((5, 2), math.log(0.1)), torch.full((5, 1), float("-inf"))], -1),
-               torch.cat([top.indices, top.indices[:, :1] * 0 + 10, top.indices[:, :1] * 0 + 10, top.indices[:, :1]],
-                         -1))
+               torch.cat([top.indices, torch.full((5, 2), 10), top.indices[:, :1]], -1))
     cases = {"ce": (cross_entropy_rows, None), "forward_kl": (scaled_divergence(forward_kl, temperature), None),
              "topk": (scaled_topk_kl(temperature, True), (top.values, top.indices)),
              "sampled": (scaled_topk_kl(temperature, True), sampled)}
