@@ -1,4 +1,2 @@
-"""Distillation for Hugging Face transformers: configs, data sources, losses, students and the training loop."""
-from .config import ConfigError, DistillConfig, FinetuneConfig, parse_args
-
-__all__ = ["ConfigError", "DistillConfig", "FinetuneConfig", "parse_args"]
+"""Distillation for Hugging Face transformers: `core` (the runtime every job shares), `losses` (registered by name),
+`methods` (the classifier jobs), `lm` (the causal-LM jobs) and `pipeline` (stages from teacher to served model)."""

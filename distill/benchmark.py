@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .config import to_dict
+from distill.core.config import to_dict
 
 # Every allocation mapped and unmapped on its own: otherwise glibc keeps freed blocks in its heap, and the resident
 # peak would count memory that torch has already released.

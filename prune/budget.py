@@ -7,8 +7,8 @@ import math
 
 from transformers import PreTrainedModel
 
-from distill.arch import arch_of, head_dim, kv_group_size, layer_list
-from distill.config import ConfigError
+from distill.core.arch import arch_of, head_dim, kv_group_size, layer_list
+from distill.core.errors import ConfigError
 
 from .saving import layer_shapes
 

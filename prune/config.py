@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from distill.config import DataConfig, LossConfig, StageConfig, TrainConfig
+from distill.core.config import DataConfig, LossConfig, StageConfig, TrainConfig
 
 
 @dataclass
@@ -20,7 +20,11 @@ class ImportanceConfig:
 class UnitPruneConfig:
     """Attention heads or FFN neurons to remove: a fraction or a count of those the unpruned model has."""
     fraction: Optional[float] = None
+    """Share of the unpruned model's units to remove, in [0, 1); set this or `count`. With `target_parameters`: the
+    share of the units still there that each round removes."""
     count: Optional[int] = None
+    """How many units to remove in all (heads: a whole number of key/value groups); set this or `fraction`. Every
+    layer keeps at least one."""
     scope: str = "global"
     """`global` (one ranking over all layers, scores normalised per layer) or `layer` (same share per layer)."""
 
@@ -32,6 +36,7 @@ class UnitPruneConfig:
 @dataclass
 class LayerDropConfig:
     count: int = 0
+    """Layers to drop in all, reached over the rounds; 0: none (`explicit` drops `layers` instead)."""
     strategy: str = "importance"
     """`importance` (lowest layer-gate score), `top`, `alternate` (every other from the top) or `explicit`."""
     layers: Optional[list[int]] = None
@@ -51,7 +56,9 @@ class SparsityConfig:
     scope: str = "layer"
     """For `unstructured`: `layer` (each Linear to the sparsity) or `global` (one threshold)."""
     n: int = 2
+    """For `n:m`: the weights kept (the largest in magnitude) in every group of `m` consecutive input weights."""
     m: int = 4
+    """For `n:m`: the group size, which must divide each selected Linear's input size."""
     patterns: Optional[list[str]] = None
     """Regexes on module paths; None selects every Linear inside the transformer layers."""
 
@@ -59,11 +66,15 @@ class SparsityConfig:
 @dataclass
 class LowRankConfig:
     rank: Optional[int] = None
+    """The rank of every factorized Linear; give exactly one of `rank`, `rank_fraction` and `energy`. A Linear that
+    its rank would not shrink stays whole."""
     rank_fraction: Optional[float] = None
     """Fraction of each Linear's full rank min(in, out): 0.5 halves it."""
     energy: Optional[float] = None
     """Smallest rank keeping this fraction of the squared singular values."""
     patterns: Optional[list[str]] = None
+    """Regexes on module paths from the base model (e.g. `encoder.layer.0.intermediate.dense`); None selects every
+    Linear inside the transformer layers."""
 
     @property
     def active(self) -> bool:
@@ -74,6 +85,7 @@ class LowRankConfig:
 class VocabConfig:
     """Vocabulary pruning (WordPiece tokenizers): keep the tokens of the training texts and of `extra_texts`."""
     enabled: bool = False
+    """Prune the vocabulary; False leaves it whole."""
     extra_texts: Optional[list[str]] = None
     """Text files, one text per line, whose tokens are kept too (e.g. unlabelled in-domain text)."""
     max_examples: Optional[int] = None
@@ -103,17 +115,29 @@ class PruneConfig:
     """Prune (and optionally factorise or sparsify) a fine-tuned model, recovering by distillation; then
     optionally prune its vocabulary and compress its word embedding."""
     model: str = "runs/teacher/model"
+    """The fine-tuned classifier to prune (a path, `offline:NAME` or a Hub id); its tokenizer tokenizes `data`."""
     teacher: Optional[str] = None
     """The unpruned reference that recovery distils from; None uses `model`."""
     output_dir: str = "runs/pruned"
+    """The run folder: config.yaml, metrics.jsonl, a `round-<r>/` folder per round (resume state), then the pruned
+    model in `model/` and metrics.json."""
     seed: int = 0
+    """Random seed of the run: the calibration batches, `random` scores and recovery training."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The classification task: calibration batches, recovery training, evaluation, and the texts whose tokens
+    vocabulary pruning keeps."""
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    """How heads, FFN neurons and layers are scored before each round."""
     heads: UnitPruneConfig = field(default_factory=UnitPruneConfig)
+    """Attention heads to remove."""
     ffn: UnitPruneConfig = field(default_factory=UnitPruneConfig)
+    """FFN neurons to remove."""
     layers: LayerDropConfig = field(default_factory=LayerDropConfig)
+    """Whole layers to drop."""
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    """Weight sparsity of the Linears inside the layers."""
     low_rank: LowRankConfig = field(default_factory=LowRankConfig)
+    """Low-rank factorization of the Linears inside the layers, in the last round."""
     vocab: VocabConfig = field(default_factory=VocabConfig)
     """Applied after the last round, without training after it."""
     embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
@@ -125,5 +149,8 @@ class PruneConfig:
     """A parameter budget: each round removes `heads.fraction` / `ffn.fraction` of the heads / FFN neurons still
     there, until the model has at most this many parameters (the last round removes only what is needed)."""
     recover: bool = True
+    """After each round, distil the pruned model from `teacher` with `recovery`; False: no training."""
     recovery: StageConfig = field(default_factory=default_recovery)
+    """The training stage of each round's recovery; hidden-state losses match each kept layer to its original."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop's settings for recovery; `batch_size` also sizes the calibration batches."""

@@ -12,10 +12,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from distill.config import ConfigError
+from distill.core.errors import ConfigError
 
-from .remote_modeling import (Int8Embedding, LowRankEmbedding, int8_embedding_like, low_rank_embedding_like,
-                              set_submodule)
+from .remote_modeling import (
+    Int8Embedding,
+    LowRankEmbedding,
+    int8_embedding_like,
+    low_rank_embedding_like,
+    set_submodule,
+)
 
 INT8_MAX = 127
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from distill.arch import arch_of, layer_list
-from distill.config import ConfigError
+from distill.core.arch import arch_of, layer_list
+from distill.core.errors import ConfigError
 
 from .saving import layer_shapes
 from .surgery import keep_inputs, keep_outputs

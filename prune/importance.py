@@ -18,8 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from distill.arch import arch_of, head_dim, kv_group_size, layer_list
-from distill.config import ConfigError
+from distill.core.arch import arch_of, head_dim, kv_group_size, layer_list
+from distill.core.errors import ConfigError
+from distill.core.registry import Registry
 
 from .saving import layer_shapes
 
@@ -35,20 +36,12 @@ class Scores:
 
 Batches = Iterable[dict[str, torch.Tensor]]
 Criterion = Callable[[PreTrainedModel, Batches, int], Scores]
-CRITERIA: dict[str, Criterion] = {}
-
-
-def criterion(name: str):
-    def register(fn: Criterion) -> Criterion:
-        CRITERIA[name] = fn
-        return fn
-    return register
+CRITERIA: Registry[Criterion] = Registry("importance criterion")
+criterion = CRITERIA.register
 
 
 def require_criterion(name: str) -> Criterion:
-    if name not in CRITERIA:
-        raise ConfigError(f"unknown importance criterion '{name}'; known: {', '.join(CRITERIA)}")
-    return CRITERIA[name]
+    return CRITERIA.require(name, "importance.criterion: ")
 
 
 def score(model: PreTrainedModel, name: str, batches: Batches = (), seed: int = 0) -> Scores:

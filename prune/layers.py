@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import PreTrainedModel
 
-from distill.arch import arch_of, layer_list
-from distill.config import ConfigError
+from distill.core.arch import arch_of, layer_list
+from distill.core.errors import ConfigError
 
 from .remote_modeling import set_submodule
 

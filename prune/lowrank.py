@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from distill.arch import arch_of, layer_list
-from distill.config import ConfigError
+from distill.core.arch import arch_of, layer_list
+from distill.core.errors import ConfigError
 
 from .remote_modeling import low_rank_linear, set_submodule
 from .sparsity import effective_weight, filter_paths

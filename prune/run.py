@@ -17,14 +17,29 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from distill.arch import kv_group_size
-from distill.config import ConfigError, LayerMapConfig
-from distill.evaluate import accuracy, count_parameters
-from distill.losses import LOSSES, LossSetup
-from distill.mapping import build_layer_map
-from distill.run import OnStep, RunResult, Task, check_stages, finish_run, load_task, start_run, write_json_atomic
-from distill.sources import collator, load_classifier, load_splits, tokenize
-from distill.trainer import Trainer
+import distill.losses  # noqa: F401  (registers the losses recovery names)
+from distill.core.arch import kv_group_size
+from distill.core.config import LayerMapConfig
+from distill.core.errors import ConfigError
+from distill.core.evaluate import accuracy, count_parameters
+from distill.core.io import write_json_atomic
+from distill.core.jobs import Job, register_job
+from distill.core.losses import LossSetup, attention_implementation, check_stages
+from distill.core.mapping import build_layer_map
+from distill.core.run import (
+    OnStep,
+    RunResult,
+    Task,
+    check_class_count,
+    check_train,
+    evaluation_loader,
+    finish_run,
+    load_task,
+    log_record,
+    start_run,
+)
+from distill.core.sources import load_classifier, load_splits, tokenize_and_measure
+from distill.core.trainer import Trainer
 
 from .budget import budget_plan
 from .config import PruneConfig, VocabConfig
@@ -53,10 +68,9 @@ def prune(cfg: PruneConfig, on_step: OnStep = None) -> RunResult:
     check_prune_config(cfg)
     accelerator, run_dir = start_run(cfg)
     task = load_task(cfg.data, cfg.model)
-    attention = "eager" if any(LOSSES[loss.name].needs_attentions for loss in cfg.recovery.losses) else "sdpa"
+    attention = attention_implementation([cfg.recovery])
     model = load_classifier(cfg.model, attn_implementation=attention)
-    if model.config.num_labels != len(task.labels):
-        raise ConfigError(f"model predicts {model.config.num_labels} classes, the data has {len(task.labels)}")
+    check_class_count(model.config.num_labels, task.labels)
     original = layer_shapes(model)
     check_targets(cfg, model, original)
     check_vocab_and_embeddings(cfg, model, task)
@@ -65,8 +79,7 @@ def prune(cfg: PruneConfig, on_step: OnStep = None) -> RunResult:
     rounds = len(plan) if plan is not None else cfg.rounds if prunes_structure(cfg) else 0
     recovering = cfg.recover and rounds > 0
     teacher = load_classifier(cfg.teacher or cfg.model, attn_implementation=attention) if recovering else None
-    evaluator = Trainer(accelerator, model, None, task.splits, collator(task.tokenizer), cfg.train, cfg.seed, run_dir)
-    test_loader = evaluator.eval_loader_for(task.splits["test"])
+    test_loader = evaluation_loader(accelerator, task.splits["test"], task.collate, cfg.train.eval_batch_size)
     before = {"parameters": count_parameters(model), "test_accuracy": accuracy(model, test_loader, accelerator)}
     progress, model = resume_rounds(rounds, run_dir, model)
     pruned_accuracy = None
@@ -77,7 +90,8 @@ def prune(cfg: PruneConfig, on_step: OnStep = None) -> RunResult:
         if cfg.recover:
             model = recover(cfg, model, teacher, task, accelerator, run_dir / f"round-{r}", progress, on_step)
         make_permanent(model)
-        evaluator.log({"round": r, "parameters": count_parameters(model), "test_accuracy_before_recovery":
+        log_record(accelerator, run_dir, {"round": r, "parameters": count_parameters(model),
+                                          "test_accuracy_before_recovery":
                        pruned_accuracy, "shapes": layer_shapes(model)})
         progress.rounds_done = r
         if r < rounds and accelerator.is_main_process:
@@ -93,11 +107,9 @@ def prune(cfg: PruneConfig, on_step: OnStep = None) -> RunResult:
         extra["sparsity_per_linear"] = sparsity_report(model)[:-1]
     if cfg.vocab.enabled:
         task, extra["vocab"] = compress_vocabulary(cfg, model, task)
-        evaluator = Trainer(accelerator, model, None, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
-                            run_dir)
     if cfg.embeddings.active:
         extra["embeddings"] = compress_word_embedding(model, int8=cfg.embeddings.int8, rank=cfg.embeddings.rank)
-    return finish_run(evaluator, model, task, run_dir, extra, save=save_compressed)
+    return finish_run(accelerator, run_dir, model, task, cfg.train.eval_batch_size, extra=extra, save=save_compressed)
 
 
 def check_prune_config(cfg: PruneConfig) -> None:
@@ -117,6 +129,7 @@ def check_prune_config(cfg: PruneConfig) -> None:
     if not (prunes_structure(cfg) or cfg.vocab.enabled or cfg.embeddings.active):
         raise ConfigError("nothing to prune: set heads, ffn, layers, low_rank, sparsity, vocab or embeddings")
     check_vocab_config(cfg.vocab)
+    check_train(cfg.train)
     if cfg.recover:
         check_stages([cfg.recovery])
     if cfg.target_parameters is not None:
@@ -190,7 +203,7 @@ def resume_rounds(rounds: int, run_dir: Path, model: PreTrainedModel) -> tuple[P
 def calibration_batches(cfg: PruneConfig, task: Task, accelerator) -> list[dict[str, torch.Tensor]]:
     if cfg.importance.criterion in ("magnitude", "random"):
         return []
-    loader = DataLoader(task.splits["train"], cfg.train.batch_size, shuffle=True, collate_fn=collator(task.tokenizer),
+    loader = DataLoader(task.splits["train"], cfg.train.batch_size, shuffle=True, collate_fn=task.collate,
                         generator=torch.Generator().manual_seed(cfg.seed))
     batches = []
     for batch in loader:
@@ -257,7 +270,7 @@ def recover(cfg: PruneConfig, model: PreTrainedModel, teacher: PreTrainedModel, 
         round_dir.mkdir(parents=True, exist_ok=True)
     layer_map = build_layer_map(LayerMapConfig(kind="explicit", layers=progress.kept_layers),
                                 len(progress.kept_layers), teacher.config.num_hidden_layers)
-    trainer = Trainer(accelerator, model, teacher, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
+    trainer = Trainer(accelerator, model, teacher, task.splits, task.collate, cfg.train, cfg.seed,
                       round_dir, on_step)
     model = trainer.fit([cfg.recovery], LossSetup(model.config, teacher.config, layer_map))
     trainer.cleanup()
@@ -280,7 +293,8 @@ def compress_vocabulary(cfg: PruneConfig, model: PreTrainedModel, task: Task) ->
                "test_unknown_fraction": unknown_fraction(report.tokenizer, test_texts),
                "test_unknown_fraction_before": unknown_fraction(task.tokenizer, test_texts),
                "test_texts_changed": changed_fraction(task.tokenizer, report.tokenizer, test_texts)}
-    return Task(report.tokenizer, tokenize(raw, report.tokenizer, cfg.data.max_length), task.labels), metrics
+    splits, truncation = tokenize_and_measure(raw, report.tokenizer, cfg.data.max_length)
+    return Task(report.tokenizer, splits, task.labels, truncation=truncation), metrics
 
 
 def vocabulary_corpus(cfg: VocabConfig, train: datasets.Dataset) -> list[str]:
@@ -299,3 +313,7 @@ def texts_of(split: datasets.Dataset) -> list[str]:
     if "text_pair" in split.column_names:
         texts.extend(split["text_pair"])
     return texts
+
+
+PRUNE = register_job(Job("prune", PruneConfig, check_prune_config, prune,
+                         lambda cfg, result: {"model": f"{cfg.output_dir}/model", **result.metrics}))

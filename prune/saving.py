@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.arch import arch_of, head_dim, layer_list
-from distill.run import save_model
+from distill.core.arch import arch_of, head_dim, layer_list
+from distill.core.io import save_model
 
 from .lowrank import is_low_rank_pair
 from .remote_modeling import Int8Embedding, LowRankEmbedding

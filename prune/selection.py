@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from distill.config import ConfigError
+from distill.core.errors import ConfigError
 
 SCOPES = ("global", "layer")
 

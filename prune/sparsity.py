@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 from transformers import PreTrainedModel
 
-from distill.arch import layer_list, layer_list_path
-from distill.config import ConfigError
+from distill.core.arch import layer_list, layer_list_path
+from distill.core.errors import ConfigError
 
 SCOPES = ("layer", "global")
 PURPOSE = "sparsity"

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.config import ConfigError
+from distill.core.errors import ConfigError
 
 SUPPORTED_MODEL = "WordPiece"
 ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "decoder_start_token_id")

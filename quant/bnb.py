@@ -3,7 +3,7 @@ weights with one scale per row, input features above an outlier threshold multip
 FP4 (blocks of 64 weights with one scale each, optionally double-quantized, with a chosen compute dtype).
 
 A saved model folder is loaded with `from_pretrained(..., quantization_config=...)`. The task heads, the pooler and
-the LM head stay in full precision (`distill.arch`, overridable). The quantized model saves with `save_pretrained`
+the LM head stay in full precision (`distill.core.arch`, overridable). The quantized model saves with `save_pretrained`
 as safetensors (int8 weights and row scales; packed 4-bit weights, block scales and the quantization state), and
 `load_bnb` reloads it with outputs equal to the in-memory model's.
 
@@ -18,13 +18,12 @@ where the quantized weights are frozen (LoRA training, whose checkpoints hold th
 from __future__ import annotations
 
 import importlib
-
 from types import ModuleType
 
 import torch
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
-from distill.config import ConfigError
+from distill.core.errors import ConfigError
 
 from .config import BnbConfig
 from .loading import empty_model, load_pretrained, skip_patterns, target_linears

@@ -1,10 +1,10 @@
 """The compression report of a pipeline: every model its stages saved (each quantized variant on its own), measured
 side by side on one split and one fixed latency batch, the first (the teacher) as the reference.
 
-Per model: `accuracy` (`distill.evaluate.accuracy`), `parameters` (as full-precision numbers: see
+Per model: `accuracy` (`distill.core.evaluate.accuracy`), `parameters` (as full-precision numbers: see
 `stored_parameters`), `disk_mb` (safetensors files), `weight_mb` (`quant.report.weight_memory`: quantization state
 included), `latency_ms` (median CPU time of one forward pass, in rounds alternating between the models:
-`distill.evaluate.alternating_latencies`) and `examples_per_s` at that batch. Written as `compression_report.json`,
+`distill.core.evaluate.alternating_latencies`) and `examples_per_s` at that batch. Written as `compression_report.json`,
 a Markdown table (`.md`) and a plot of accuracy against disk size and against latency (`.png`) with the Pareto
 front of each."""
 from __future__ import annotations
@@ -17,8 +17,7 @@ from types import ModuleType
 import torch
 from transformers import PreTrainedModel
 
-from distill.evaluate import accuracy, alternating_latencies, disk_size_mb, examples_per_s
-from distill.pipeline import Stage
+from distill.core.evaluate import accuracy, alternating_latencies, disk_size_mb, examples_per_s
 
 from .bnb import require_package
 from .config import LatencyConfig
@@ -38,15 +37,6 @@ class Candidate:
     stage: str
     kind: str
     folder: Path
-
-
-def candidates_of(stages: list[Stage], served: str) -> list[Candidate]:
-    """Every model the stages saved, in order; the served model last if no stage saved it."""
-    found = [Candidate(stage.name if len(stage.models) == 1 else f"{stage.name}/{name}", stage.name,
-                       stage.kind_name, path) for stage in stages for name, path in stage.models.items()]
-    if all(candidate.folder != Path(served) for candidate in found):
-        found.append(Candidate("served", "-", "-", Path(served)))
-    return found
 
 
 def measure_models(candidates: list[Candidate], evaluation: Evaluation, latency: LatencyConfig) -> list[dict]:

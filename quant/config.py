@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from distill.config import DataConfig, LayerMapConfig, LossConfig, StageConfig, TrainConfig
+from distill.core.config import DataConfig, LayerMapConfig, LossConfig, StageConfig, TrainConfig
 
 
 @dataclass
@@ -26,8 +26,11 @@ class BnbConfig:
 class LatencyConfig:
     """Latency of one forward pass on a fixed batch of the evaluation texts, padded to `max_length`."""
     batch_size: int = 32
+    """Examples in the timed batch: the split's first texts, repeated when it has fewer."""
     max_length: int = 64
+    """Tokens each example of the timed batch is padded or truncated to."""
     warmup: int = 3
+    """Untimed forward passes before each round's timed ones, per model."""
     repeats: int = 10
     """Timed forward passes per round; a round's number is their median."""
     rounds: int = 3
@@ -40,32 +43,40 @@ class LatencyConfig:
 class QuantConfig:
     """Quantize a saved model into each variant, save every variant, reload it, and compare them on one table."""
     model: str = "runs/student/model"
+    """The saved full-precision sequence classifier to quantize (a path, `offline:NAME` or a Hub id)."""
     output_dir: str = "runs/student-quant"
+    """Each variant is saved to `<output_dir>/<variant>/`, beside config.yaml, metrics.json and report.md."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The classification task whose `split` every variant is measured on."""
     split: str = "test"
     """The split whose accuracy the report shows: `validation` or `test`."""
     eval_batch_size: int = 128
+    """Examples per batch when measuring accuracy."""
     variants: list[str] = field(default_factory=lambda: ["fp32", "bf16", "dynamic_int8", "bnb_int8", "bnb_nf4"])
     """Any of `quant.variants.VARIANTS`: fp32, bf16, fp16, dynamic_int8, bnb_int8, bnb_nf4, bnb_fp4."""
     skip_modules: Optional[list[str]] = None
     """Modules kept in full precision by the bitsandbytes and dynamic-int8 variants, matched as transformers
     matches `llm_int8_skip_modules` (a path prefix, a regex, or a name suffix). None: the task heads, pooler and
-    LM head of the architecture (`distill.arch.Arch.task_heads`); [] quantizes every Linear."""
+    LM head of the architecture (`distill.core.arch.Arch.task_heads`); [] quantizes every Linear."""
     bnb: BnbConfig = field(default_factory=BnbConfig)
+    """Settings of the bitsandbytes variants."""
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    """How latency is measured."""
 
 
 @dataclass
 class AdapterConfig:
     """LoRA adapters on the quantized Linears (peft's `LoraConfig`)."""
     r: int = 8
+    """The adapters' rank: the inner width of each adapter's two low-rank matrices."""
     alpha: float = 16.0
     """Scale of the adapter's update: it is multiplied by alpha / r."""
     dropout: float = 0.05
+    """Dropout probability on each adapter's input while training, in [0, 1)."""
     target_modules: Optional[list[str]] = None
     """Modules that get an adapter, matched as peft matches `target_modules` (a module path or a dotted suffix of
     it). Each must be a Linear that the base quantizes. None: every Linear inside the transformer layers
-    (`distill.arch`: query, key, value and attention output; FFN in and out)."""
+    (`distill.core.arch`: query, key, value and attention output; FFN in and out)."""
 
 
 def default_qat_stage() -> StageConfig:
@@ -79,22 +90,31 @@ class QatConfig:
     stay in full precision and train whole), distilled from the full-precision teacher; the adapters are saved on
     their own and, with `merge`, merged into a full-precision copy of the base."""
     teacher: str = "runs/teacher/model"
+    """The full-precision teacher classifier (a path, `offline:NAME` or a Hub id); its tokenizer tokenizes `data`."""
     student: Optional[str] = None
     """The model that is quantized and adapted; None: the teacher itself (quantize it, then recover what the
     quantization lost)."""
     output_dir: str = "runs/qlora"
+    """The run folder: config.yaml, metrics.jsonl, checkpoints while it runs, then `adapter/`, `model/` (with
+    `merge`) and metrics.json."""
     seed: int = 0
+    """Random seed of the run: weight initialisation, dropout and the order of training batches."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The classification task."""
     bits: int = 4
     """4 (bitsandbytes NF4 or FP4) or 8 (LLM.int8)."""
     quant_type: str = "nf4"
     """4-bit data type: `nf4` or `fp4` (ignored for 8 bits)."""
     bnb: BnbConfig = field(default_factory=BnbConfig)
+    """bitsandbytes settings of the quantized base."""
     lora: AdapterConfig = field(default_factory=AdapterConfig)
+    """The LoRA adapters."""
     layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)
     """Hidden-state losses: student layer j <- teacher layer; `uniform` is the identity for equal depths."""
     stages: list[StageConfig] = field(default_factory=lambda: [default_qat_stage()])
+    """The training stages, run in order, each with its own losses, epochs and learning rate."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop's settings."""
     base_dropout: bool = False
     """Keep the base model's own dropout (hidden states, attention, classifier) while training. Off by default:
     the adapters learn to undo the quantization error, and dropout noise at the usual 0.1 swamps it (on the tiny
@@ -115,16 +135,21 @@ class ReportConfig:
     model: str = ""
     """The model to serve; in a pipeline, the previous stage's."""
     output_dir: str = "runs/report"
+    """The stage's folder; the served model, its model card (README.md) and the report go to `model/` in it."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The classification task whose `split` every model is measured on."""
     split: str = "test"
     """The split whose accuracy the report shows: `validation` or `test`."""
     eval_batch_size: int = 128
+    """Examples per batch when measuring accuracy."""
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    """How latency is measured."""
     base_model: Optional[str] = None
     """The card's `base_model` (a Hub id); None: the first stage's input model when it names a Hub model."""
     datasets: Optional[list[str]] = None
     """The card's `datasets` (Hub ids); None: from `data.source` when it names a Hub dataset."""
     license: Optional[str] = None
+    """The card's `license` (a Hub license id, e.g. `apache-2.0`); None: the card names none."""
     tags: list[str] = field(default_factory=list)
     """Card tags besides those of the stages that ran (distillation, pruning, quantization)."""
     repo_id: Optional[str] = None

@@ -21,7 +21,7 @@ import torch
 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 from transformers import PreTrainedModel
 
-from distill.config import ConfigError
+from distill.core.errors import ConfigError
 
 from .loading import load_pretrained, skip_patterns, target_linears
 

@@ -33,19 +33,27 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.arch import arch_of
-from distill.config import ConfigError
-from distill.evaluate import disk_size_mb
-from distill.losses import LOSSES, LossSetup
+import distill.losses  # noqa: F401  (registers the losses a stage names)
+from distill.core.arch import arch_of
+from distill.core.errors import ConfigError
+from distill.core.evaluate import disk_size_mb
+from distill.core.io import save_model
+from distill.core.jobs import Job, register_job
+from distill.core.losses import LossSetup, attention_implementation, check_stages
+from distill.core.mapping import build_layer_map
+from distill.core.run import OnStep, RunResult, Task, check_class_count, check_train, end_run, load_task, start_run
+from distill.core.sources import check_same_vocabulary, load_classifier, load_tokenizer
+from distill.core.trainer import Trainer
 from distill.losses.response import soft_kl
-from distill.mapping import build_layer_map
-from distill.run import (OnStep, RunResult, Task, check_same_vocabulary, check_stages, load_task, save_model,
-                         start_run, write_json_atomic)
-from distill.sources import collator, load_classifier, load_tokenizer
-from distill.trainer import Trainer
 
-from .bnb import (accept_frozen_quantized_state, check_bnb_config, int8_row_scales, quantize_bnb,
-                  require_bitsandbytes, require_package)
+from .bnb import (
+    accept_frozen_quantized_state,
+    check_bnb_config,
+    int8_row_scales,
+    quantize_bnb,
+    require_bitsandbytes,
+    require_package,
+)
 from .config import AdapterConfig, BnbConfig, QatConfig
 from .loading import empty_model, load_config, skip_patterns
 from .run import check_classifier, quiet_int8_cast_warning
@@ -106,14 +114,12 @@ def qat_distill(cfg: QatConfig, on_step: OnStep = None) -> RunResult:
     accelerator, run_dir = start_run(cfg)
     quiet_int8_cast_warning()
     task = load_task(cfg.data, cfg.teacher)
-    needs_attentions = any(LOSSES[loss.name].needs_attentions for stage in cfg.stages for loss in stage.losses)
-    attention = "eager" if needs_attentions else "sdpa"
+    attention = attention_implementation(cfg.stages)
     teacher = load_classifier(cfg.teacher, attn_implementation=attention)
     base = QuantizedBase(base_name, variant_of(cfg), cfg.bnb, skip_patterns(empty_model(base_name)))
     quantized = load_quantized_student(cfg, base, teacher, task)
     targets = lora_targets(quantized, cfg.lora.target_modules, cfg.bits)
-    reference = teacher_reference(teacher, task.splits["test"], collator(task.tokenizer), cfg.train.eval_batch_size,
-                                  accelerator)
+    reference = teacher_reference(teacher, task.splits["test"], task.collate, cfg.train.eval_batch_size, accelerator)
     rows = {"fp32": reference.measure(load_classifier(cfg.student) if cfg.student else teacher)[0],
             "ptq": reference.measure(quantized)[0]}
     quantized.set_attn_implementation(attention)
@@ -121,24 +127,19 @@ def qat_distill(cfg: QatConfig, on_step: OnStep = None) -> RunResult:
         switch_off_dropout(quantized)
     model = add_adapters(quantized, cfg.lora, targets, base.skip_modules)
     layer_map = build_layer_map(cfg.layer_map, model.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    trainer = Trainer(accelerator, model, teacher, task.splits, collator(task.tokenizer), cfg.train, cfg.seed,
-                      run_dir, on_step)
+    trainer = Trainer(accelerator, model, teacher, task.splits, task.collate, cfg.train, cfg.seed, run_dir, on_step)
     trainer.log({"trainable_parameters": trainable_parameters(model)})
     model = trainer.fit(cfg.stages, LossSetup(model.config, teacher.config, layer_map))
     model.get_base_model().set_attn_implementation("sdpa")
     metrics = save_and_measure(cfg, base, model, task, reference, rows, run_dir)
-    trainer.log({"final": metrics})
-    accelerator.wait_for_everyone()
-    trainer.cleanup()
-    accelerator.end_training()
+    end_run(accelerator, run_dir, metrics)
     return RunResult(model, metrics, run_dir)
 
 
 def load_quantized_student(cfg: QatConfig, base: QuantizedBase, teacher: PreTrainedModel, task: Task
                            ) -> PreTrainedModel:
     """The quantized base, once it is known to fit the teacher and the data."""
-    if teacher.config.num_labels != len(task.labels):
-        raise ConfigError(f"teacher predicts {teacher.config.num_labels} classes, the data has {len(task.labels)}")
+    check_class_count(teacher.config.num_labels, task.labels, "teacher")
     if cfg.student:
         check_same_vocabulary(load_tokenizer(cfg.student), task.tokenizer)
     quantized = base.load()
@@ -150,7 +151,7 @@ def load_quantized_student(cfg: QatConfig, base: QuantizedBase, teacher: PreTrai
 
 def save_and_measure(cfg: QatConfig, base: QuantizedBase, model: PeftModel, task: Task, reference: Reference,
                      rows: dict, run_dir: Path) -> dict:
-    """Save the adapters (and the merged model), reload and measure them, and write metrics.json."""
+    """Save the adapters (and the merged model), reload and measure them: the run's metrics."""
     rows["qlora"], logits = reference.measure(model)
     adapter_dir = run_dir / "adapter"
     if reference.accelerator.is_main_process:
@@ -165,8 +166,6 @@ def save_and_measure(cfg: QatConfig, base: QuantizedBase, model: PeftModel, task
                "test_examples": len(task.splits["test"]), "teacher_test_accuracy": reference.teacher_accuracy(),
                "trainable_parameters": trainable_parameters(model), "models": rows,
                "recovered": recovered_share(rows), **extra}
-    if reference.accelerator.is_main_process:
-        write_json_atomic(metrics, run_dir / "metrics.json")
     return metrics
 
 
@@ -181,6 +180,7 @@ def check_qat_config(cfg: QatConfig) -> None:
     check_adapter_config(cfg.lora)
     check_bnb_config(cfg.bnb)
     check_stages(cfg.stages)
+    check_train(cfg.train)
     require_bitsandbytes()
     require_peft()
 
@@ -348,3 +348,11 @@ def recovered_share(rows: dict) -> float | None:
     lost)."""
     lost = rows["fp32"]["test_accuracy"] - rows["ptq"]["test_accuracy"]
     return (rows["qlora"]["test_accuracy"] - rows["ptq"]["test_accuracy"]) / lost if lost > 0 else None
+
+
+def qat_summary(cfg: QatConfig, result: RunResult) -> dict:
+    outputs = {"adapter": f"{cfg.output_dir}/adapter", "merged": f"{cfg.output_dir}/model" if cfg.merge else None}
+    return {**outputs, **result.metrics}
+
+
+QLORA = register_job(Job("qlora", QatConfig, check_qat_config, qat_distill, qat_summary))

@@ -1,7 +1,7 @@
 """Numbers for comparing the variants of one model, and the Markdown table that shows them.
 
 Per variant:
-- `accuracy` on an evaluation loader (`distill.evaluate.accuracy`);
+- `accuracy` on an evaluation loader (`distill.core.evaluate.accuracy`);
 - `weight_mb`: every tensor the model holds, each counted once: parameters, buffers, and the quantization state
   that bitsandbytes and PyTorch keep outside them (row and block scales, code tables, the int8 weights of
   PyTorch's quantized Linears as `weight()` unpacks them; fbgemm's packed copy may add alignment padding);
@@ -10,8 +10,8 @@ Per variant:
 - `forward_peak_mb`: the peak of the tensor memory that torch allocates during one forward pass of the latency batch
   (activations and temporaries, on top of the weights), from the profiler's allocation events. Memory that kernels
   take outside torch's allocator (oneDNN or fbgemm scratch space) is not seen, and neither is the process' RSS;
-- `disk_mb`: the safetensors files of the saved folder (`distill.evaluate.disk_size_mb`);
-- `latency_ms`: the median wall-clock time of one forward pass of the fixed batch (`distill.evaluate.latency_ms`),
+- `disk_mb`: the safetensors files of the saved folder (`distill.core.evaluate.disk_size_mb`);
+- `latency_ms`: the median wall-clock time of one forward pass of the fixed batch (`distill.core.evaluate.latency_ms`),
   in rounds that alternate between the variants so that every variant sees the same machine load."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from distill.evaluate import accuracy, disk_size_mb
+from distill.core.evaluate import accuracy, disk_size_mb
 
 from .loading import target_linears
 
@@ -33,7 +33,7 @@ MB = 1e6
 
 def measure_variant(model: PreTrainedModel, folder: str | Path, loader: DataLoader, accelerator: Accelerator,
                     batch: dict[str, torch.Tensor], skip: list[str]) -> dict:
-    """Everything but latency (see `distill.evaluate.alternating_latencies`) for one variant saved in `folder`."""
+    """Everything but latency (see `distill.core.evaluate.alternating_latencies`) for one variant saved in `folder`."""
     return {
         "accuracy": accuracy(model, loader, accelerator),
         **weight_memory(model, skip),

@@ -12,13 +12,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from transformers import (AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.config import ConfigError, config_yaml
-from distill.evaluate import alternating_latencies, latency_batch
-from distill.run import write_json_atomic
-from distill.sources import collator, label_names, load_splits, load_tokenizer, tokenize
+from distill.core.config import config_yaml
+from distill.core.errors import ConfigError
+from distill.core.evaluate import alternating_latencies, latency_batch
+from distill.core.io import write_json_atomic
+from distill.core.jobs import Job, register_job
+from distill.core.run import check_class_count
+from distill.core.sources import collator, label_names, load_splits, load_tokenizer, tokenize
 
 from .config import QuantConfig, ReportConfig
 from .loading import auto_class, empty_model, load_config, skip_patterns
@@ -76,8 +78,7 @@ def quantize(cfg: QuantConfig) -> QuantRun:
 def evaluation_for(cfg: QuantConfig | ReportConfig, num_labels: int) -> Evaluation:
     tokenizer = load_tokenizer(cfg.model)
     raw = load_splits(cfg.data)
-    if num_labels != len(label_names(raw)):
-        raise ConfigError(f"{cfg.model} predicts {num_labels} classes, the data has {len(label_names(raw))}")
+    check_class_count(num_labels, label_names(raw), cfg.model)
     split = tokenize(raw, tokenizer, cfg.data.max_length)[cfg.split]
     texts = list(raw[cfg.split]["text"][:cfg.latency.batch_size])
     return Evaluation(tokenizer, DataLoader(split, cfg.eval_batch_size, collate_fn=collator(tokenizer)),
@@ -131,3 +132,7 @@ def logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tens
 def quiet_int8_cast_warning() -> None:
     """bitsandbytes' int8 matmul logs on every call that it casts fp32 inputs to fp16: thousands of lines a run."""
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+
+
+QUANTIZE = register_job(Job("quantize", QuantConfig, check_quant_config, quantize,
+                            lambda cfg, result: (result.run_dir / "report.md").read_text()))

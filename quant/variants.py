@@ -2,22 +2,26 @@
 a folder of its own, and loaded back by `load_variant`, which reads from the folder's config which kind it is."""
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.config import ConfigError
-from distill.run import save_model
+from distill.core.errors import ConfigError
+from distill.core.io import save_model
+from distill.core.registry import Registry
 
 from .bnb import BNB_VARIANTS, check_bnb_config, load_bnb, quantize_bnb, require_bitsandbytes
 from .config import BnbConfig
 from .dynamic import HALF_DTYPES, METHOD, load_dynamic_int8, load_half, mark_dynamic_int8, quantize_dynamic_int8
 from .loading import load_pretrained
 
-VARIANTS = ("fp32", *HALF_DTYPES, METHOD, *BNB_VARIANTS)
+VARIANTS: Registry[str] = Registry("variant")
+"""Each variant's name -> how it is made: `full` precision, a `half` dtype, PyTorch `dynamic` int8, `bitsandbytes`."""
+for name, family in [("fp32", "full"), *((dtype, "half") for dtype in HALF_DTYPES), (METHOD, "dynamic"),
+                     *((variant, "bitsandbytes") for variant in BNB_VARIANTS)]:
+    VARIANTS.add(name, family)
 
 
 def check_variants(variants: list[str], bnb: BnbConfig) -> None:
@@ -25,10 +29,7 @@ def check_variants(variants: list[str], bnb: BnbConfig) -> None:
     if not variants:
         raise ConfigError(f"variants lists nothing; choose from {', '.join(VARIANTS)}")
     for name in variants:
-        if name not in VARIANTS:
-            close = difflib.get_close_matches(name, VARIANTS, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ConfigError(f"unknown variant '{name}'; {hint}known: {', '.join(VARIANTS)}")
+        VARIANTS.require(name, "variants: ")
     if len(set(variants)) < len(variants):
         raise ConfigError(f"variants lists a name twice: {variants}")
     if any(name in BNB_VARIANTS for name in variants):

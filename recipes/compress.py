@@ -7,33 +7,27 @@ unchanged config, reruns a changed stage and those after it, and resumes an inte
 
 `--push-to-hub` adds a last stage that uploads the served model, its card and report (token: HF_TOKEN or
 `hf auth login`).
+
+A bad config ends with one line, `config error: ...` (exit 2); add --debug for the traceback.
 """
 import argparse
 import logging
 import sys
 
-import distill.stages  # noqa: F401  (each import registers its package's stage kinds)
-import prune.stages  # noqa: F401
-import quant.stages  # noqa: F401
-from distill.config import ConfigError, parse_args_or_exit
-from distill.pipeline import PipelineConfig, run_pipeline, with_push
+import distill.pipeline.kinds  # noqa: F401  (each import registers its package's stage kinds)
+import prune.pipeline_kinds  # noqa: F401
+import quant.pipeline_kinds  # noqa: F401
+from distill.core.cli import run_recipe
+from distill.pipeline.plan import PIPELINE, with_push
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     parser.add_argument("--push-to-hub", metavar="REPO_ID")
     args, rest = parser.parse_known_args(argv)
-    cfg = parse_args_or_exit(PipelineConfig, rest)
-    if args.push_to_hub:
-        cfg = with_push(cfg, args.push_to_hub)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Hub request otherwise
-    try:
-        stages = run_pipeline(cfg)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
-    for stage in stages:
-        print(f"{stage.label}: {stage.output or stage.folder}")
+    run_recipe(PIPELINE, rest, adjust=lambda cfg: with_push(cfg, args.push_to_hub) if args.push_to_hub else cfg)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,17 @@ by token on unlabelled text, from the teacher running beside it or from a teache
     accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/distill_lm.py \
         --config recipes/distill_lm.yaml [key.sub=value ...]
     python recipes/distill_lm.py --config recipes/distill_lm_cached.yaml cache=runs/teacher-cache-lm
+
+A bad config ends with one line, `config error: ...` (exit 2); add --debug for the traceback.
 """
-import json
 import sys
 
-from distill.config import LMDistillConfig, parse_args_or_exit
-from distill.lm import distill_lm
+from distill.core.cli import run_recipe
+from distill.lm.job import LM_DISTILL
 
 
 def main(argv: list[str]) -> None:
-    cfg = parse_args_or_exit(LMDistillConfig, argv)
-    result = distill_lm(cfg)
-    print(json.dumps({"student": str(result.run_dir / "model"), **result.metrics}, indent=2))
+    run_recipe(LM_DISTILL, argv)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,17 @@ lists (TinyBERT-style), for one or more born-again `generations`.
     accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/distill_student.py \
         --config recipes/distill_tinybert.yaml [key.sub=value ...]
     python recipes/distill_student.py --config recipes/distill_tinybert.yaml seed=1 output_dir=runs/student-s1
+
+A bad config ends with one line, `config error: ...` (exit 2); add --debug for the traceback.
 """
-import json
 import sys
 
-from distill.config import DistillConfig, parse_args_or_exit
-from distill.run import distill
+from distill.core.cli import run_recipe
+from distill.methods.job import DISTILL
 
 
 def main(argv: list[str]) -> None:
-    cfg = parse_args_or_exit(DistillConfig, argv)
-    result = distill(cfg)
-    print(json.dumps({"student": str(result.run_dir / "model"), **result.metrics}, indent=2))
+    run_recipe(DISTILL, argv)
 
 
 if __name__ == "__main__":

@@ -3,18 +3,17 @@
     accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/finetune_teacher.py \
         --config recipes/teacher.yaml [key.sub=value ...]
     python recipes/finetune_teacher.py --config recipes/teacher.yaml stage.epochs=1
+
+A bad config ends with one line, `config error: ...` (exit 2); add --debug for the traceback.
 """
-import json
 import sys
 
-from distill.config import FinetuneConfig, parse_args_or_exit
-from distill.run import finetune
+from distill.core.cli import run_recipe
+from distill.methods.finetune import FINETUNE
 
 
 def main(argv: list[str]) -> None:
-    cfg = parse_args_or_exit(FinetuneConfig, argv)
-    result = finetune(cfg)
-    print(json.dumps({"teacher": f"{cfg.output_dir}/model", **result.metrics}, indent=2))
+    run_recipe(FINETUNE, argv)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,17 @@
     accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/prune_model.py \
         --config recipes/prune_heads_ffn.yaml [key.sub=value ...]
     python recipes/prune_model.py --config recipes/prune_heads_ffn.yaml importance.criterion=fisher seed=1
+
+A bad config ends with one line, `config error: ...` (exit 2); add --debug for the traceback.
 """
-import json
 import sys
 
-from distill.config import parse_args_or_exit
-from prune.config import PruneConfig
-from prune.run import prune
+from distill.core.cli import run_recipe
+from prune.run import PRUNE
 
 
 def main(argv: list[str]) -> None:
-    cfg = parse_args_or_exit(PruneConfig, argv)
-    result = prune(cfg)
-    print(json.dumps({"model": f"{cfg.output_dir}/model", **result.metrics}, indent=2))
+    run_recipe(PRUNE, argv)
 
 
 if __name__ == "__main__":

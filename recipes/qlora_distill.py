@@ -4,20 +4,17 @@ and distil them from the full-precision teacher; save the adapters and the adapt
     accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/qlora_distill.py \
         --config recipes/qlora_distill.yaml [key.sub=value ...]
     python recipes/qlora_distill.py --config recipes/qlora_distill.yaml bits=8 output_dir=runs/qlora-int8
+
+A bad config ends with one line, `config error: ...` (exit 2); add --debug for the traceback.
 """
-import json
 import sys
 
-from distill.config import parse_args_or_exit
-from quant.config import QatConfig
-from quant.qat import qat_distill
+from distill.core.cli import run_recipe
+from quant.qat import QLORA
 
 
 def main(argv: list[str]) -> None:
-    cfg = parse_args_or_exit(QatConfig, argv)
-    result = qat_distill(cfg)
-    outputs = {"adapter": f"{cfg.output_dir}/adapter", "merged": f"{cfg.output_dir}/model" if cfg.merge else None}
-    print(json.dumps({**outputs, **result.metrics}, indent=2))
+    run_recipe(QLORA, argv)
 
 
 if __name__ == "__main__":

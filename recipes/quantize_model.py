@@ -4,18 +4,17 @@ reload each, and compare accuracy, memory, size on disk and CPU latency on one t
     accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/quantize_model.py \
         --config recipes/quantize_student.yaml [key.sub=value ...]
     python recipes/quantize_model.py --config recipes/quantize_student.yaml variants=[fp32,bnb_nf4,bnb_fp4]
+
+A bad config ends with one line, `config error: ...` (exit 2); add --debug for the traceback.
 """
 import sys
 
-from distill.config import parse_args_or_exit
-from quant.config import QuantConfig
-from quant.run import quantize
+from distill.core.cli import run_recipe
+from quant.run import QUANTIZE
 
 
 def main(argv: list[str]) -> None:
-    cfg = parse_args_or_exit(QuantConfig, argv)
-    result = quantize(cfg)
-    print((result.run_dir / "report.md").read_text(), end="")
+    run_recipe(QUANTIZE, argv)
 
 
 if __name__ == "__main__":

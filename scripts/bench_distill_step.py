@@ -1,8 +1,8 @@
 """Time of one distillation training step against its floor, on a real teacher and the default 3-layer student.
 
-Each variant is a real run through `distill.run` (the project's `Objective` and `Trainer` loop, AdamW included), cut
-after `--steps` optimizer steps; a step's time is the gap between two `on_step` calls, so it holds everything the
-loop does per batch. Every variant sees the same batches (same seed, same sampler): Rotten Tomatoes sentences cut at
+Each variant is a real run through `distill.methods.job` (the project's `Objective` and `Trainer` loop, AdamW
+included), cut after `--steps` optimizer steps; a step's time is the gap between two `on_step` calls, so it holds
+everything the loop does per batch. Every variant sees the same batches (same seed, same sampler): Rotten Tomatoes sentences cut at
 `--max-length` tokens, padded per batch and grouped by length, as training does.
 
   (a) floor      plain fine-tuning of the student: hard-label CE only, the teacher never runs
@@ -33,11 +33,14 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from distill.benchmark import timed_steps
-from distill.config import DistillConfig, parse_args
-from distill.losses.base import model_inputs
-from distill.run import distill, load_task, load_teacher
-from distill.sources import collator
-from distill.trainer import TrainState, train_sampler
+from distill.core.config import parse_args
+from distill.core.losses import model_inputs
+from distill.core.run import load_task
+from distill.core.sources import collator
+from distill.core.trainer import TrainState, train_sampler
+from distill.methods.config import DistillConfig
+from distill.methods.job import distill
+from distill.methods.single import load_teacher
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 VARIANT_RECIPES = {"floor": "distill_response.yaml", "response": "distill_response.yaml",

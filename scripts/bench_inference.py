@@ -10,8 +10,8 @@ is saved):
 A combination that does not exist is a row marked n/a with the reason, never measured.
 
 A latency is the median over --rounds rounds of a model's median of --repeats forward passes; each round measures
-every model of one device and batch size once (`distill.evaluate.alternating_latencies`), so that changes in machine
-load hit all of them alike. Throughput is examples per second (batch / latency); speed is the latency of the
+every model of one device and batch size once (`distill.core.evaluate.alternating_latencies`), so that changes in
+machine load hit all of them alike. Throughput is examples per second (batch / latency); speed is the latency of the
 reference (the first --model, full fp32, same device and batch size) over the row's.
 
     python scripts/bench_inference.py --model teacher=runs/teacher/model --model student=runs/student/model \\
@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.config import ConfigError, DataConfig
-from distill.evaluate import alternating_latencies, examples_per_s, latency_batch
-from distill.sources import load_splits, load_tokenizer, vocabulary_difference
+from distill.core.config import DataConfig
+from distill.core.errors import ConfigError
+from distill.core.evaluate import alternating_latencies, examples_per_s, latency_batch
+from distill.core.sources import load_splits, load_tokenizer, vocabulary_difference
 from quant.config import BnbConfig
 from quant.run import quiet_int8_cast_warning
 from quant.variants import check_variants, make_variant

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from distill.benchmark import peak_mb, run_probe
-from distill.losses.causal import LogitSource, cross_entropy_rows, forward_kl, fused_means, scaled_divergence
+from distill.losses.causal.divergences import forward_kl
+from distill.losses.causal.fused import LogitSource, fused_means
+from distill.losses.causal.registered import cross_entropy_rows, scaled_divergence
 
 TEMPERATURE = 2.0
 

@@ -27,9 +27,11 @@ import tempfile
 from pathlib import Path
 
 from distill.benchmark import StepClock, config_differences, rotated_order, run_probe, summarise
-from distill.cache import TeacherCache
-from distill.config import ConfigError, LMDistillConfig, parse_args
-from distill.lm import check_lm_config, distill_lm
+from distill.core.config import parse_args
+from distill.core.errors import ConfigError
+from distill.lm.cache import TeacherCache
+from distill.lm.config import LMDistillConfig
+from distill.lm.job import check_lm_distill, distill_lm
 
 VARIANTS = ("ce", "online", "cached")
 SAME_BATCHES = ("teacher", "seed", "data", "student", "validation_examples", "test_examples", "train.batch_size",
@@ -47,7 +49,7 @@ def variant_config(args, variant: str, overrides: list[str], run_dir: str = "unu
             f"train.max_steps_per_stage={total}", f"train.save_steps={total + 1}"]
     cache = [f"cache={args.cache}"] if variant == "cached" and args.cache else []
     cfg = parse_args(LMDistillConfig, argv + cache)
-    check_lm_config(cfg)
+    check_lm_distill(cfg)
     return cfg
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from distill.evaluate import alternating_latencies, count_parameters, disk_size_mb, latency_batch
-from distill.sources import load_classifier
+from distill.core.evaluate import alternating_latencies, count_parameters, disk_size_mb, latency_batch
+from distill.core.sources import load_classifier
 
 SAMPLE_TEXTS = [
     "a gripping , beautifully acted drama that stays with you long after the credits roll .",

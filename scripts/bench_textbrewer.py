@@ -6,7 +6,7 @@ the steps; with a check that both started from the same weights and saw the same
 
     python scripts/bench_textbrewer.py --steps 100 --repeats 3 --json runs/bench-textbrewer.json
 
-Each side runs in its own process: ours through `distill.run.distill` (the recipe's real Trainer path) in this
+Each side runs in its own process: ours through `distill.methods.job.distill` (the recipe's real Trainer path) in this
 environment; TextBrewer's BasicDistiller in `.bench-envs/textbrewer`, created on first use, which sees this
 environment's packages (torch, transformers, tensorboard) through a .pth file and gets only TextBrewer installed, so
 TextBrewer never becomes a dependency of the project. Repeats alternate which side runs first. `--ours KEY=VALUE`
@@ -22,10 +22,10 @@ What makes the two runs the same work:
 - losses: TextBrewer's `kd_loss_type='ce'` is the soft cross-entropy without the T^2 factor. It differs from our
   KL(teacher || student) only by the teacher's entropy, which has no gradient, so its weight is the KL weight times
   T^2; its hard-label loss is the student's own cross-entropy (the model is called with the labels) at the `ce` weight;
-- optimizer: AdamW with `distill.trainer.param_groups` (no decay on biases and norms), the recipe's learning rate, and
-  transformers' `get_scheduler` with the same warm-up and length; gradients clipped to `train.max_grad_norm`.
+- optimizer: AdamW with `distill.core.trainer.param_groups` (no decay on biases and norms), the recipe's learning
+  rate, and transformers' `get_scheduler` with the same warm-up and length; gradients clipped to `train.max_grad_norm`.
 Checked, not assumed: torch's global optimizer hooks fingerprint the parameters just before the first step and time
-every step in both processes, and both record the token ids of every batch (`distill.trainer.RankTrace`).
+every step in both processes, and both record the token ids of every batch (`distill.core.trainer.RankTrace`).
 """
 from __future__ import annotations
 
@@ -45,8 +45,10 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from distill.benchmark import peak_rss_mb, peer_environment
-from distill.config import ConfigError, DistillConfig, LossConfig, StageConfig, parse_args
-from distill.fingerprint import text_sha256
+from distill.core.config import LossConfig, StageConfig, parse_args
+from distill.core.errors import ConfigError
+from distill.core.fingerprint import text_sha256
+from distill.methods.config import DistillConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_ENV = ROOT / ".bench-envs" / "textbrewer"
@@ -123,7 +125,7 @@ def parameters_sha256(parameters: Iterable[torch.Tensor]) -> str:
 
 
 def train_ours(cfg: DistillConfig) -> float:
-    from distill.run import distill
+    from distill.methods.job import distill
 
     return distill(cfg).metrics["test_accuracy"]
 
@@ -135,14 +137,15 @@ def train_textbrewer(cfg: DistillConfig) -> float:
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
 
-    from distill.evaluate import accuracy
-    from distill.run import build_distill_student, load_task, load_teacher
-    from distill.sources import collator
-    from distill.trainer import RankTrace, param_groups, planned_batches, train_sampler
+    from distill.core.evaluate import accuracy
+    from distill.core.run import load_task
+    from distill.core.sources import collator
+    from distill.core.trainer import RankTrace, param_groups, planned_batches, train_sampler
+    from distill.methods.single import build_distill_student, load_teacher
 
     stage, kl, ce = matched_losses(cfg)
     steps, train = cfg.train.max_steps_per_stage, cfg.train
-    set_seed(cfg.seed)  # as distill.run.start_run does before loading anything
+    set_seed(cfg.seed)  # as distill.core.run.start_run does before loading anything
     task = load_task(cfg.data, cfg.teacher)
     teacher = load_teacher(cfg, task)
     student, _ = build_distill_student(cfg, cfg.student, teacher, task)
@@ -180,7 +183,7 @@ def logits_and_label_loss(batch, outputs) -> dict:
 
 def work(side: str, cfg: DistillConfig, threads: int) -> dict:
     """Run one side in this process and return what the parent compares."""
-    from distill.trainer import RankTrace
+    from distill.core.trainer import RankTrace
 
     torch.set_num_threads(threads)
     RankTrace.batches_kept = cfg.train.max_steps_per_stage  # every batch, not the usual first few

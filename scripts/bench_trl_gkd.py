@@ -37,17 +37,18 @@ import tempfile
 from pathlib import Path
 
 import torch
+from bench_lm_step import run_variant  # sibling scripts: this script's folder is on sys.path
+from lm_perplexity import measure
 from transformers import TrainerCallback
 
 from distill.benchmark import StepClock, peer_environment, rotated_order, run_probe, summarise
-from distill.config import ConfigError, LMDistillConfig, parse_args
-from distill.lm import LMCollator, check_lm_config, held_out_splits
-from distill.sources import corpus_token_ids, ensure_pad_token, load_causal_lm, load_tokenizer
-from distill.student import build_student
-from distill.trainer import train_sampler
-
-from bench_lm_step import run_variant  # sibling scripts: this script's folder is on sys.path
-from lm_perplexity import measure
+from distill.core.config import parse_args
+from distill.core.errors import ConfigError
+from distill.core.sources import corpus_token_ids, ensure_pad_token, load_causal_lm, load_tokenizer
+from distill.core.student import build_student
+from distill.core.trainer import train_sampler
+from distill.lm.config import LMDistillConfig
+from distill.lm.job import LMCollator, check_lm_distill, held_out_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_ENV = ROOT / ".bench-envs" / "trl"
@@ -78,7 +79,7 @@ def bench_config(args, overrides: list[str], student_dir: str, run_dir: str = "u
                                        f"train.max_steps_per_stage={total}",
                                        f"train.save_steps={total + 1}", "train.log_steps=1",
                                        "train.gradient_accumulation_steps=1"])
-    check_lm_config(cfg)
+    check_lm_distill(cfg)
     if len(cfg.stages) != 1:
         raise ConfigError(f"the comparison runs one stage; {args.config} has {len(cfg.stages)}")
     return cfg

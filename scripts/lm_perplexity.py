@@ -13,11 +13,12 @@ import sys
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from distill.config import LMDistillConfig, parse_args_or_exit
-from distill.evaluate import perplexity
-from distill.lm import LMCollator, check_lm_config, held_out_splits
-from distill.sources import corpus_token_ids, ensure_pad_token, load_causal_lm, load_tokenizer
-from distill.student import build_student
+from distill.core.config import parse_args_or_exit
+from distill.core.sources import corpus_token_ids, ensure_pad_token, load_causal_lm, load_tokenizer
+from distill.core.student import build_student
+from distill.lm.config import LMDistillConfig
+from distill.lm.job import LMCollator, check_lm_distill, held_out_splits
+from distill.lm.metrics import perplexity
 
 
 def held_out_perplexities(model, splits, collate, batch_size: int, accelerator: Accelerator) -> dict[str, float]:
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--model", help="a saved causal LM to measure instead of the teacher and the initial student")
     args, config_args = parser.parse_known_args(argv)
     cfg = parse_args_or_exit(LMDistillConfig, config_args)
-    check_lm_config(cfg)
+    check_lm_distill(cfg)
     if args.model:
         models = {args.model: load_causal_lm(args.model)}
     else:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distill.evaluate import disk_size_mb
+from distill.core.evaluate import disk_size_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["student", "+ vocabulary pruning", "+ int8 word embedding", "+ bnb int8 Linears"]

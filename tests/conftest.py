@@ -10,8 +10,9 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
 
-from distill.config import DataConfig, FinetuneConfig, LossConfig, StageConfig, TrainConfig
-from distill.run import finetune
+from distill.core.config import DataConfig, LossConfig, StageConfig, TrainConfig
+from distill.methods.config import FinetuneConfig
+from distill.methods.finetune import finetune
 
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "moving"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "flat"]
@@ -52,12 +53,51 @@ def tiny_causal_lm(vocab_size: int, tied: bool) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each test builds its own Accelerator; Accelerate keeps process-wide singletons between them."""
-    yield
+def reset_accelerate() -> None:
+    """Accelerate's process-wide state as a new process starts with it: it keeps singletons between runs."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test builds its own Accelerator."""
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture
+def new_process():
+    """Call it between two runs of one test (a killed run and its resume) to start the second as a new process."""
+    return reset_accelerate
+
+
+class Interrupt(Exception):
+    """Raised from an `on_step` callback: a run killed mid-training."""
+
+
+def never_train(state):
+    """An `on_step` callback for runs that must be refused before training."""
+    raise AssertionError("training started despite bad input")
+
+
+def logits_of(model, tokenizer, texts):
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, atol: float = 0.0) -> None:
+    """The two models' state dicts hold the same names, shapes and values (exactly, or within `atol`)."""
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys(), f"tensors only in one: {sorted(state_a.keys() ^ state_b.keys())}"
+    for name, value in state_a.items():
+        other = state_b[name]
+        assert value.shape == other.shape, f"{name}: shape {tuple(value.shape)} against {tuple(other.shape)}"
+        if atol:
+            assert torch.allclose(value, other, atol=atol), f"{name} differs by more than {atol}"
+        else:
+            assert torch.equal(value, other), f"{name} differs"
 
 
 @pytest.fixture
@@ -122,7 +162,7 @@ PIPELINE_LATENCY = dict(batch_size=4, max_length=16, warmup=0, repeats=1, rounds
 
 def pipeline_cfg(root: Path, csv: Path, teacher: Path, distill_lr: float = 1e-3):
     """finetune (the tiny teacher) -> distill (2 of its 4 layers) -> quantize (fp32, dynamic int8) -> report."""
-    from distill.pipeline import PipelineConfig, StageEntry
+    from distill.pipeline.plan import PipelineConfig, StageEntry
 
     return PipelineConfig(output_dir=str(root), data=data_cfg(csv), stages=[
         StageEntry(kind="finetune", name="teacher", model=str(teacher),
@@ -149,12 +189,11 @@ def pipeline_assets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pipeline(pipeline_assets, tmp_path_factory):
     """A finished run of `pipeline_cfg`; tests that change it work on a copy."""
-    import distill.stages  # noqa: F401  (registers the stage kinds)
-    import quant.stages  # noqa: F401
-    from distill.pipeline import run_pipeline
+    import distill.pipeline.kinds  # noqa: F401  (registers the stage kinds)
+    import quant.pipeline_kinds  # noqa: F401
+    from distill.pipeline.plan import run_pipeline
 
     cfg = pipeline_cfg(tmp_path_factory.mktemp("pipeline") / "run", *pipeline_assets)
     stages = run_pipeline(cfg)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     return cfg, stages

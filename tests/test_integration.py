@@ -7,12 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from distill.config import DataConfig, DistillConfig, FinetuneConfig, LossConfig, StageConfig, StudentConfig
-from distill.config import TrainConfig
+from distill.core.config import DataConfig, LossConfig, StageConfig, StudentConfig, TrainConfig
+from distill.core.sources import load_classifier
+from distill.core.student import build_student
 from distill.losses.response import soft_kl
-from distill.run import distill, finetune
-from distill.sources import load_classifier
-from distill.student import build_student
+from distill.methods.config import DistillConfig, FinetuneConfig
+from distill.methods.finetune import finetune
+from distill.methods.job import distill
 from prune.config import ImportanceConfig, PruneConfig, UnitPruneConfig
 from prune.run import prune
 

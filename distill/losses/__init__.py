@@ -1,8 +1,7 @@
-"""Distillation losses, each registered by name. A recipe's `losses:` list picks them with weights."""
-from .base import (LOSSES, LossInputs, LossSetup, DistillLoss, TeacherTopK, build_losses, check_loss, register,
-                   require_loss)
-# importing the families registers the built-in losses
-from . import response, hidden, attention, feature, relation, early_exit, causal  # noqa: F401
+"""The loss families, each registered by name in `distill.core.losses.LOSSES` when this package is imported: response
+(`ce`, `kl`, `logit_mse`, `peer_kl`), hidden states, attention maps, FitNets hints, relations, early exits, and the
+causal token losses. A stage's `losses:` list picks them with weights."""
+from distill.core.losses import LOSSES
+from distill.losses import attention, causal, early_exit, feature, hidden, relation, response  # noqa: F401
 
-__all__ = ["LOSSES", "LossInputs", "LossSetup", "DistillLoss", "TeacherTopK", "build_losses", "check_loss",
-           "register", "require_loss"]
+__all__ = ["LOSSES"]

@@ -3,9 +3,10 @@ returns no attention maps. Head counts must match, or teacher heads are averaged
 averaged over heads."""
 import torch
 
-from ..config import ConfigError, LossConfig
-from .base import DistillLoss, LossInputs, LossSetup, register
-from .hidden import masked_mean
+from distill.core.config import LossConfig
+from distill.core.errors import ConfigError
+from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
+from distill.losses.hidden import masked_mean
 
 HEAD_MATCHES = ("exact", "group", "average")
 
@@ -36,14 +37,19 @@ def attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
 
 class _AttentionLoss(DistillLoss):
     needs_attentions = True
+    options = ("head_match",)
     distance = staticmethod(attention_mse)
+
+    @classmethod
+    def check_options(cls, spec: LossConfig, where: str = "") -> None:
+        if spec.head_match not in HEAD_MATCHES:
+            raise ConfigError(f"{where}loss '{spec.name}': head_match must be one of {HEAD_MATCHES}, got "
+                              f"'{spec.head_match}'")
 
     def __init__(self, spec: LossConfig, setup: LossSetup):
         super().__init__(spec, setup)
         heads_s = setup.student_config.num_attention_heads
         heads_t = setup.teacher_config.num_attention_heads
-        if spec.head_match not in HEAD_MATCHES:
-            raise ConfigError(f"loss '{spec.name}': head_match must be one of {HEAD_MATCHES}, got '{spec.head_match}'")
         if spec.head_match == "exact" and heads_s != heads_t:
             hint = "'group' or 'average'" if heads_t % heads_s == 0 else "'average'"
             raise ConfigError(

@@ -4,9 +4,9 @@ response-based one (see recipes/distill_fitnet.yaml)."""
 import torch
 from torch import nn
 
-from ..config import LossConfig
-from .base import DistillLoss, LossInputs, LossSetup, register
-from .hidden import chosen_layers, hidden_mse
+from distill.core.config import LossConfig
+from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
+from distill.losses.hidden import chosen_layers, hidden_mse
 
 
 def hint_regressor(width_student: int, width_teacher: int) -> nn.Linear:
@@ -23,6 +23,7 @@ def hint_regressor(width_student: int, width_teacher: int) -> nn.Linear:
 class Hint(DistillLoss):
     """Masked MSE between the regressed guided student layer and the teacher's hint layer."""
     needs_hidden_states = True
+    options = ("student_layer", "teacher_layer", "learning_rate")
 
     def __init__(self, spec: LossConfig, setup: LossSetup):
         super().__init__(spec, setup)

@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, LossConfig
-from .base import DistillLoss, LossInputs, LossSetup, register
+from distill.core.config import LossConfig
+from distill.core.errors import ConfigError
+from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -28,6 +29,7 @@ def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
 
 class _HiddenLoss(DistillLoss):
     needs_hidden_states = True
+    options = ("learning_rate",)
     distance = staticmethod(hidden_mse)
 
     def __init__(self, spec: LossConfig, setup: LossSetup):

@@ -8,10 +8,11 @@ example is pooled to one vector from a chosen hidden-state layer (default: the l
 import torch
 import torch.nn.functional as F
 
-from ..config import LossConfig
-from .base import DistillLoss, LossInputs, LossSetup, register
-from ..pooling import check_pooling, pool
-from .hidden import chosen_layers
+from distill.core.config import LossConfig
+from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
+from distill.losses.hidden import chosen_layers
+from distill.losses.pooling import check_pooling, pool
+
 
 def _mean_smooth_l1(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Smooth-L1 (Huber, delta 1) averaged over the entries; 0 when there are none (a batch too small to relate)."""
@@ -57,6 +58,7 @@ def similarity_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
 class _RelationLoss(DistillLoss):
     needs_hidden_states = True
+    options = ("student_layer", "teacher_layer", "pooling")
     relation = staticmethod(rkd_distance)
 
     @classmethod

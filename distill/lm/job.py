@@ -1,0 +1,183 @@
+"""Causal-LM distillation (`LMDistillConfig`): a student built from the teacher (by default every other layer of it)
+learns the teacher's next-token distributions on unlabelled text, token by token, in the shared `Trainer`: from the
+teacher running beside it (`forward_kl`, `reverse_kl`, `jsd`) or from a teacher cache (`topk_kl`, no teacher run),
+mixed with `next_token_ce` on the text itself.
+
+The corpus is tokenized once with the teacher's tokenizer (`corpus_token_ids`, as a cache build does). Its last
+`test_examples` texts are the test slice, the `validation_examples` before them the validation slice, the rest are
+trained on; metrics.json records the three index ranges and the corpus fingerprint. Hidden-state losses (`hidden_mse`,
+`hidden_cosine` over `layer_map`) may join the token losses when the teacher runs. The validation metric is
+perplexity (lower is better); `generations.jsonl` holds the final student's greedy completion of each fixed prompt."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import AutoConfig, DataCollatorWithPadding, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.core.errors import ConfigError
+from distill.core.evaluate import count_parameters
+from distill.core.fingerprint import config_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
+from distill.core.jobs import Job, register_job
+from distill.core.losses import LOSSES, LossSetup, check_stages
+from distill.core.mapping import build_layer_map, check_layer_map_config
+from distill.core.run import OnStep, RunResult, Task, check_train, finish_run, start_run, warn_truncation
+from distill.core.sources import (
+    corpus_tokens,
+    ensure_pad_token,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+    truncation_shares,
+)
+from distill.core.student import build_student, check_student_config
+from distill.core.trainer import Trainer
+from distill.lm.cache import CachedTeacherCollator, CacheKey, TeacherCache
+from distill.lm.config import LMDistillConfig, LMEvalConfig
+from distill.lm.metrics import PERPLEXITY
+from distill.lm.vocab import common_vocab_size
+from distill.losses.causal.fused import IGNORE_INDEX
+
+TOKEN_LOSSES = sorted(name for name, cls in LOSSES.items() if cls.reads_lm_head)
+HIDDEN_LOSSES = ("hidden_mse", "hidden_cosine")
+"""Hidden-state losses an LM run takes beside the token losses: mapped layers (`layer_map`), with a learned
+projection when the widths differ; they read the live teacher's hidden states, which a teacher cache does not hold."""
+
+
+class LMCollator:
+    """Pads token ids and adds `labels`: the input ids, -100 at padding (plain text: every real token is a target)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.pad(features)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        return batch
+
+
+def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
+    """Check the config, split the corpus, build the student, check the vocabularies (and the cache), train through
+    every stage, then write the generations, measure perplexity and save."""
+    check_lm_distill(cfg)
+    accelerator, run_dir = start_run(cfg)
+    tokenizer = ensure_pad_token(load_tokenizer(cfg.teacher))
+    tokenizer.padding_side = "right"  # positions count from 0 at the first token, as when the cache was built
+    examples, full_lengths = corpus_tokens(cfg.data, tokenizer)
+    splits, ranges = held_out_splits(examples, cfg, with_cache_index=cfg.cache is not None)
+    truncation = {name: truncation_shares(full_lengths[slice(*ranges[name])], cfg.data.max_length) for name in splits}
+    warn_truncation(truncation, cfg.data.max_length)
+    teacher = load_causal_lm(cfg.teacher) if needs_teacher(cfg) or not cfg.student.model else None
+    teacher_config = teacher.config if teacher is not None else AutoConfig.from_pretrained(resolve_model(cfg.teacher))
+    student = build_student(cfg.student, teacher, load_causal_lm)
+    student_tokenizer = load_tokenizer(cfg.student.model) if cfg.student.model else tokenizer
+    vocab_size = common_vocab_size(student_tokenizer, tokenizer, student.config.get_text_config().vocab_size,
+                                   teacher_config.get_text_config().vocab_size)
+    collate = LMCollator(tokenizer)
+    if cfg.cache is not None:
+        cache = open_cache(cfg, tokenizer, examples, teacher_config, teacher)
+        collate = CachedTeacherCollator(cache, collate)
+    teacher = teacher if needs_teacher(cfg) else None
+    trainer = Trainer(accelerator, student, teacher, splits, collate, cfg.train, cfg.seed, run_dir, on_step,
+                      metric=PERPLEXITY)
+    trainer.log({"student_parameters": count_parameters(student), "vocab_size": vocab_size, "splits": ranges})
+    layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher_config.num_hidden_layers)
+    student = trainer.fit(cfg.stages, LossSetup(student.config, teacher_config, layer_map, vocab_size))
+    generations = greedy_generations(student, tokenizer, cfg.eval)
+    if accelerator.is_main_process:
+        (run_dir / "generations.jsonl").write_text("".join(json.dumps(row) + "\n" for row in generations))
+    task = Task(tokenizer, splits, [], LMCollator(tokenizer), truncation)
+    return finish_run(accelerator, run_dir, student, task, cfg.train.eval_batch_size, PERPLEXITY,
+                      files=trainer.saved_files(),
+                      extra={"splits": ranges, "vocab_size": vocab_size, "generations": len(generations)})
+
+
+def check_lm_distill(cfg: LMDistillConfig) -> None:
+    """Config-only checks, before anything is loaded."""
+    check_stages(cfg.stages)
+    check_train(cfg.train)
+    check_student_config(cfg.student)
+    check_layer_map_config(cfg.layer_map)
+    topk = [loss for stage in cfg.stages for loss in stage.losses if loss.name == "topk_kl"]
+    for i, stage in enumerate(cfg.stages):
+        for loss in stage.losses:
+            if loss.name not in (*TOKEN_LOSSES, *HIDDEN_LOSSES):
+                raise ConfigError(f"stages[{i}]: loss '{loss.name}' is not a causal token loss or a hidden-state "
+                                  f"loss; an LM run takes {', '.join((*TOKEN_LOSSES, *HIDDEN_LOSSES))}")
+            if loss.name in HIDDEN_LOSSES and cfg.cache is not None:
+                raise ConfigError(f"stages[{i}]: loss '{loss.name}' reads the running teacher's hidden states; a "
+                                  "teacher cache holds only its top-k next-token probabilities: drop `cache` or the "
+                                  "loss")
+    if topk and cfg.cache is None:
+        raise ConfigError("loss 'topk_kl' reads a teacher cache: set `cache` to a folder built by "
+                          "recipes/build_teacher_cache.py over the same data")
+    if cfg.cache is not None and not topk:
+        raise ConfigError("`cache` is set, but no stage has the 'topk_kl' loss that reads it")
+    if len({loss.temperature for loss in topk}) > 1 or any(loss.final_temperature is not None for loss in topk):
+        raise ConfigError("every 'topk_kl' loss must use the one temperature the cache was written at, unscheduled")
+    if cfg.validation_examples < 1 or cfg.test_examples < 1:
+        raise ConfigError(f"validation_examples and test_examples must be at least 1; got {cfg.validation_examples} "
+                          f"and {cfg.test_examples}")
+    if cfg.data.max_length < 2:
+        raise ConfigError(f"data.max_length must be at least 2 (a token and the next); got {cfg.data.max_length}")
+    if cfg.eval.max_new_tokens < 1:
+        raise ConfigError(f"eval.max_new_tokens must be at least 1; got {cfg.eval.max_new_tokens}")
+
+
+def needs_teacher(cfg: LMDistillConfig) -> bool:
+    """Whether a loss runs the teacher (`topk_kl` reads the cache instead)."""
+    return any(LOSSES[loss.name].needs_teacher for stage in cfg.stages for loss in stage.losses)
+
+
+def held_out_splits(examples: list[list[int]], cfg: LMDistillConfig, with_cache_index: bool
+                    ) -> tuple[DatasetDict, dict[str, list[int]]]:
+    """train / validation / test slices of the corpus, in its order, and their [start, end) indices into it (with
+    the corpus fingerprint). With `with_cache_index`, each example carries its corpus index for the cache."""
+    test_start = len(examples) - cfg.test_examples
+    validation_start = test_start - cfg.validation_examples
+    if validation_start < 1:
+        raise ConfigError(f"the corpus has {len(examples)} texts: too few to hold out {cfg.validation_examples} for "
+                          f"validation and {cfg.test_examples} for test and train on the rest; raise data.limit")
+    columns = {"input_ids": examples, **({"cache_index": list(range(len(examples)))} if with_cache_index else {})}
+    corpus = Dataset.from_dict(columns)
+    bounds = {"train": [0, validation_start], "validation": [validation_start, test_start],
+              "test": [test_start, len(examples)]}
+    splits = DatasetDict({name: corpus.select(range(*span)) for name, span in bounds.items()})
+    return splits, {**bounds, "corpus_sha256": token_ids_sha256(examples)}
+
+
+def open_cache(cfg: LMDistillConfig, tokenizer: PreTrainedTokenizerBase, examples: list[list[int]],
+               teacher_config: PretrainedConfig, teacher: Optional[PreTrainedModel]) -> TeacherCache:
+    """The cache, refused unless it was built from this run's tokenizer, corpus token ids, `topk_kl` temperature
+    and teacher config; its weights too when the run has loaded the teacher (hashing them needs the model)."""
+    temperature = next(loss.temperature for stage in cfg.stages for loss in stage.losses if loss.name == "topk_kl")
+    expect = CacheKey(config_sha256(teacher_config), weights_sha256(teacher) if teacher is not None else None,
+                      tokenizer_sha256(tokenizer), token_ids_sha256(examples), None, None, float(temperature))
+    cache = TeacherCache.open(cfg.cache, expect=expect)
+    if cache.samples and any(not loss.topk_tail for stage in cfg.stages for loss in stage.losses
+                             if loss.name == "topk_kl"):
+        raise ConfigError(f"teacher cache {cfg.cache} holds tokens sampled from the teacher's whole distribution; "
+                          "'topk_kl' with topk_tail: false would renormalise the student over them: set it true")
+    return cache
+
+
+@torch.no_grad()
+def greedy_generations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: LMEvalConfig) -> list[dict]:
+    """Each prompt and the model's greedy continuation of it (special tokens left out)."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    for prompt in cfg.prompts:
+        inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False).to(model.device)
+        output = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+        completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        rows.append({"prompt": prompt, "completion": completion})
+    model.train(was_training)
+    return rows
+
+
+LM_DISTILL = register_job(Job("distill_lm", LMDistillConfig, check_lm_distill, distill_lm,
+                              lambda cfg, result: {"student": str(result.run_dir / "model"), **result.metrics}))

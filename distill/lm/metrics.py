@@ -1,0 +1,45 @@
+"""What a causal-LM run measures: perplexity over real target tokens (the LM head run a chunk of positions at a time,
+so no full logits), the validation metric that selects its best epoch."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel
+
+from distill.core.evaluate import ValidationMetric
+from distill.core.losses import model_inputs
+from distill.losses.causal.fused import LogitSource, next_tokens, target_positions
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, loader: DataLoader, accelerator: Accelerator, chunk_size: int = 256) -> float:
+    """exp of the mean next-token negative log-likelihood over every real target token of the loader (labels not
+    -100), gathered across processes. The LM head runs `chunk_size` positions at a time: no full logits."""
+    was_training = model.training
+    model.eval()
+    nll = tokens = 0.0
+    for batch in loader:
+        outputs = model(**model_inputs(batch), output_hidden_states=True,
+                        logits_to_keep=torch.empty(0, dtype=torch.long))
+        sums, counts = example_nll(LogitSource.of(outputs, model.get_output_embeddings()), batch["labels"], chunk_size)
+        sums, counts = accelerator.gather_for_metrics((sums, counts))
+        nll, tokens = nll + sums.sum().item(), tokens + counts.sum().item()
+    model.train(was_training)
+    return math.exp(nll / max(tokens, 1))
+
+
+def example_nll(source: LogitSource, labels: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example of the batch: the summed negative log-likelihood of its real next tokens, and their number."""
+    targets, positions = next_tokens(labels).flatten(), target_positions(labels)
+    sums = torch.zeros(len(labels), device=labels.device)
+    for chunk in positions.split(chunk_size):
+        nll = F.cross_entropy(source.rows(chunk, None), targets[chunk], reduction="none")
+        sums.index_add_(0, chunk // labels.shape[1], nll)
+    return sums, torch.bincount(positions // labels.shape[1], minlength=len(labels))
+
+
+PERPLEXITY = ValidationMetric("perplexity", perplexity, higher_is_better=False)

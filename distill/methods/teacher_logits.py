@@ -1,0 +1,80 @@
+"""What the trainer gets from a classifier teacher besides its live forward: the teacher in reduced precision
+(`train.teacher_dtype`), and its logits cached before training (`train.cache_teacher_logits`).
+
+With the cache, every loss reads only the teacher's logits: the teacher runs once over the training split (in
+inference mode, batched) and never during training. Each training example carries its row index as `cache_index`,
+through any shuffling, epoch or resume, and the collator adds the teacher's logits for the batch's examples under
+`TEACHER_LOGITS`. They are computed on batches padded differently from the training batches: they equal the live
+teacher's up to floating-point rounding (padding is masked out)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from datasets import Dataset, DatasetDict
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from distill.core.collate import CACHE_INDEX, IndexedRowsCollator
+from distill.core.errors import ConfigError
+from distill.core.losses import LOSSES, TEACHER_LOGITS, model_inputs
+from distill.methods.config import DistillConfig
+from distill.methods.multi_teacher import TeacherEnsemble
+
+
+def check_logit_cache(cfg: DistillConfig) -> None:
+    """Config-only checks of `train.cache_teacher_logits`: only the teacher's logits are kept."""
+    if not cfg.train.cache_teacher_logits:
+        return
+    reads_teacher = False
+    for i, stage in enumerate(cfg.stages):
+        for loss in stage.losses:
+            cls = LOSSES[loss.name]
+            if cls.needs_teacher and (cls.needs_hidden_states or cls.needs_attentions):
+                raise ConfigError(
+                    f"train.cache_teacher_logits keeps only the teacher's logits, but loss '{loss.name}' "
+                    f"(stages[{i}]) reads its {'attention maps' if cls.needs_attentions else 'hidden states'}: "
+                    "drop the loss or set train.cache_teacher_logits=false")
+            reads_teacher = reads_teacher or cls.needs_teacher
+    if not reads_teacher:
+        raise ConfigError("train.cache_teacher_logits is set, but no loss reads the teacher")
+    if cfg.extra_teachers:
+        raise ConfigError("train.cache_teacher_logits keeps one teacher's logits; it does not work with "
+                          "extra_teachers")
+
+
+@torch.inference_mode()
+def teacher_logits(teacher: nn.Module, dataset: Dataset, collate: Callable, batch_size: int,
+                   device: torch.device) -> torch.Tensor:
+    """The teacher's float32 logits for every example of `dataset`, in its order, on the CPU."""
+    teacher.eval()
+    # A private generator: a loader iterator would otherwise draw from the global RNG, and the student's dropout
+    # masks would differ from those of a run with the live teacher.
+    loader = DataLoader(dataset, batch_size, collate_fn=collate, generator=torch.Generator())
+    return torch.cat([teacher(**model_inputs(batch.to(device))).logits.float().cpu()
+                      for batch in tqdm(loader, desc="teacher logits", leave=False)])
+
+
+def with_cached_logits(teacher: nn.Module, splits: DatasetDict, collate: Callable, batch_size: int,
+                       device: torch.device) -> tuple[DatasetDict, IndexedRowsCollator]:
+    """The splits with the training examples indexed, and a collator that adds their teacher logits."""
+    train = splits["train"]
+    logits = teacher_logits(teacher, train, collate, batch_size, device)
+    indexed = DatasetDict({**splits, "train": train.add_column(CACHE_INDEX, list(range(len(train))))})
+    return indexed, IndexedRowsCollator(lambda indices, batch: {TEACHER_LOGITS: logits[indices]}, collate)
+
+
+def reduce_teacher_precision(teacher: nn.Module, name: str, dataset: Dataset, collate: Callable, batch_size: int,
+                             device: torch.device) -> dict[str, float]:
+    """Cast the teacher's weights to the dtype `name` (an ensemble's mixing weights stay float32), and measure on
+    `dataset` how far that moves its logits: the largest absolute change and the share of unchanged predictions."""
+    if name == "float32":
+        return {}
+    full = teacher_logits(teacher, dataset, collate, batch_size, device)
+    members = teacher.teachers if isinstance(teacher, TeacherEnsemble) else [teacher]
+    for member in members:
+        member.to(getattr(torch, name))
+    reduced = teacher_logits(teacher, dataset, collate, batch_size, device)
+    return {"max_abs_logit_diff": (full - reduced).abs().max().item(),
+            "agreement": (full.argmax(-1) == reduced.argmax(-1)).float().mean().item()}

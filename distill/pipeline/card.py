@@ -1,0 +1,149 @@
+"""The model card (README.md) of a compressed model, in the Hub's format: YAML front matter (base_model, datasets,
+library_name, tags, model-index with the served model's accuracy), then every compression step with its settings,
+the metrics table, how to load the model (the flags its checkpoint needs) and its limitations."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from distill.core.sources import DATASET_ALIASES, MODEL_ALIASES
+
+KIND_TAGS = {"distill": ["distillation"], "prune": ["pruning"], "quantize": ["quantization"],
+             "qlora": ["quantization", "lora"]}
+PLACEHOLDER_REPO = "path/or/hub-id/of/this/model"
+BNB_KEYS = ("load_in_8bit", "load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+            "bnb_4bit_compute_dtype", "llm_int8_threshold", "llm_int8_skip_modules")
+
+
+@dataclass
+class CardStep:
+    """One stage of the pipeline that made the model."""
+    name: str
+    kind: str
+    input_model: str
+    settings: dict[str, Any]
+
+
+@dataclass
+class CardFacts:
+    repo_id: Optional[str]
+    base_model: Optional[str]
+    datasets: list[str]
+    dataset_name: str
+    split: str
+    accuracy: float
+    license: Optional[str]
+    tags: list[str]
+
+
+def hub_model_id(name: str) -> Optional[str]:
+    """The Hub id that a model name stands for (offline packages carry Hub models); None for local paths."""
+    if name.startswith("hub:"):
+        return name[4:]
+    if name.startswith("offline:"):
+        return next((hub for hub, offline in MODEL_ALIASES.items() if offline == name[len("offline:"):]), None)
+    if Path(name).exists() or name.startswith(("/", ".", "~")):
+        return None
+    return name
+
+
+def hub_dataset_id(source: str) -> Optional[str]:
+    """The Hub id that a `data.source` stands for; None for local files."""
+    if source.startswith("hub:"):
+        return source[4:]
+    name = source[len("offline:"):] if source.startswith("offline:") else source
+    aliases = [hub for hub, offline in DATASET_ALIASES.items() if offline == name and "/" in hub]
+    if aliases:
+        return aliases[0]
+    return None if Path(source).exists() or source.startswith("offline:") else source
+
+
+def model_card(model_dir: Path, facts: CardFacts, steps: list[CardStep], table: str, plot_file: Optional[str]
+               ) -> str:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    sections = [front_matter(facts, steps), f"# {facts.repo_id or 'Compressed model'}",
+                summary(facts, steps), steps_section(steps), metrics_section(table, plot_file, facts),
+                loading_section(config, facts.repo_id or PLACEHOLDER_REPO), limitations_section(config, facts)]
+    return "\n\n".join(sections) + "\n"
+
+
+def front_matter(facts: CardFacts, steps: list[CardStep]) -> str:
+    tags = ["text-classification", "compressed"] + [t for step in steps for t in KIND_TAGS.get(step.kind, [])]
+    metadata: dict[str, Any] = {
+        "base_model": facts.base_model, "datasets": facts.datasets or None, "library_name": "transformers",
+        "license": facts.license, "pipeline_tag": "text-classification", "tags": list(dict.fromkeys(tags + facts.tags)),
+        "model-index": [{"name": facts.repo_id or "compressed-model", "results": [{
+            "task": {"type": "text-classification", "name": "Text Classification"},
+            "dataset": {"name": facts.dataset_name, "type": facts.datasets[0] if facts.datasets else facts.dataset_name,
+                        "split": facts.split},
+            "metrics": [{"type": "accuracy", "value": round(facts.accuracy, 4), "name": f"{facts.split} accuracy"}],
+        }]}],
+    }
+    values = {key: value for key, value in metadata.items() if value is not None}
+    return f"---\n{yaml.safe_dump(values, sort_keys=False)}---"
+
+
+def summary(facts: CardFacts, steps: list[CardStep]) -> str:
+    chain = " -> ".join(f"{step.name} ({step.kind})" for step in steps)
+    base = f" from `{facts.base_model}`" if facts.base_model else ""
+    return (f"A text classifier compressed{base} in {len(steps)} steps: {chain}. It reaches "
+            f"{100 * facts.accuracy:.2f}% accuracy on the {facts.split} split of {facts.dataset_name}.")
+
+
+def steps_section(steps: list[CardStep]) -> str:
+    parts = ["## Compression steps"]
+    for i, step in enumerate(steps, 1):
+        settings = yaml.safe_dump(step.settings, sort_keys=False).rstrip()
+        parts.append(f"### {i}. {step.name} (`{step.kind}`)\n\nInput: `{step.input_model}`\n\n"
+                     f"<details><summary>settings</summary>\n\n```yaml\n{settings}\n```\n\n</details>")
+    return "\n\n".join(parts)
+
+
+def metrics_section(table: str, plot_file: Optional[str], facts: CardFacts) -> str:
+    plot = f"\n\n![accuracy against size and latency]({plot_file})" if plot_file else ""
+    return (f"## Metrics\n\nEvery model the steps saved, measured side by side ({facts.split} split; CPU latency at "
+            f"a fixed batch, measured in alternation); the first row is the reference.\n\n{table}{plot}")
+
+
+def loading_flags(config: dict) -> list[str]:
+    """The `from_pretrained` arguments the checkpoint needs: remote code for pruned (compressed) architectures."""
+    return ["trust_remote_code=True"] if "compression" in config or "auto_map" in config else []
+
+
+def loading_section(config: dict, repo: str) -> str:
+    args = ", ".join([f'"{repo}"', *loading_flags(config)])
+    lines = ["from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+             f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")"]
+    notes = []
+    if "quantization_config" in config:
+        recorded = {k: v for k, v in config["quantization_config"].items() if k in BNB_KEYS}
+        lines.append(f"# the checkpoint records its quantization, equivalent to\n"
+                     f"# BitsAndBytesConfig(**{recorded!r})\n# from_pretrained applies it; bitsandbytes must be "
+                     "installed")
+    lines.append(f"model = AutoModelForSequenceClassification.from_pretrained({args})")
+    if config.get("quantization", {}).get("method") == "dynamic_int8":
+        lines += ["", "import torch", "# the weights are saved in fp32; quantize the Linears to int8 at load",
+                  "model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)"]
+        notes.append("This framework's `quant.variants.load_variant(folder)` quantizes exactly the Linears recorded "
+                     "in `config.quantization.skip_modules` (task head and pooler stay fp32).")
+    if loading_flags(config):
+        notes.append("`trust_remote_code=True` is needed: the pruned layers have shapes the stock architecture "
+                     "cannot hold, and the checkpoint ships their modeling code (`auto_map`).")
+    code = "```python\n" + "\n".join(lines) + "\n```"
+    return "\n\n".join(["## How to load", code, *notes])
+
+
+def limitations_section(config: dict, facts: CardFacts) -> str:
+    items = [f"Measured on one dataset ({facts.dataset_name}, {facts.split} split); accuracy elsewhere may differ.",
+             "Latency and throughput were measured on the CPU of the machine that ran the pipeline, at one batch "
+             "shape; other hardware, batch sizes and thread counts give other numbers.",
+             "Compression can change individual predictions even where the accuracy holds; check the cases that "
+             "matter to you."]
+    if "quantization_config" in config:
+        items.append("bitsandbytes quantization needs the bitsandbytes package; its CPU kernels are slower than "
+                     "its GPU kernels, so the CPU latency here may not show the speed-up a GPU gives.")
+    return "## Limitations\n\n" + "\n".join(f"- {item}" for item in items)

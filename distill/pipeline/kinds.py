@@ -1,0 +1,26 @@
+"""The pipeline stage kinds that `distill` provides: `finetune` (a task teacher), `distill` (a student from the
+previous stage's model as teacher) and `push` (upload to the Hub)."""
+from __future__ import annotations
+
+from distill.methods.config import DistillConfig
+from distill.methods.finetune import FINETUNE
+from distill.methods.job import DISTILL
+from distill.pipeline.hub import PUSH
+from distill.pipeline.plan import StageKind, register_stage
+
+
+def distill_outputs(cfg: DistillConfig) -> dict[str, str]:
+    """Born-again chains keep each generation in its own folder; the last one's student is the result."""
+    return {"model": "model" if cfg.generations == 1 else f"generation-{cfg.generations}/model"}
+
+
+def run_training_job(job):
+    """A stage that runs a training job, which may be killed and resumed (`StageContext.on_step`)."""
+    return lambda cfg, context: job.run(cfg, context.on_step).metrics
+
+
+register_stage("finetune", StageKind.of_job(FINETUNE, run_training_job(FINETUNE), input_field="model"))
+register_stage("distill", StageKind.of_job(DISTILL, run_training_job(DISTILL), input_field="teacher",
+                                           outputs=distill_outputs))
+register_stage("push", StageKind.of_job(PUSH, lambda cfg, context: PUSH.run(cfg), input_field="model",
+                                        outputs=lambda cfg: {}, after="report"))

@@ -1,0 +1,82 @@
+"""The pipeline stages `quant` provides: `quantize` (each variant saved; the last feeds the next stage), `qlora`
+(quantization-aware distillation; its merged model feeds the next stage) and `report` (every earlier model measured
+side by side, then the served model copied with its model card and the report)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from distill.core.config import to_dict
+from distill.pipeline.card import CardFacts, CardStep, hub_dataset_id, hub_model_id, model_card
+from distill.pipeline.plan import Stage, StageContext, StageKind, register_stage
+
+from .compression_report import PLOT_FILE, Candidate, measure_models, require_matplotlib, write_report
+from .config import ReportConfig
+from .loading import load_config
+from .qat import QLORA
+from .run import QUANTIZE, check_measurement, evaluation_for, quiet_int8_cast_warning
+
+CARD_OMITS = ("output_dir", "data")
+"""Config keys the card leaves out of each step's settings: the folder, and the data it names once."""
+
+
+def check_report_config(cfg: ReportConfig) -> None:
+    check_measurement(cfg)
+    require_matplotlib()
+
+
+def run_report(cfg: ReportConfig, context: StageContext) -> dict:
+    """Measure every earlier model, then write `model/`: the served model, its card and the report."""
+    quiet_int8_cast_warning()
+    if cfg.latency.threads:
+        torch.set_num_threads(cfg.latency.threads)
+    evaluation = evaluation_for(cfg, load_config(cfg.model).num_labels)
+    rows = measure_models(candidates_of(context.earlier, cfg.model), evaluation, cfg.latency)
+    header = {"split": cfg.split, "examples": len(evaluation.loader.dataset),
+              "latency_batch": [cfg.latency.batch_size, cfg.latency.max_length], "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "served": cfg.model}
+    tmp = Path(cfg.output_dir) / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cfg.model, tmp)
+    table = write_report(rows, tmp, header)
+    served = next(row for row in rows if Path(row["path"]) == Path(cfg.model))
+    card = model_card(tmp, card_facts(cfg, context.earlier, served["accuracy"]), card_steps(context.earlier), table,
+                      PLOT_FILE)
+    (tmp / "README.md").write_text(card)
+    os.replace(tmp, Path(cfg.output_dir) / "model")
+    return {"rows": rows, **header}
+
+
+def candidates_of(stages: list[Stage], served: str) -> list[Candidate]:
+    """Every model the stages saved, in order; the served model last if no stage saved it."""
+    found = [Candidate(stage.name if len(stage.models) == 1 else f"{stage.name}/{name}", stage.name,
+                       stage.kind_name, path) for stage in stages for name, path in stage.models.items()]
+    if all(candidate.folder != Path(served) for candidate in found):
+        found.append(Candidate("served", "-", "-", Path(served)))
+    return found
+
+
+def card_facts(cfg: ReportConfig, earlier: list[Stage], accuracy: float) -> CardFacts:
+    first_input = earlier[0].input_model if earlier else cfg.model
+    datasets = cfg.datasets if cfg.datasets is not None else [d for d in [hub_dataset_id(cfg.data.source)] if d]
+    return CardFacts(repo_id=cfg.repo_id, base_model=cfg.base_model or hub_model_id(first_input), datasets=datasets,
+                     dataset_name=datasets[0] if datasets else Path(cfg.data.source).name, split=cfg.split,
+                     accuracy=accuracy, license=cfg.license, tags=cfg.tags)
+
+
+def card_steps(earlier: list[Stage]) -> list[CardStep]:
+    return [CardStep(stage.name, stage.kind_name, stage.input_model,
+                     {k: v for k, v in to_dict(stage.cfg).items()
+                      if k not in CARD_OMITS and k != stage.kind.input_field}) for stage in earlier]
+
+
+register_stage("quantize", StageKind.of_job(QUANTIZE, lambda cfg, context: QUANTIZE.run(cfg).metrics,
+                                            input_field="model",
+                                            outputs=lambda cfg: {variant: variant for variant in cfg.variants}))
+register_stage("qlora", StageKind.of_job(QLORA, lambda cfg, context: QLORA.run(cfg, context.on_step).metrics,
+                                         input_field="student",
+                                         outputs=lambda cfg: {"merged": "model"} if cfg.merge else {}))
+register_stage("report", StageKind(ReportConfig, run_report, input_field="model", check=check_report_config))

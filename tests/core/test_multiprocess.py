@@ -1,0 +1,89 @@
+"""Data-parallel runs: a real two-process CPU (gloo) launch of the distillation recipe, and launches refused."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.core import run as core_run
+from distill.core.config import LossConfig, StageConfig, StudentConfig
+from distill.core.errors import ConfigError
+from distill.methods import job as run
+from distill.methods.config import DistillConfig
+from tests.conftest import data_cfg, train_cfg
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_the_data_and_end_with_the_same_student(sentiment_csv, tiny_teacher_dir, tmp_path):
+    out, trace = tmp_path / "student", tmp_path / "trace"
+    config = tmp_path / "distill.yaml"
+    config.write_text(yaml.safe_dump({
+        "teacher": str(tiny_teacher_dir), "output_dir": str(out),
+        "data": {"source": str(sentiment_csv), "text_column": "review", "label_column": "sentiment",
+                 "max_length": 16},
+        "student": {"layers": [1, 3]},
+        "stages": [{"epochs": 1, "learning_rate": 1e-3,
+                    "losses": [{"name": "kl", "temperature": 2.0}, {"name": "ce"}]}],
+        "train": {"batch_size": 8, "eval_batch_size": 32, "log_steps": 2, "save_steps": 3, "max_steps_per_stage": 4},
+    }))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "DISTILL_RANK_TRACE": str(trace)}
+    command = [sys.executable, "-m", "accelerate.commands.launch",
+               "--config_file", str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"),
+               "--main_process_port", str(free_port()),
+               str(REPO / "recipes" / "distill_student.py"), "--config", str(config)]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    ranks = [json.loads((trace / f"rank-{i}.json").read_text()) for i in (0, 1)]
+    assert sorted(p.name for p in trace.iterdir()) == ["rank-0.json", "rank-1.json"]
+    for first, second in zip(ranks[0]["batches"], ranks[1]["batches"]):
+        assert len(first) == len(second) == 8
+        assert not {tuple(ids) for ids in first} & {tuple(ids) for ids in second}  # each rank its own examples
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "metrics.json", "model"}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum("final" in r for r in records) == 1 and sum("layer_map" in r for r in records) == 1
+    assert [r["step"] for r in records if "train_loss" in r] == [2, 4]
+
+
+def test_processes_that_accelerate_does_not_join_are_refused(tiny_teacher_dir, sentiment_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; Accelerate without GPUs then runs each alone
+    with pytest.raises(ConfigError, match="started 2 processes but Accelerate joined 1.*ACCELERATE_USE_CPU=1"):
+        run.distill(small_cfg(tiny_teacher_dir, sentiment_csv, tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_launch_overriding_gradient_accumulation_is_refused(tiny_teacher_dir, sentiment_csv, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")  # what a DeepSpeed config's value sets
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps 4 .* train.gradient_accumulation_steps is 1"):
+        run.distill(small_cfg(tiny_teacher_dir, sentiment_csv, tmp_path))
+
+
+@pytest.mark.parametrize("setting, message", [("is_deepspeed_zero3_enabled", "zero3_init_flag: false"),
+                                              ("is_fsdp_enabled", "fsdp_cpu_ram_efficient_loading")])
+def test_launches_that_would_load_the_teacher_partitioned_are_refused(tiny_teacher_dir, sentiment_csv, tmp_path,
+                                                                      monkeypatch, setting, message):
+    monkeypatch.setattr(core_run, setting, lambda: True)  # transformers' own test of these launch settings
+    with pytest.raises(ConfigError, match=message):
+        run.distill(small_cfg(tiny_teacher_dir, sentiment_csv, tmp_path))
+
+
+def small_cfg(teacher, csv, tmp_path) -> DistillConfig:
+    return DistillConfig(teacher=str(teacher), output_dir=str(tmp_path / "out"), data=data_cfg(csv),
+                         student=StudentConfig(layers=[1, 3]),
+                         stages=[StageConfig(epochs=1, learning_rate=1e-3, losses=[LossConfig(name="kl")])],
+                         train=train_cfg(max_steps_per_stage=2))
