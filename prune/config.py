@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from distill.core.config import DataConfig, LossConfig, StageConfig, TrainConfig
+from distill.core.config import CorpusConfig, DataConfig, LossConfig, StageConfig, TrainConfig
 
 
 @dataclass
@@ -154,3 +154,81 @@ class PruneConfig:
     """The training stage of each round's recovery; hidden-state losses match each kept layer to its original."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training loop's settings for recovery; `batch_size` also sizes the calibration batches."""
+
+
+@dataclass
+class WidthConfig:
+    """Minitron's width axes for a causal LM: the sizes to keep (None keeps that axis whole)."""
+    hidden_size: Optional[int] = None
+    """Hidden (embedding) channels kept, the same in every layer and norm."""
+    intermediate_size: Optional[int] = None
+    """FFN neurons kept per layer (gate, up and down projections together)."""
+    key_value_heads: Optional[int] = None
+    """Key/value heads kept per layer; the query heads of their groups go with them (grouped-query attention)."""
+    uniform: bool = True
+    """Every layer keeps the same FFN width and head count, so the output is the family's stock architecture, loaded
+    by plain `from_pretrained` and by serving engines. False ranks FFN neurons and head groups across layers: the
+    per-layer widths need this framework's modeling code (`trust_remote_code`), which vLLM, TGI and llama.cpp do not
+    run."""
+    multiple_of: int = 32
+    """With `target_parameters`: the hidden and FFN sizes it picks are multiples of this (llama.cpp's quantized types
+    work on blocks of 32 values of a row, its K-quants on 256), and the hidden size also of the query head count."""
+
+
+@dataclass
+class DepthConfig:
+    """Whole decoder layers to remove."""
+    count: int = 0
+    """How many layers to remove."""
+    strategy: str = "block_influence"
+    """`block_influence` (ShortGPT: the layers whose output is most like their input, on calibration text),
+    `perplexity` (the layers whose removal alone raises the calibration loss least), `alternate` (every other layer
+    from the top, as a layer-subset student) or `explicit` (`layers`)."""
+    layers: Optional[list[int]] = None
+    """For `explicit`: the 0-based layers to remove."""
+
+
+@dataclass
+class CalibrationConfig:
+    """The calibration text that importance is measured on: the first training texts of the corpus."""
+    examples: int = 64
+    """Texts used (from the training part: never the held-out validation or test slices)."""
+    batch_size: int = 8
+    """Texts per forward pass."""
+
+
+@dataclass
+class LMPruneConfig:
+    """Structured pruning of a causal LM, Minitron-style: score heads, FFN neurons, hidden channels and layers on
+    calibration text, then remove them; recover afterwards with the causal-LM distillation job."""
+    model: str = "offline:SmolLM2-135M-Instruct"
+    """The causal LM to prune (a path, `offline:NAME` or a Hub id)."""
+    output_dir: str = "runs/pruned-lm"
+    """The run folder: config.yaml, metrics.json and the pruned model in `model/`."""
+    seed: int = 0
+    """Seed of the `random` criterion."""
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    """The corpus, split as the causal-LM distillation job splits it (`validation_examples`, `test_examples`):
+    calibration comes from its training part, the reported perplexity from its validation slice."""
+    validation_examples: int = 50
+    """Held-out texts before the test slice: the perplexity reported before and after pruning."""
+    test_examples: int = 200
+    """The last texts of the corpus: never read here, kept out of calibration."""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    """The calibration text."""
+    importance: str = "activation"
+    """The criterion ranking heads, FFN neurons and hidden channels: `activation` (mean |activation|, Minitron),
+    `activation_squared`, `magnitude`, `taylor`, `fisher` or `random` (`taylor` and `fisher` do not rank hidden
+    channels)."""
+    width: WidthConfig = field(default_factory=WidthConfig)
+    """The widths to keep."""
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    """The layers to remove."""
+    target_parameters: Optional[int] = None
+    """A parameter count to end at or just below: it picks the sizes of the `target_axes` (scaled by one common
+    factor, rounded to `width.multiple_of`; `depth` removes layers instead, one at a time), instead of giving them in
+    `width` / `depth`."""
+    target_axes: list[str] = field(default_factory=lambda: ["hidden", "ffn"])
+    """What `target_parameters` shrinks: any of `hidden`, `ffn`, `heads`, or `depth` alone."""
+    eval_batch_size: int = 8
+    """Texts per forward pass when measuring perplexity."""

@@ -23,6 +23,8 @@ def prune_ffn(model: PreTrainedModel, keep: dict[int, list[int]]) -> None:
         if neurons[0] < 0 or neurons[-1] >= width:
             raise ConfigError(f"layer {i} has FFN neurons 0..{width - 1}; cannot keep {neurons[:3]}...")
         index = torch.tensor(neurons, dtype=torch.long)
-        for path in arch.ffn_in:
+        if arch.fused_ffn_in:  # gate rows, then up rows
+            keep_outputs(layers[i], arch.ffn_in[0], torch.cat([index, width + index]))
+        for path in () if arch.fused_ffn_in else arch.ffn_in:
             keep_outputs(layers[i], path, index)
         keep_inputs(layers[i], arch.ffn_out, index)

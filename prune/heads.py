@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from distill.core.arch import arch_of, head_dim, kv_group_size, layer_list
+from distill.core.arch import arch_of, attention_row_slices, head_dim, kv_group_size, layer_list
 from distill.core.errors import ConfigError
 
 from .saving import layer_shapes
@@ -21,10 +21,25 @@ def prune_heads(model: PreTrainedModel, keep: dict[int, list[int]]) -> None:
         check_heads(i, heads, shapes[i]["heads"], group)
         layer = layers[i]
         groups = sorted({h // group for h in heads})
-        keep_outputs(layer, arch.query, unit_rows(heads, d))
-        keep_outputs(layer, arch.key, unit_rows(groups, d))
-        keep_outputs(layer, arch.value, unit_rows(groups, d))
+        if arch.fused_qkv:
+            q, k, v = attention_row_slices(shapes[i]["heads"], shapes[i]["kv_heads"], d)
+            rows = torch.cat([unit_rows(heads, d), k.start + unit_rows(groups, d), v.start + unit_rows(groups, d)])
+            keep_outputs(layer, arch.query, rows)
+        else:
+            keep_outputs(layer, arch.query, unit_rows(heads, d))
+            keep_outputs(layer, arch.key, unit_rows(groups, d))
+            keep_outputs(layer, arch.value, unit_rows(groups, d))
         keep_inputs(layer, arch.attention_out, unit_rows(heads, d))
+        update_head_counts(layer.get_submodule(arch.attention_out.rpartition(".")[0]), len(heads), len(groups))
+
+
+def update_head_counts(attention, heads: int, kv_heads: int) -> None:
+    """Head counts an attention module copied from the config at init (Phi-3 slices its fused projection with
+    them): a pruned model in memory must compute what its reloaded copy will."""
+    for name, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
+                        ("num_key_value_groups", heads // kv_heads)):
+        if isinstance(getattr(attention, name, None), int):
+            setattr(attention, name, value)
 
 
 def check_heads(layer: int, heads: list[int], available: int, group: int) -> None:

@@ -30,9 +30,11 @@ def layer_shapes(model: PreTrainedModel) -> list[dict[str, int]]:
     arch, d = arch_of(model, "pruning"), head_dim(model.config)
     shapes = []
     for layer in layer_list(model, "pruning"):
+        heads = in_features_or_out(layer.get_submodule(arch.attention_out), out=False) // d
+        key_rows = in_features_or_out(layer.get_submodule(arch.key), out=True)
         shapes.append({
-            "heads": in_features_or_out(layer.get_submodule(arch.query), out=True) // d,
-            "kv_heads": in_features_or_out(layer.get_submodule(arch.key), out=True) // d,
+            "heads": heads,
+            "kv_heads": (key_rows - heads * d) // (2 * d) if arch.fused_qkv else key_rows // d,
             "intermediate": in_features_or_out(layer.get_submodule(arch.ffn_out), out=False),
         })
     return shapes
@@ -50,6 +52,9 @@ def sync_config(model: PreTrainedModel) -> None:
     config, arch = model.config, arch_of(model, "pruning")
     shapes = layer_shapes(model)
     config.num_hidden_layers = len(shapes)
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, nn.Embedding):  # hidden-size pruning (compressed embeddings keep their width)
+        config.hidden_size = embedding.embedding_dim
     widths = {s["intermediate"] for s in shapes}
     if len(widths) == 1:
         config.intermediate_size = widths.pop()

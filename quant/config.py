@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from distill.core.config import DataConfig, LayerMapConfig, LossConfig, StageConfig, TrainConfig
+from distill.core.config import CorpusConfig, DataConfig, LayerMapConfig, LossConfig, StageConfig, TrainConfig
 
 
 @dataclass
@@ -154,3 +154,109 @@ class ReportConfig:
     """Card tags besides those of the stages that ran (distillation, pruning, quantization)."""
     repo_id: Optional[str] = None
     """The Hub id that the card's loading code names (the push stage's `repo_id`); None: a placeholder."""
+
+
+DEFAULT_PROMPTS = ["This movie was", "I watched this film because", "The worst part of the story",
+                   "The acting in this film"]
+
+
+@dataclass
+class GgufConfig:
+    """Export a causal LM to GGUF for llama.cpp (and Ollama, LM Studio) with llama.cpp's own converter and quantizer,
+    then check each file in llama.cpp: greedy continuations against the transformers model, perplexity."""
+    model: str = "runs/student-lm/model"
+    """The causal LM to export (a saved folder of the stock architecture)."""
+    output_dir: str = "runs/gguf"
+    """The run folder: config.yaml, one `model-<type>.gguf` per type, and metrics.json."""
+    types: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])
+    """GGUF types: `f32`, `f16`, `bf16`, `q8_0` (written by the converter) or any type llama.cpp's quantizer knows
+    (`q4_0`, `q4_k_m`, `q5_k_m`, `q6_k`, ...: made from the F16 file)."""
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    """The corpus, split as the causal-LM distillation job splits it: perplexity is measured on its test slice."""
+    validation_examples: int = 50
+    """Held-out texts before the test slice (as in the distillation job, so the slices are the same)."""
+    test_examples: int = 200
+    """The last texts of the corpus: the test slice."""
+    eval_examples: Optional[int] = 50
+    """Test texts whose perplexity is measured in llama.cpp and in transformers (the first ones); None: all."""
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    """Fixed prompts each file continues greedily, compared token by token with the transformers model."""
+    max_new_tokens: int = 32
+    """Tokens of each greedy continuation."""
+    threads: Optional[int] = None
+    """llama.cpp threads; None: as many as the CPU cores torch uses."""
+
+
+@dataclass
+class LMQuantConfig:
+    """Quantize a causal LM into several variants, save and reload each, and measure it by perplexity, agreement of
+    its greedy next token with the teacher's, weight memory and size on disk."""
+    model: str = "runs/student-lm/model"
+    """The saved causal LM to quantize."""
+    teacher: Optional[str] = None
+    """The model whose greedy next token each variant is compared with; None: `model` in fp32."""
+    output_dir: str = "runs/student-lm-quant"
+    """The run folder: config.yaml, a folder per variant, metrics.json and report.md."""
+    variants: list[str] = field(default_factory=lambda: ["fp32", "bf16", "dynamic_int8", "bnb_int8", "bnb_nf4"])
+    """The variants, as for classifiers: `fp32`, `bf16`, `fp16`, `dynamic_int8`, `bnb_int8`, `bnb_nf4`, `bnb_fp4`."""
+    skip_modules: Optional[list[str]] = None
+    """Modules kept in full precision; None: the LM head (the architecture's task heads)."""
+    bnb: BnbConfig = field(default_factory=BnbConfig)
+    """bitsandbytes settings for `bnb_*` variants."""
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    """The corpus, split as the causal-LM distillation job splits it."""
+    validation_examples: int = 50
+    """Held-out texts before the test slice."""
+    test_examples: int = 200
+    """The last texts of the corpus: the test slice."""
+    eval_examples: Optional[int] = 50
+    """Test texts measured (the first ones); None: all."""
+    eval_batch_size: int = 8
+    """Texts per forward pass."""
+
+
+@dataclass
+class SpeedConfig:
+    """Generation speed on the CPU at batch 1: prefill (one prompt) and decode (greedy new tokens after it)."""
+    prompt_tokens: int = 512
+    """Tokens of the prefill prompt (a test text, repeated to this length)."""
+    new_tokens: int = 128
+    """Tokens decoded after the prompt."""
+    threads: Optional[int] = None
+    """CPU threads for torch and llama.cpp; None: torch's choice."""
+    repeats: int = 1
+    """Timed runs per model; the median counts."""
+
+
+@dataclass
+class LMReportConfig:
+    """The report of a causal-LM pipeline: the teacher and every model the earlier stages saved (GGUF files included),
+    side by side; then the served model is copied with its model card and the report."""
+    model: str = ""
+    """The model to serve; in a pipeline, the previous stage's."""
+    output_dir: str = "runs/report-lm"
+    """The stage's folder; the served model, its card and the report go to `model/` in it."""
+    teacher: str = "offline:SmolLM2-135M-Instruct"
+    """The unpruned model: the first row, and the reference of next-token agreement."""
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    """The corpus, split as the causal-LM distillation job splits it."""
+    validation_examples: int = 50
+    """Held-out texts before the test slice."""
+    test_examples: int = 200
+    """The last texts of the corpus: the test slice."""
+    eval_examples: Optional[int] = 50
+    """Validation and test texts measured (the first ones of each); None: all."""
+    eval_batch_size: int = 8
+    """Texts per forward pass."""
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    """How generation speed is measured."""
+    base_model: Optional[str] = None
+    """The card's `base_model` (a Hub id); None: the teacher's, when it names a Hub model."""
+    datasets: Optional[list[str]] = None
+    """The card's `datasets` (Hub ids); None: from `data.source` when it names a Hub dataset."""
+    license: Optional[str] = None
+    """The card's `license` (a Hub license id); None: the card names none."""
+    tags: list[str] = field(default_factory=list)
+    """Card tags besides those of the stages that ran."""
+    repo_id: Optional[str] = None
+    """The Hub id that the card's loading code names; None: a placeholder."""

@@ -10,11 +10,23 @@ from pathlib import Path
 import torch
 
 from distill.core.config import to_dict
-from distill.pipeline.card import CardFacts, CardStep, hub_dataset_id, hub_model_id, model_card
+from distill.pipeline.card import (
+    CardFacts,
+    CardStep,
+    LMCardFacts,
+    hub_dataset_id,
+    hub_model_id,
+    lm_model_card,
+    model_card,
+)
 from distill.pipeline.plan import Stage, StageContext, StageKind, register_stage
 
 from .compression_report import PLOT_FILE, Candidate, measure_models, require_matplotlib, write_report
-from .config import ReportConfig
+from .config import LMReportConfig, ReportConfig
+from .gguf import EXPORT_GGUF
+from .lm import QUANTIZE_LM
+from .lm_report import PLOT_FILE as LM_PLOT_FILE
+from .lm_report import check_lm_report, lm_candidates, measure_candidates, write_lm_report
 from .loading import load_config
 from .qat import QLORA
 from .run import QUANTIZE, check_measurement, evaluation_for, quiet_int8_cast_warning
@@ -73,6 +85,29 @@ def card_steps(earlier: list[Stage]) -> list[CardStep]:
                       if k not in CARD_OMITS and k != stage.kind.input_field}) for stage in earlier]
 
 
+def run_lm_report(cfg: LMReportConfig, context: StageContext) -> dict:
+    """Measure, write the report, then `output_dir/model`: the served model, its GGUF files, the report, the card."""
+    rows = measure_candidates(cfg, lm_candidates(cfg, context.earlier))
+    header = {"texts": {"validation": cfg.eval_examples, "test": cfg.eval_examples}, "served": cfg.model,
+              "threads": cfg.speed.threads or torch.get_num_threads(), "torch": torch.__version__}
+    tmp = Path(cfg.output_dir) / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cfg.model, tmp)
+    gguf = [Path(row["path"]) for row in rows if row["path"].endswith(".gguf")]
+    for path in gguf:
+        shutil.copy2(path, tmp / path.name)
+    table = write_lm_report(rows, tmp, header, cfg.speed)
+    served = next(row for row in rows if Path(row["path"]) == Path(cfg.model))
+    datasets = cfg.datasets if cfg.datasets is not None else [d for d in [hub_dataset_id(cfg.data.source)] if d]
+    facts = LMCardFacts(repo_id=cfg.repo_id, base_model=cfg.base_model or hub_model_id(cfg.teacher), datasets=datasets,
+                        dataset_name=datasets[0] if datasets else Path(cfg.data.source).name,
+                        perplexity=served["test_perplexity"], license=cfg.license, tags=cfg.tags,
+                        gguf_files=[path.name for path in gguf])
+    (tmp / "README.md").write_text(lm_model_card(tmp, facts, card_steps(context.earlier), table, LM_PLOT_FILE))
+    os.replace(tmp, Path(cfg.output_dir) / "model")
+    return {"rows": rows, **header}
+
+
 register_stage("quantize", StageKind.of_job(QUANTIZE, lambda cfg, context: QUANTIZE.run(cfg).metrics,
                                             input_field="model",
                                             outputs=lambda cfg: {variant: variant for variant in cfg.variants}))
@@ -80,3 +115,10 @@ register_stage("qlora", StageKind.of_job(QLORA, lambda cfg, context: QLORA.run(c
                                          input_field="student",
                                          outputs=lambda cfg: {"merged": "model"} if cfg.merge else {}))
 register_stage("report", StageKind(ReportConfig, run_report, input_field="model", check=check_report_config))
+register_stage("quantize_lm", StageKind.of_job(QUANTIZE_LM, lambda cfg, context: QUANTIZE_LM.run(cfg).metrics,
+                                               input_field="model",
+                                               outputs=lambda cfg: {variant: variant for variant in cfg.variants}))
+register_stage("export_gguf", StageKind.of_job(EXPORT_GGUF, lambda cfg, context: EXPORT_GGUF.run(cfg).metrics,
+                                               input_field="model",
+                                               outputs=lambda cfg: {name: f"model-{name}.gguf" for name in cfg.types}))
+register_stage("report_lm", StageKind(LMReportConfig, run_lm_report, input_field="model", check=check_lm_report))

@@ -48,7 +48,8 @@ from distill.core.sources import corpus_token_ids, ensure_pad_token, load_causal
 from distill.core.student import build_student
 from distill.core.trainer import train_sampler
 from distill.lm.config import LMDistillConfig
-from distill.lm.job import LMCollator, check_lm_distill, held_out_splits
+from distill.lm.data import LMCollator, held_out_splits
+from distill.lm.job import check_lm_distill
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_ENV = ROOT / ".bench-envs" / "trl"

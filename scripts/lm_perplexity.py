@@ -17,7 +17,8 @@ from distill.core.config import parse_args_or_exit
 from distill.core.sources import corpus_token_ids, ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.core.student import build_student
 from distill.lm.config import LMDistillConfig
-from distill.lm.job import LMCollator, check_lm_distill, held_out_splits
+from distill.lm.data import LMCollator, held_out_splits
+from distill.lm.job import check_lm_distill
 from distill.lm.metrics import perplexity
 
 

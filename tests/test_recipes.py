@@ -17,10 +17,12 @@ from distill.core.jobs import JOBS
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 JOB_OF_PREFIX = {"compress": "pipeline", "teacher": "finetune", "distill_": "distill", "prune_": "prune",
                  "quantize_": "quantize", "qlora_": "qlora", "cache_": "build_teacher_cache",
-                 "distill_lm": "distill_lm"}
+                 "distill_lm": "distill_lm", "prune_lm": "prune_lm", "quantize_lm": "quantize_lm",
+                 "export_gguf": "export_gguf"}
 SCRIPT_OF_JOB = {"pipeline": "compress.py", "finetune": "finetune_teacher.py", "distill": "distill_student.py",
                  "prune": "prune_model.py", "quantize": "quantize_model.py", "qlora": "qlora_distill.py",
-                 "build_teacher_cache": "build_teacher_cache.py", "distill_lm": "distill_lm.py"}
+                 "build_teacher_cache": "build_teacher_cache.py", "distill_lm": "distill_lm.py",
+                 "prune_lm": "prune_lm.py", "quantize_lm": "quantize_lm.py", "export_gguf": "export_gguf.py"}
 
 
 def job_of(recipe: Path) -> str:

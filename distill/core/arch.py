@@ -19,17 +19,27 @@ class Arch:
     query: str
     key: str
     value: str
+    """Query, key and value Linears; one fused Linear (Phi-3's `qkv_proj`) names the same path three times, its rows
+    stacked query, key, value."""
     attention_out: str
     ffn_in: tuple[str, ...]
-    """Linears whose output rows are the FFN's intermediate neurons (BERT: one; Llama: gate and up)."""
+    """Linears whose output rows are the FFN's intermediate neurons (BERT: one; Llama: gate and up; Phi-3: one fused
+    `gate_up_proj` whose rows are the gate's, then the up projection's)."""
     ffn_out: str
     decoder: bool
     task_heads: tuple[str, ...]
     """Names of the modules above the layers that quantization keeps in full precision: the task heads, the
     pooler and the LM head (small, and the most sensitive to rounding)."""
+    fused_ffn_in: bool = False
+    """`ffn_in` is one Linear holding gate and up rows (Phi-3)."""
 
-    def attention_inputs(self) -> tuple[str, str, str]:
-        return self.query, self.key, self.value
+    def attention_inputs(self) -> tuple[str, ...]:
+        """The distinct Linears that read the attention's input."""
+        return tuple(dict.fromkeys((self.query, self.key, self.value)))
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.query == self.key == self.value
 
 
 ENCODER = Arch(
@@ -42,9 +52,15 @@ DECODER = Arch(
     attention_out="self_attn.o_proj", ffn_in=("mlp.gate_proj", "mlp.up_proj"), ffn_out="mlp.down_proj", decoder=True,
     task_heads=("score", "lm_head"),
 )
+FUSED_DECODER = Arch(
+    layers="layers", query="self_attn.qkv_proj", key="self_attn.qkv_proj", value="self_attn.qkv_proj",
+    attention_out="self_attn.o_proj", ffn_in=("mlp.gate_up_proj",), ffn_out="mlp.down_proj", decoder=True,
+    task_heads=("score", "lm_head"), fused_ffn_in=True,
+)
 ARCHS = {
     "bert": ENCODER, "roberta": ENCODER, "xlm-roberta": ENCODER, "electra": ENCODER,
-    "llama": DECODER, "mistral": DECODER, "qwen2": DECODER,
+    "llama": DECODER, "mistral": DECODER, "qwen2": DECODER, "qwen3": DECODER, "gemma2": DECODER,
+    "gemma3_text": DECODER, "phi3": FUSED_DECODER,
 }
 
 
@@ -89,3 +105,26 @@ def kv_group_size(config: PretrainedConfig) -> int:
     """Query heads sharing one key/value head (1 without grouped-query attention)."""
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return config.num_attention_heads // kv_heads
+
+
+def attention_row_slices(heads: int, kv_heads: int, d: int) -> tuple[slice, slice, slice]:
+    """Rows of the query, key and value in a fused qkv Linear of `heads` query and `kv_heads` key/value heads."""
+    q_end, k_end = heads * d, (heads + kv_heads) * d
+    return slice(0, q_end), slice(q_end, k_end), slice(k_end, k_end + kv_heads * d)
+
+
+def qkv_weights(layer: nn.Module, arch: Arch, d: int) -> tuple:
+    """The query, key and value weights of a layer (views into a fused Linear's)."""
+    if not arch.fused_qkv:
+        return tuple(layer.get_submodule(path).weight for path in (arch.query, arch.key, arch.value))
+    weight = layer.get_submodule(arch.query).weight
+    heads = layer.get_submodule(arch.attention_out).in_features // d
+    kv_heads = (weight.shape[0] - heads * d) // (2 * d)
+    return tuple(weight[rows] for rows in attention_row_slices(heads, kv_heads, d))
+
+
+def ffn_in_weights(layer: nn.Module, arch: Arch) -> tuple:
+    """The weights whose rows are the FFN neurons: gate and up (halves of a fused Linear's)."""
+    if not arch.fused_ffn_in:
+        return tuple(layer.get_submodule(path).weight for path in arch.ffn_in)
+    return tuple(layer.get_submodule(arch.ffn_in[0]).weight.chunk(2))

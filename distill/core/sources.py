@@ -101,8 +101,9 @@ def load_classifier(name: str, **kwargs) -> PreTrainedModel:
 
 
 def load_causal_lm(name: str, **kwargs) -> PreTrainedModel:
-    """A causal language model from `name` (see `resolve_model`)."""
-    return AutoModelForCausalLM.from_pretrained(resolve_model(name), **kwargs)
+    """A causal language model from `name` (see `resolve_model`); remote code is trusted as for `load_classifier`."""
+    path = resolve_model(name)
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=is_compressed(path), **kwargs)
 
 
 def is_compressed(path: str) -> bool:

@@ -14,8 +14,7 @@ import json
 from typing import Optional
 
 import torch
-from datasets import Dataset, DatasetDict
-from transformers import AutoConfig, DataCollatorWithPadding, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
@@ -36,26 +35,14 @@ from distill.core.student import build_student, check_student_config
 from distill.core.trainer import Trainer
 from distill.lm.cache import CachedTeacherCollator, CacheKey, TeacherCache
 from distill.lm.config import LMDistillConfig, LMEvalConfig
+from distill.lm.data import LMCollator, held_out_splits
 from distill.lm.metrics import PERPLEXITY
 from distill.lm.vocab import common_vocab_size
-from distill.losses.causal.fused import IGNORE_INDEX
 
 TOKEN_LOSSES = sorted(name for name, cls in LOSSES.items() if cls.reads_lm_head)
 HIDDEN_LOSSES = ("hidden_mse", "hidden_cosine")
 """Hidden-state losses an LM run takes beside the token losses: mapped layers (`layer_map`), with a learned
 projection when the widths differ; they read the live teacher's hidden states, which a teacher cache does not hold."""
-
-
-class LMCollator:
-    """Pads token ids and adds `labels`: the input ids, -100 at padding (plain text: every real token is a target)."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.pad(features)
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-        return batch
 
 
 def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
@@ -129,23 +116,6 @@ def check_lm_distill(cfg: LMDistillConfig) -> None:
 def needs_teacher(cfg: LMDistillConfig) -> bool:
     """Whether a loss runs the teacher (`topk_kl` reads the cache instead)."""
     return any(LOSSES[loss.name].needs_teacher for stage in cfg.stages for loss in stage.losses)
-
-
-def held_out_splits(examples: list[list[int]], cfg: LMDistillConfig, with_cache_index: bool
-                    ) -> tuple[DatasetDict, dict[str, list[int]]]:
-    """train / validation / test slices of the corpus, in its order, and their [start, end) indices into it (with
-    the corpus fingerprint). With `with_cache_index`, each example carries its corpus index for the cache."""
-    test_start = len(examples) - cfg.test_examples
-    validation_start = test_start - cfg.validation_examples
-    if validation_start < 1:
-        raise ConfigError(f"the corpus has {len(examples)} texts: too few to hold out {cfg.validation_examples} for "
-                          f"validation and {cfg.test_examples} for test and train on the rest; raise data.limit")
-    columns = {"input_ids": examples, **({"cache_index": list(range(len(examples)))} if with_cache_index else {})}
-    corpus = Dataset.from_dict(columns)
-    bounds = {"train": [0, validation_start], "validation": [validation_start, test_start],
-              "test": [test_start, len(examples)]}
-    splits = DatasetDict({name: corpus.select(range(*span)) for name, span in bounds.items()})
-    return splits, {**bounds, "corpus_sha256": token_ids_sha256(examples)}
 
 
 def open_cache(cfg: LMDistillConfig, tokenizer: PreTrainedTokenizerBase, examples: list[list[int]],

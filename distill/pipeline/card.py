@@ -12,7 +12,8 @@ import yaml
 
 from distill.core.sources import DATASET_ALIASES, MODEL_ALIASES
 
-KIND_TAGS = {"distill": ["distillation"], "prune": ["pruning"], "quantize": ["quantization"],
+KIND_TAGS = {"distill": ["distillation"], "distill_lm": ["distillation"], "prune": ["pruning"], "prune_lm": ["pruning"],
+             "quantize": ["quantization"], "quantize_lm": ["quantization"], "export_gguf": ["gguf"],
              "qlora": ["quantization", "lora"]}
 PLACEHOLDER_REPO = "path/or/hub-id/of/this/model"
 BNB_KEYS = ("load_in_8bit", "load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
@@ -146,4 +147,77 @@ def limitations_section(config: dict, facts: CardFacts) -> str:
     if "quantization_config" in config:
         items.append("bitsandbytes quantization needs the bitsandbytes package; its CPU kernels are slower than "
                      "its GPU kernels, so the CPU latency here may not show the speed-up a GPU gives.")
+    return "## Limitations\n\n" + "\n".join(f"- {item}" for item in items)
+
+
+@dataclass
+class LMCardFacts:
+    """What a causal LM's card states about it."""
+    repo_id: Optional[str]
+    base_model: Optional[str]
+    datasets: list[str]
+    dataset_name: str
+    perplexity: float
+    """The served model's test perplexity."""
+    license: Optional[str]
+    tags: list[str]
+    gguf_files: list[str]
+    """GGUF files shipped beside the model, for llama.cpp."""
+
+
+def lm_model_card(model_dir: Path, facts: LMCardFacts, steps: list[CardStep], table: str, plot_file: Optional[str]
+                  ) -> str:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    tags = ["text-generation", "compressed"] + [t for step in steps for t in KIND_TAGS.get(step.kind, [])]
+    metadata = {"base_model": facts.base_model, "datasets": facts.datasets or None, "library_name": "transformers",
+                "license": facts.license, "pipeline_tag": "text-generation",
+                "tags": list(dict.fromkeys(tags + (["gguf"] if facts.gguf_files else []) + facts.tags)),
+                "model-index": [{"name": facts.repo_id or "compressed-model", "results": [{
+                    "task": {"type": "text-generation", "name": "Text Generation"},
+                    "dataset": {"name": facts.dataset_name, "type": facts.datasets[0] if facts.datasets
+                                else facts.dataset_name, "split": "test"},
+                    "metrics": [{"type": "perplexity", "value": round(facts.perplexity, 3),
+                                 "name": "test perplexity"}]}]}]}
+    front = "---\n" + yaml.safe_dump({k: v for k, v in metadata.items() if v is not None}, sort_keys=False) + "---"
+    chain = " -> ".join(f"{step.name} ({step.kind})" for step in steps)
+    base = f" from `{facts.base_model}`" if facts.base_model else ""
+    summary = (f"A causal language model compressed{base} in {len(steps)} steps: {chain}. Its perplexity on the "
+               f"held-out test texts of {facts.dataset_name} is {facts.perplexity:.2f}.")
+    plot = f"\n\n![perplexity against decode speed and size]({plot_file})" if plot_file else ""
+    metrics = ("## Metrics\n\nThe teacher and every model the steps saved (GGUF files in llama.cpp), measured side by "
+               "side on the same held-out texts; generation speed on the CPU of the machine that ran the pipeline, at "
+               f"batch 1.\n\n{table}{plot}")
+    sections = [front, f"# {facts.repo_id or 'Compressed language model'}", summary, steps_section(steps), metrics,
+                lm_loading_section(config, facts.repo_id or PLACEHOLDER_REPO, facts.gguf_files),
+                lm_limitations_section(config, facts)]
+    return "\n\n".join(sections) + "\n"
+
+
+def lm_loading_section(config: dict, repo: str, gguf_files: list[str]) -> str:
+    args = ", ".join([f'"{repo}"', *loading_flags(config)])
+    code = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+            f"model = AutoModelForCausalLM.from_pretrained({args})"]
+    parts = ["## How to load", "In transformers:", "```python\n" + "\n".join(code) + "\n```"]
+    if gguf_files:
+        smallest = gguf_files[-1]
+        parts += [f"In llama.cpp (and Ollama, LM Studio), one of the GGUF files ({', '.join(gguf_files)}):",
+                  f"```bash\nllama-cli -m {smallest} -p \"This movie was\" -n 64\n```",
+                  "```python\nfrom llama_cpp import Llama\n\n"
+                  f'llm = Llama(model_path="{smallest}")\nprint(llm("This movie was", max_tokens=64)["choices"][0]'
+                  '["text"])\n```']
+    if loading_flags(config):
+        parts.append("`trust_remote_code=True` is needed: the layers have per-layer widths that the stock "
+                     "architecture cannot hold, and the checkpoint ships their modeling code (`auto_map`).")
+    return "\n\n".join(parts)
+
+
+def lm_limitations_section(config: dict, facts: LMCardFacts) -> str:
+    items = [f"Perplexity was measured on held-out texts of one corpus ({facts.dataset_name}); on other text, and on "
+             "tasks, the model may do worse than the numbers suggest.",
+             "Generation speed was measured on one CPU at batch 1; other hardware, batch sizes and thread counts give "
+             "other numbers."]
+    if loading_flags(config):
+        items.append("Not servable by vLLM, TGI or llama.cpp: its per-layer widths are not the family's stock "
+                     "architecture; use plain transformers with trust_remote_code, or prune with uniform widths.")
     return "## Limitations\n\n" + "\n".join(f"- {item}" for item in items)

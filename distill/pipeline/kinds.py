@@ -1,7 +1,9 @@
 """The pipeline stage kinds that `distill` provides: `finetune` (a task teacher), `distill` (a student from the
-previous stage's model as teacher) and `push` (upload to the Hub)."""
+previous stage's model as teacher), `distill_lm` (a causal-LM student, the previous stage's model, for instance a
+pruned one, distilled from `teacher`) and `push` (upload to the Hub)."""
 from __future__ import annotations
 
+from distill.lm.job import LM_DISTILL
 from distill.methods.config import DistillConfig
 from distill.methods.finetune import FINETUNE
 from distill.methods.job import DISTILL
@@ -24,3 +26,4 @@ register_stage("distill", StageKind.of_job(DISTILL, run_training_job(DISTILL), i
                                            outputs=distill_outputs))
 register_stage("push", StageKind.of_job(PUSH, lambda cfg, context: PUSH.run(cfg), input_field="model",
                                         outputs=lambda cfg: {}, after="report"))
+register_stage("distill_lm", StageKind.of_job(LM_DISTILL, run_training_job(LM_DISTILL), input_field="student.model"))

@@ -19,11 +19,12 @@ import json
 import logging
 import os
 import shutil
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from distill.core.config import DataConfig, from_dict, merge_values, read_config_file, to_dict
+from distill.core.config import CorpusConfig, DataConfig, from_dict, merge_values, read_config_file, to_dict
 from distill.core.errors import ConfigError
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
@@ -62,7 +63,9 @@ class PipelineConfig:
     """The pipeline's folder: stage i runs in `<output_dir>/<ii>-<name>/` (e.g. `01-finetune`), whatever
     `output_dir` its own config names."""
     data: Optional[DataConfig] = None
-    """When set, the data of every stage: one task from teacher to served model."""
+    """When set, the data of every classifier stage: one task from teacher to served model."""
+    corpus: Optional[CorpusConfig] = None
+    """When set, the corpus of every causal-LM stage (its `data`), so that every stage splits the same texts."""
     stages: list[StageEntry] = field(default_factory=list)
     """The stages, run in order; at least one."""
 
@@ -74,7 +77,7 @@ class StageKind:
     run: Callable[[Any, "StageContext"], dict]
     """Runs the stage from its resolved config; returns the metrics that `stage.json` records."""
     input_field: str
-    """The config key that holds the stage's input model."""
+    """The config key that holds the stage's input model (dotted for a nested one: `student.model`)."""
     outputs: Callable[[Any], dict[str, str]] = lambda cfg: {"model": "model"}
     """The model folders the stage saves, by name, as paths under its `output_dir`, known from the config alone;
     the last feeds the next stage unless the entry's `output_model` picks another."""
@@ -162,16 +165,34 @@ def plan_stage(cfg: PipelineConfig, index: int, entry: StageEntry, earlier: list
                           "`model`)")
     folder = Path(cfg.output_dir) / f"{index + 1:02d}-{name}"
     given = resolve_references(recipe_values(entry, where), earlier, where)
-    input_model = input_model_of(entry, given.get(kind.input_field), earlier, where)
+    input_model = input_model_of(entry, dotted_get(given, kind.input_field), earlier, where)
     values = merge_values(to_dict(kind.config_class()), given)
-    values.update({"output_dir": str(folder), kind.input_field: input_model})
-    if cfg.data is not None and "data" in values:
-        values["data"] = to_dict(cfg.data)
+    values["output_dir"] = str(folder)
+    dotted_set(values, kind.input_field, input_model)
+    data_type = typing.get_type_hints(kind.config_class).get("data")
+    for shared, cls in ((cfg.data, DataConfig), (cfg.corpus, CorpusConfig)):
+        if shared is not None and data_type is cls:
+            values["data"] = to_dict(shared)
     stage_cfg = checked_config(kind, values, where)
     models = {label: folder / path for label, path in kind.outputs(stage_cfg).items()}
     previous_hash = earlier[-1].hash if earlier else ""
     return Stage(index, name, entry.kind, kind, stage_cfg, folder, input_model, models,
                  chosen_output(entry, models, where), stage_hash(entry.kind, stage_cfg, previous_hash, cfg.output_dir))
+
+
+def dotted_get(values: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(values, dict):
+            return None
+        values = values.get(key)
+    return values
+
+
+def dotted_set(values: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        values = values.setdefault(key, {})
+    values[last] = value
 
 
 def stage_kind(name: str, where: str) -> StageKind:
@@ -217,7 +238,9 @@ def referenced_model(name: str, earlier: list[Stage], where: str) -> Path:
 def input_model_of(entry: StageEntry, configured: Optional[str], earlier: list[Stage], where: str) -> str:
     """The entry's `model`, else the previous stage's model, else (first stage) the one its config names."""
     if entry.model is not None:
-        return existing_model(str(resolve_references(entry.model, earlier, where)), where)
+        resolved = str(resolve_references(entry.model, earlier, where))
+        # an earlier stage's model exists once that stage has run; anything else must exist now
+        return resolved if entry.model.startswith(REFERENCE) else existing_model(resolved, where)
     if earlier:
         previous = earlier[-1]
         if previous.output is None:

@@ -35,6 +35,6 @@ def test_every_registry_names_the_closest_known_name(registry, typo, expected):
 
 
 def test_a_name_with_nothing_close_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"unknown importance criterion 'hessian'; known: fisher, magnitude, random, "
-                                          r"taylor"):
+    with pytest.raises(ConfigError, match=r"unknown importance criterion 'hessian'; known: activation, "
+                                          r"activation_squared, fisher, magnitude, random, taylor"):
         CRITERIA.require("hessian")

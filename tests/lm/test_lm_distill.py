@@ -23,7 +23,8 @@ from distill.core.student import build_student
 from distill.core.trainer import Objective, forward_options
 from distill.lm.cache import build_from_config
 from distill.lm.config import CacheConfig, LMDistillConfig, LMEvalConfig
-from distill.lm.job import LMCollator, check_lm_distill, distill_lm
+from distill.lm.data import LMCollator
+from distill.lm.job import check_lm_distill, distill_lm
 from distill.lm.metrics import perplexity
 from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, make_sentences, make_tokenizer, tiny_causal_lm, train_cfg
 

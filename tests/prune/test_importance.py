@@ -77,7 +77,7 @@ def test_unknown_criterion_and_missing_batches_are_named():
         score(planted_bert(), "hessian")
     with pytest.raises(ConfigError, match="need calibration batches"):
         score(planted_bert(), "taylor", [])
-    assert set(CRITERIA) == {"magnitude", "taylor", "fisher", "random"}
+    assert set(CRITERIA) == {"magnitude", "taylor", "fisher", "random", "activation", "activation_squared"}
 
 
 def test_global_selection_normalises_per_layer_and_keeps_one_per_layer():

@@ -1,0 +1,92 @@
+"""The causal-LM pipeline on a tiny Llama with SmolLM2's tokenizer: prune (width) -> distil from the unpruned model ->
+quantize -> GGUF export -> report, with the stage machinery of every pipeline (planned and checked before any work,
+finished stages skipped on a rerun). The report measures every model side by side (GGUF files in llama.cpp) and the
+served folder carries the model, its GGUF files, the report and a causal-LM card."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import distill.pipeline.kinds  # noqa: F401  (each import registers its package's stage kinds)
+import prune.pipeline_kinds  # noqa: F401
+import quant.pipeline_kinds  # noqa: F401
+from distill.core.config import CorpusConfig
+from distill.core.errors import ConfigError
+from distill.core.sources import resolve_model
+from distill.pipeline.plan import PipelineConfig, StageEntry, plan_pipeline, run_pipeline
+
+pytest.importorskip("llama_cpp", reason="scripts/setup.sh builds llama.cpp's bindings")
+
+SPLIT = {"validation_examples": 6, "test_examples": 6, "eval_examples": 4}
+TRAIN = {"batch_size": 4, "eval_batch_size": 4, "max_steps_per_stage": 2, "save_steps": 2, "log_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def lm_pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm-pipeline")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("offline:SmolLM2-135M-Instruct"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(f"review {i}: the film was good and the acting was fine, the plot less so"
+                                for i in range(60)) + "\n")
+    teacher = str(root / "teacher")
+    cfg = PipelineConfig(output_dir=str(root / "run"), corpus=CorpusConfig(source=str(corpus), max_length=24), stages=[
+        StageEntry(kind="prune_lm", name="prune", model=teacher, overrides={
+            **SPLIT, "width": {"intermediate_size": 64}, "calibration": {"examples": 48}}),
+        StageEntry(kind="distill_lm", name="distill", overrides={
+            "teacher": teacher, "student": {"init": "pretrained"}, "validation_examples": 6, "test_examples": 6,
+            "stages": [{"epochs": 1, "learning_rate": 1e-3, "losses": [
+                {"name": "forward_kl", "weight": 0.5}, {"name": "next_token_ce", "weight": 0.5}]}],
+            "eval": {"prompts": ["the film"], "max_new_tokens": 4}, "train": TRAIN}),
+        StageEntry(kind="quantize_lm", name="quantize", model="@distill", overrides={
+            **SPLIT, "teacher": teacher, "variants": ["bf16"]}),
+        StageEntry(kind="export_gguf", name="gguf", model="@distill", overrides={
+            **SPLIT, "types": ["f16", "q8_0"], "prompts": ["the film"], "max_new_tokens": 4}),
+        StageEntry(kind="report_lm", name="report", model="@distill", overrides={
+            **SPLIT, "teacher": teacher, "speed": {"prompt_tokens": 16, "new_tokens": 4}, "repo_id": "me/tiny-lm"}),
+    ])
+    return cfg, run_pipeline(cfg)
+
+
+def test_every_stage_runs_and_the_report_measures_every_model(lm_pipeline):
+    cfg, stages = lm_pipeline
+    served = stages[-1].output
+    report = json.loads((served / "lm_report.json").read_text())
+    labels = [row["model"] for row in report["rows"]]
+    assert labels == ["teacher", "prune", "distill", "quantize", "gguf/f16", "gguf/q8_0"]
+    rows = {row["model"]: row for row in report["rows"]}
+    assert rows["teacher"]["next_token_agreement"] == 1.0
+    assert rows["gguf/f16"]["test_perplexity"] == pytest.approx(rows["distill"]["test_perplexity"], rel=1e-2)
+    assert rows["prune"]["parameters"] < rows["teacher"]["parameters"]
+    for row in rows.values():
+        assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
+    assert {"model-f16.gguf", "model-q8_0.gguf", "lm_report.md", "lm_report.png", "README.md"} <= {
+        path.name for path in served.iterdir()}
+    card = (served / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM" in card and "llama-cli -m" in card
+    reloaded = AutoModelForCausalLM.from_pretrained(served)
+    assert reloaded.config.intermediate_size == 64
+
+
+def test_a_rerun_skips_every_finished_stage(lm_pipeline):
+    cfg, stages = lm_pipeline
+    markers = [stage.folder / "stage.json" for stage in stages]
+    before = [marker.stat().st_mtime_ns for marker in markers]
+    run_pipeline(cfg)
+    assert [marker.stat().st_mtime_ns for marker in markers] == before
+
+
+def test_an_lm_pipeline_that_cannot_work_fails_before_any_work(lm_pipeline, tmp_path):
+    cfg, _ = lm_pipeline
+    bad = PipelineConfig(output_dir=str(tmp_path / "bad"), corpus=cfg.corpus, stages=[
+        cfg.stages[0], StageEntry(kind="export_gguf", model="@prune", overrides={"types": ["q4_k_x"]})])
+    with pytest.raises(ConfigError, match=r"stage 2 \('export_gguf'\): types: llama.cpp knows no GGUF type"):
+        plan_pipeline(bad)
+    assert not (tmp_path / "bad").exists()
