@@ -35,11 +35,12 @@ def lm_pipeline(tmp_path_factory):
     tokenizer.save_pretrained(root / "teacher")
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(f"review {i}: the film was good and the acting was fine, the plot less so"
-                                for i in range(60)) + "\n")
+                                for i in range(90)) + "\n")
     teacher = str(root / "teacher")
     cfg = PipelineConfig(output_dir=str(root / "run"), corpus=CorpusConfig(source=str(corpus), max_length=24), stages=[
         StageEntry(kind="prune_lm", name="prune", model=teacher, overrides={
-            **SPLIT, "width": {"intermediate_size": 64}, "calibration": {"examples": 48}}),
+            "validation_examples": 6, "test_examples": 6, "width": {"intermediate_size": 64},
+            "calibration": {"examples": 70}}),
         StageEntry(kind="distill_lm", name="distill", overrides={
             "teacher": teacher, "student": {"init": "pretrained"}, "validation_examples": 6, "test_examples": 6,
             "stages": [{"epochs": 1, "learning_rate": 1e-3, "losses": [
