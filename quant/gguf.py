@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -109,9 +110,33 @@ def quantize(source: Path, out: Path, ftype: int, threads: int) -> None:
     params = module.llama_model_quantize_default_params()
     params.ftype, params.nthread = ftype, threads
     tmp = out.with_suffix(".tmp")
-    if module.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {source} to {out.name}")
+    with native_output_captured() as captured:
+        failed = module.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0
+    if failed:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {out.name}:\n{captured[0][-2000:]}")
     os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def native_output_captured():
+    """The process's stdout and stderr (where llama.cpp's C code prints a line per tensor) go to a temporary file
+    inside the block; the yielded list holds what was printed, once the block ends."""
+    printed: list[str] = []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield printed
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            printed.append(sink.read())
 
 
 @contextlib.contextmanager
