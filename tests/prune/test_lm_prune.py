@@ -195,3 +195,24 @@ def test_an_unsupported_family_and_a_small_calibration_set_are_refused_by_name(t
                                           r"'activation' needs at least 1024"):
         prune_lm(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_non_uniform_widths_reload_through_the_shipped_modeling_code_and_are_refused_for_gguf(tmp_path):
+    from distill.core.sources import load_causal_lm
+    from quant.gguf import check_exportable
+
+    model = tiny_family_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(10)  # layer 0's neurons outrank the others' globally
+    batches = [lm_batch(0)]
+    prune_model(model, LMPruneConfig(width=WidthConfig(uniform=False)), Sizes(None, 48, None, 0), batches)
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert len(set(widths)) > 1 and sum(widths) == 48 * 4
+    save_compressed(model, make_tokenizer(WORDS), tmp_path / "pruned")
+    assert "compression" in json.loads((tmp_path / "pruned" / "config.json").read_text())
+    reloaded = load_causal_lm(str(tmp_path / "pruned"))
+    inputs = {k: v for k, v in lm_batch(1).items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+    with pytest.raises(ConfigError, match="llama.cpp cannot run: GGUF export needs uniform widths"):
+        check_exportable(str(tmp_path / "pruned"))
