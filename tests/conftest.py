@@ -8,9 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from distill.core.config import DataConfig, LossConfig, StageConfig, TrainConfig
+from distill.core.sources import resolve_model
 from distill.methods.config import FinetuneConfig
 from distill.methods.finetune import finetune
 
@@ -57,6 +65,24 @@ def reset_accelerate() -> None:
     """Accelerate's process-wide state as a new process starts with it: it keeps singletons between runs."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def save_smollm2_tokenizer_lm(folder: Path, **config) -> Path:
+    """A random 2-layer Llama saved with the offline SmolLM2 tokenizer (one that llama.cpp's GGUF converter knows)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("offline:SmolLM2-135M-Instruct"))
+    torch.manual_seed(0)
+    values = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(LlamaConfig(**{**values, **config})).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_review_corpus(path: Path, count: int) -> Path:
+    path.write_text("\n".join(f"review {i}: the film was good and the acting was fine, the plot less so"
+                              for i in range(count)) + "\n")
+    return path
 
 
 @pytest.fixture(autouse=True)

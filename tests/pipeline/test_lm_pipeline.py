@@ -5,16 +5,15 @@ served folder carries the model, its GGUF files, the report and a causal-LM card
 import json
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import distill.pipeline.kinds  # noqa: F401  (each import registers its package's stage kinds)
 import prune.pipeline_kinds  # noqa: F401
 import quant.pipeline_kinds  # noqa: F401
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
-from distill.core.sources import resolve_model
 from distill.pipeline.plan import PipelineConfig, StageEntry, plan_pipeline, run_pipeline
+from tests.conftest import save_smollm2_tokenizer_lm, write_review_corpus
 
 pytest.importorskip("llama_cpp", reason="scripts/setup.sh builds llama.cpp's bindings")
 
@@ -25,17 +24,8 @@ TRAIN = {"batch_size": 4, "eval_batch_size": 4, "max_steps_per_stage": 2, "save_
 @pytest.fixture(scope="module")
 def lm_pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm-pipeline")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("offline:SmolLM2-135M-Instruct"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(f"review {i}: the film was good and the acting was fine, the plot less so"
-                                for i in range(90)) + "\n")
+    save_smollm2_tokenizer_lm(root / "teacher")
+    corpus = write_review_corpus(root / "corpus.txt", 90)
     teacher = str(root / "teacher")
     cfg = PipelineConfig(output_dir=str(root / "run"), corpus=CorpusConfig(source=str(corpus), max_length=24), stages=[
         StageEntry(kind="prune_lm", name="prune", model=teacher, overrides={

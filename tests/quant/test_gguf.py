@@ -6,14 +6,12 @@ per-layer widths and unsupported families are refused before any work."""
 import json
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
-from distill.core.sources import resolve_model
 from quant.config import GgufConfig
 from quant.gguf import check_gguf, export_gguf
+from tests.conftest import save_smollm2_tokenizer_lm, write_review_corpus
 
 pytest.importorskip("llama_cpp", reason="scripts/setup.sh builds llama.cpp's bindings")
 
@@ -23,17 +21,8 @@ def tiny_lm(tmp_path_factory):
     """A 2-layer Llama whose logits are spread enough (initializer_range 0.2) that greedy choices are not near-ties,
     saved with SmolLM2's tokenizer, and a small corpus."""
     root = tmp_path_factory.mktemp("gguf")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("offline:SmolLM2-135M-Instruct"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
-                         tie_word_embeddings=True, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(root / "lm")
-    tokenizer.save_pretrained(root / "lm")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(f"review {i}: the film was good and the acting was fine, the plot less so"
-                                for i in range(40)) + "\n")
+    save_smollm2_tokenizer_lm(root / "lm", initializer_range=0.2)
+    write_review_corpus(root / "corpus.txt", 40)
     return root
 
 
