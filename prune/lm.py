@@ -95,9 +95,10 @@ def check_prune_lm(cfg: LMPruneConfig) -> None:
     elif not (cfg.width.hidden_size or cfg.width.intermediate_size or cfg.width.key_value_heads or cfg.depth.count
               or cfg.depth.layers):
         raise ConfigError("nothing to prune: set width sizes, depth.count / depth.layers, or target_parameters")
-    if cfg.width.hidden_size and cfg.importance in ("taylor", "fisher"):
-        raise ConfigError(f"width.hidden_size needs a criterion that ranks hidden channels; '{cfg.importance}' does "
-                          "not: use activation, activation_squared or magnitude")
+    prunes_hidden = cfg.width.hidden_size or (cfg.target_parameters is not None and "hidden" in cfg.target_axes)
+    if prunes_hidden and cfg.importance in ("taylor", "fisher"):
+        raise ConfigError(f"pruning the hidden size needs a criterion that ranks hidden channels; '{cfg.importance}' "
+                          "does not: use activation, activation_squared or magnitude")
     if cfg.width.multiple_of < 1:
         raise ConfigError(f"width.multiple_of must be at least 1; got {cfg.width.multiple_of}")
     for name in ("validation_examples", "test_examples", "eval_batch_size"):
@@ -228,8 +229,8 @@ def pruned_config(config: PretrainedConfig, sizes: Sizes) -> PretrainedConfig:
 
 
 # ----- the run ----------------------------------------------------------------------------------------------------
-def prune_lm(cfg: LMPruneConfig, on_step=None) -> RunResult:
-    """Check, calibrate, score, prune, save, reload and compare, measure. `on_step` is not used: no training."""
+def prune_lm(cfg: LMPruneConfig) -> RunResult:
+    """Check, calibrate, score, prune, save, reload and compare, measure."""
     check_prune_lm(cfg)
     tokenizer = ensure_pad_token(load_tokenizer(cfg.model))
     tokenizer.padding_side = "right"
@@ -290,9 +291,7 @@ def prune_model(model: PreTrainedModel, cfg: LMPruneConfig, sizes: Sizes, batche
     if sizes.intermediate_size is not None:
         per_layer = [scores.neurons[i] for i in keep]
         prune_ffn(model, dict(enumerate(kept_units(per_layer, sizes.intermediate_size, cfg.width.uniform))))
-    if sizes.hidden_size is not None:
-        if scores.hidden is None:
-            scores.hidden = activation_scores(model, batches, torch.abs).hidden
+    if sizes.hidden_size is not None:  # the check refuses criteria that give no hidden scores
         prune_hidden(model, scores.hidden.argsort(descending=True)[:sizes.hidden_size].tolist())
     sync_config(model)
     return keep

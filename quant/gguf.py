@@ -209,7 +209,7 @@ def check_gguf(cfg: GgufConfig) -> None:
         raise ConfigError("prompts lists nothing: the greedy check needs at least one")
 
 
-def export_gguf(cfg: GgufConfig, on_step=None) -> RunResult:
+def export_gguf(cfg: GgufConfig) -> RunResult:
     """Convert (and quantize) each type, then check every file in llama.cpp against the transformers model."""
     check_gguf(cfg)
     run_dir = Path(cfg.output_dir)

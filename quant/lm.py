@@ -46,7 +46,7 @@ def check_causal_lm(name: str) -> None:
                           "recipes/quantize_model.py)")
 
 
-def quantize_lm(cfg: LMQuantConfig, on_step=None) -> RunResult:
+def quantize_lm(cfg: LMQuantConfig) -> RunResult:
     check_lm_quant(cfg)
     check_causal_lm(cfg.model)
     run_dir = Path(cfg.output_dir)

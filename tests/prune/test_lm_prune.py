@@ -163,6 +163,8 @@ def test_a_parameter_target_picks_the_largest_sizes_under_it():
     (dict(target_parameters=10, width=WidthConfig(intermediate_size=8)), "target_parameters picks the sizes of ffn"),
     (dict(target_axes=["depth", "ffn"], target_parameters=10), "'depth' is searched alone"),
     (dict(width=WidthConfig(hidden_size=16), importance="taylor"), "needs a criterion that ranks hidden channels"),
+    (dict(width=WidthConfig(), depth=DepthConfig(), target_parameters=10, importance="fisher"),
+     "pruning the hidden size needs a criterion"),
     (dict(width=WidthConfig(), depth=DepthConfig()), "nothing to prune"),
 ])
 def test_bad_configs_are_refused_before_anything_loads(tmp_path, change, message):
