@@ -155,23 +155,28 @@ def target_sizes(cfg: LMPruneConfig, config: PretrainedConfig) -> Sizes:
     parameters, counted exactly on a model built on the meta device."""
     target, step = cfg.target_parameters, cfg.width.multiple_of
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    given = Sizes(cfg.width.hidden_size, cfg.width.intermediate_size, cfg.width.key_value_heads, 0)
     if cfg.target_axes == ["depth"]:
         for remove in range(config.num_hidden_layers):
-            if parameters_of(config, Sizes(None, None, None, remove)) <= target:
-                return Sizes(None, None, None, remove)
+            if parameters_of(config, dataclasses.replace(given, remove_layers=remove)) <= target:
+                return dataclasses.replace(given, remove_layers=remove)
+        last = parameters_of(config, dataclasses.replace(given, remove_layers=config.num_hidden_layers - 1))
         raise ConfigError(f"target_parameters={target:,} is out of reach by removing layers: one layer left has "
-                          f"{parameters_of(config, Sizes(None, None, None, config.num_hidden_layers - 1)):,}")
+                          f"{last:,}")
+
+    removed = len(set(cfg.depth.layers)) if cfg.depth.strategy == "explicit" else cfg.depth.count
 
     def at(factor: float) -> Sizes:
-        groups = max(1, math.floor(kv * factor)) if "heads" in cfg.target_axes else kv
+        """The target axes scaled by `factor`; the other axes as `width` / `depth` give them."""
+        groups = max(1, math.floor(kv * factor)) if "heads" in cfg.target_axes else cfg.width.key_value_heads
         # families validate hidden_size as a multiple of the query heads, so the hidden step is a multiple of both
-        hidden_step = math.lcm(step, groups * kv_group_size(config))
+        hidden_step = math.lcm(step, (groups or kv) * kv_group_size(config))
 
         def width(full: int, multiple: int) -> int:
             return max(multiple, math.floor(full * factor / multiple) * multiple) if full >= multiple else full
-        return Sizes(width(config.hidden_size, hidden_step) if "hidden" in cfg.target_axes else None,
-                     width(config.intermediate_size, step) if "ffn" in cfg.target_axes else None,
-                     groups if "heads" in cfg.target_axes else None, 0)
+        return Sizes(width(config.hidden_size, hidden_step) if "hidden" in cfg.target_axes else cfg.width.hidden_size,
+                     width(config.intermediate_size, step) if "ffn" in cfg.target_axes else
+                     cfg.width.intermediate_size, groups, removed)
 
     smallest = parameters_of(config, at(0.0))
     if smallest > target:

@@ -5,8 +5,9 @@ through `quant.variants.load_variant`) or a GGUF file in llama.cpp. The median o
 
     python -m quant.generation_speed MODEL PROMPT_IDS_JSON NEW_TOKENS THREADS REPEATS
 
-prints one JSON line: prefill_tokens_per_s, decode_tokens_per_s, peak_rss_mb (resident peak of the whole process,
-model loaded), load_s."""
+prints one JSON line: prefill_tokens_per_s, decode_tokens_per_s, peak_rss_mb (the resident high-water mark of this
+process's memory, `VmHWM`: unlike getrusage's maxrss, which Linux carries over from the parent across fork and exec,
+it is this program's own), load_s."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from distill.benchmark import peak_rss_mb, run_probe
+from distill.benchmark import run_probe
 
 
 def measure(model: str, prompt: list[int], new_tokens: int, threads: int, repeats: int) -> dict:
@@ -33,7 +34,14 @@ def measure(model: str, prompt: list[int], new_tokens: int, threads: int, repeat
         prefill.append(len(prompt) / p)
         decode.append(new_tokens / d)
     return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
-            "peak_rss_mb": peak_rss_mb(), "load_s": load_s}
+            "peak_rss_mb": resident_high_water_mb(), "load_s": load_s}
+
+
+def resident_high_water_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**10  # kB
+    return float("nan")
 
 
 def torch_runner(folder: str):

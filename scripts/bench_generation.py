@@ -2,9 +2,10 @@
 transformers folders and GGUF files (in llama.cpp), each model in a fresh process (`quant.generation_speed`), the
 models taking turns over `--rounds` rounds (medians). Beside each GGUF file: how close its decode comes to the
 memory-bandwidth limit, tokens/s x bytes of weights read per token (every tensor of the file once: at batch 1 each
-new token reads every weight matrix, the tied embedding as the output head) over the machine's copy bandwidth,
-measured here as STREAM's copy does (bytes read + bytes written per second, numpy copying a buffer far larger than
-the caches, best of 5).
+new token reads every weight matrix, the tied embedding as the output head) over the machine's memory bandwidth,
+measured with the same threads two ways: STREAM's copy (bytes read + bytes written per second, torch copying a 1 GiB
+buffer into another) and a read-only pass (bytes read per second, torch summing a 1 GiB buffer), best of 5 each.
+Decoding only reads weights, so the read bandwidth is its limit; the copy figure is reported beside it.
 
     python scripts/bench_generation.py --model teacher=offline:SmolLM2-135M-Instruct \
         --model student=runs/student-lm-width/model --model q4_k_m=runs/gguf/model-q4_k_m.gguf \
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+import torch
 from transformers import AutoTokenizer
 
 from distill.core.config import CorpusConfig
@@ -27,16 +28,21 @@ from distill.core.sources import corpus_token_ids, resolve_model
 from quant.generation_speed import speed
 
 
-def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes read plus bytes written per second, copying a `megabytes` buffer into another (best of `repeats`)."""
-    source = np.ones(megabytes * 2**20 // 8)
-    target = np.empty_like(source)
-    best = float("inf")
+def memory_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Bytes per second with `threads` torch threads: copy (read + write, as STREAM counts) and read (a sum)."""
+    torch.set_num_threads(threads)
+    source = torch.ones(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    copy = read = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        np.copyto(target, source)
-        best = min(best, time.perf_counter() - start)
-    return 2 * source.nbytes / best
+        target.copy_(source)
+        copy = min(copy, time.perf_counter() - start)
+        start = time.perf_counter()
+        source.sum()
+        read = min(read, time.perf_counter() - start)
+    size = source.numel() * source.element_size()
+    return {"copy": 2 * size / copy, "read": size / read}
 
 
 def weight_bytes(path: str) -> int:
@@ -64,7 +70,7 @@ def main(argv: list[str]) -> None:
     texts = corpus_token_ids(CorpusConfig(source="offline:imdb", shuffle_seed=0, limit=1250, max_length=512),
                              tokenizer)[-200:]
     prompt = [token for ids in texts for token in ids][:args.prompt_tokens]
-    bandwidth = copy_bandwidth()
+    bandwidth = memory_bandwidth(args.threads)
     runs: dict[str, list[dict]] = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, path in models.items():
@@ -77,18 +83,21 @@ def main(argv: list[str]) -> None:
                      "prefill_tokens_per_s": statistics.median(run["prefill_tokens_per_s"] for run in runs[name]),
                      "decode_tokens_per_s": decode,
                      "peak_rss_mb": statistics.median(run["peak_rss_mb"] for run in runs[name]),
-                     "bandwidth_limit_tokens_per_s": bandwidth / read, "of_bandwidth_limit": decode * read / bandwidth})
+                     "bandwidth_limit_tokens_per_s": bandwidth["read"] / read,
+                     "of_bandwidth_limit": decode * read / bandwidth["read"],
+                     "of_copy_bandwidth": decode * read / bandwidth["copy"]})
     base = rows[0]
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); {args.threads} threads; prompt "
+    print(f"memory bandwidth, {args.threads} threads: read {bandwidth['read'] / 1e9:.1f} GB/s, copy "
+          f"{bandwidth['copy'] / 1e9:.1f} GB/s (read + write); prompt "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, median of {args.rounds} rounds")
     print(f"| model | weights MB | prefill tok/s | decode tok/s | vs {base['model']} | peak RSS MB | "
-          "bandwidth limit tok/s | of the limit |")
-    print("|---|---|---|---|---|---|---|---|")
+          "read-bandwidth limit tok/s | of the limit | weights read / copy bandwidth |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['model']} | {row['weight_mb']:.1f} | {row['prefill_tokens_per_s']:.0f} | "
               f"{row['decode_tokens_per_s']:.1f} | {row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x | "
               f"{row['peak_rss_mb']:.0f} | {row['bandwidth_limit_tokens_per_s']:.0f} | "
-              f"{row['of_bandwidth_limit']:.0%} |")
+              f"{row['of_bandwidth_limit']:.0%} | {row['of_copy_bandwidth']:.0%} |")
     if args.json:
         args.json.write_text(json.dumps({"bandwidth_bytes_per_s": bandwidth, "threads": args.threads,
                                          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
