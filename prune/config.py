@@ -170,9 +170,10 @@ class WidthConfig:
     by plain `from_pretrained` and by serving engines. False ranks FFN neurons and head groups across layers: the
     per-layer widths need this framework's modeling code (`trust_remote_code`), which vLLM, TGI and llama.cpp do not
     run."""
-    multiple_of: int = 32
-    """With `target_parameters`: the hidden and FFN sizes it picks are multiples of this (llama.cpp's quantized types
-    work on blocks of 32 values of a row, its K-quants on 256), and the hidden size also of the query head count."""
+    multiple_of: int = 64
+    """With `target_parameters`: the hidden and FFN sizes it picks are multiples of this, and the hidden size also of
+    the query head count. 64 is bitsandbytes' 4-bit block (its CPU kernels miscompute rows of another length) and
+    two of llama.cpp's 32-value blocks (its K-quants want 256)."""
 
 
 @dataclass

@@ -52,13 +52,17 @@ def tiny_bert_config(vocab_size: int, **overrides) -> BertConfig:
     return BertConfig(**values)
 
 
-def tiny_causal_lm(vocab_size: int, tied: bool) -> LlamaForCausalLM:
+FOUR_BIT_WIDTHS = dict(hidden_size=64, intermediate_size=128)
+"""Widths of tiny models that bitsandbytes quantizes to 4 bits: its CPU kernels need rows of whole 64-value blocks."""
+
+
+def tiny_causal_lm(vocab_size: int, tied: bool, **overrides) -> LlamaForCausalLM:
     """Llama with [PAD]=0, [CLS]=2 as bos and [SEP]=3 as eos, its output layer tied to the embedding or not."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
-                         tie_word_embeddings=tied, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    return LlamaForCausalLM(config).eval()
+    values = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=tied,
+                  pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return LlamaForCausalLM(LlamaConfig(**{**values, **overrides})).eval()
 
 
 def reset_accelerate() -> None:
@@ -144,11 +148,11 @@ def write_sentiment_csv(path: Path) -> Path:
     return path
 
 
-def save_tiny_teacher(folder: Path) -> Path:
+def save_tiny_teacher(folder: Path, **overrides) -> Path:
     """A saved random-init 4-layer BERT classifier with its word-level tokenizer."""
     tokenizer = make_tokenizer(POSITIVE + NEGATIVE + NEUTRAL)
     torch.manual_seed(0)
-    BertForSequenceClassification(tiny_bert_config(len(tokenizer))).save_pretrained(folder)
+    BertForSequenceClassification(tiny_bert_config(len(tokenizer), **overrides)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -161,6 +165,12 @@ def sentiment_csv(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_teacher_dir(tmp_path: Path) -> Path:
     return save_tiny_teacher(tmp_path / "teacher")
+
+
+@pytest.fixture
+def four_bit_teacher_dir(tmp_path: Path) -> Path:
+    """The tiny teacher at widths that bitsandbytes can quantize to 4 bits."""
+    return save_tiny_teacher(tmp_path / "teacher-64", **FOUR_BIT_WIDTHS)
 
 
 def data_cfg(csv):

@@ -87,11 +87,12 @@ def test_hub_dataset_ids(source, hub_id):
     assert hub_dataset_id(source) == hub_id
 
 
-def test_stored_parameters_count_quantized_weights_as_numbers(tiny_teacher_dir, tmp_path):
+def test_stored_parameters_count_quantized_weights_as_numbers(four_bit_teacher_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     variants = ("fp32", "dynamic_int8", "bnb_int8", "bnb_nf4")
+    folder = str(four_bit_teacher_dir)
     for variant in variants:
-        build_variant(str(tiny_teacher_dir), variant, load_tokenizer(str(tiny_teacher_dir)), tmp_path / variant)
+        build_variant(folder, variant, load_tokenizer(folder), tmp_path / variant)
     counts = {variant: stored_parameters(load_variant(tmp_path / variant)) for variant in variants}
     assert len(set(counts.values())) == 1, counts
 

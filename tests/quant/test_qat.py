@@ -25,6 +25,7 @@ from quant.bnb import accept_frozen_quantized_state, quantize_bnb
 from quant.config import AdapterConfig, BnbConfig, QatConfig
 from quant.qat import QuantizedBase, load_adapter, merge_adapter, qat_distill
 from tests.conftest import (
+    FOUR_BIT_WIDTHS,
     NEGATIVE,
     NEUTRAL,
     POSITIVE,
@@ -51,7 +52,7 @@ def teacher(tmp_path_factory):
     the sentiment CSV."""
     tmp = tmp_path_factory.mktemp("qat")
     csv = write_sentiment_csv(tmp / "sentiment.csv")
-    save_tiny_teacher(tmp / "init")
+    save_tiny_teacher(tmp / "init", **FOUR_BIT_WIDTHS)
     finetune(FinetuneConfig(model=str(tmp / "init"), output_dir=str(tmp / "teacher"), data=data_cfg(csv),
                             stage=StageConfig(epochs=10, learning_rate=3e-3, losses=[LossConfig(name="ce")]),
                             train=train_cfg()))
@@ -186,11 +187,12 @@ def test_killed_run_resumes_to_the_same_adapters(teacher, tmp_path):
         assert torch.equal(full_state[name], resumed_state[name]), name
 
 
-def test_a_4bit_state_dict_of_another_base_is_refused(tiny_teacher_dir, tmp_path):
+def test_a_4bit_state_dict_of_another_base_is_refused(four_bit_teacher_dir, tmp_path):
     torch.manual_seed(1)
-    other = BertForSequenceClassification(tiny_bert_config(len(make_tokenizer(POSITIVE + NEGATIVE + NEUTRAL))))
+    other = BertForSequenceClassification(tiny_bert_config(len(make_tokenizer(POSITIVE + NEGATIVE + NEUTRAL)),
+                                                           **FOUR_BIT_WIDTHS))
     other.save_pretrained(tmp_path / "other")
-    model = quantize_bnb(str(tiny_teacher_dir), "bnb_nf4", BnbConfig())
+    model = quantize_bnb(str(four_bit_teacher_dir), "bnb_nf4", BnbConfig())
     accept_frozen_quantized_state(model)
     model.load_state_dict(model.state_dict())  # its own state loads back
     with pytest.raises(RuntimeError, match="query.weight.absmax differs from the frozen quantized weights"):
@@ -204,9 +206,9 @@ def test_a_4bit_state_dict_of_another_base_is_refused(tiny_teacher_dir, tmp_path
     (["qurey"], "entry 'qurey' matches no module"),
     ([], "lora.target_modules is empty"),
 ])
-def test_training_a_module_that_is_not_quantized_is_refused(targets, message, tiny_teacher_dir, sentiment_csv,
+def test_training_a_module_that_is_not_quantized_is_refused(targets, message, four_bit_teacher_dir, sentiment_csv,
                                                              tmp_path):
-    cfg = qat_cfg(tiny_teacher_dir, sentiment_csv, tmp_path / "bad", lora=AdapterConfig(target_modules=targets))
+    cfg = qat_cfg(four_bit_teacher_dir, sentiment_csv, tmp_path / "bad", lora=AdapterConfig(target_modules=targets))
     with pytest.raises(ConfigError, match=message):
         qat_distill(cfg, on_step=never_train)
 

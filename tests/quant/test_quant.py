@@ -26,7 +26,7 @@ from quant.bnb import keep_out_of_cpu_repacking, load_bnb, quantize_bnb
 from quant.config import BnbConfig
 from quant.loading import empty_model, skip_patterns
 from quant.variants import VARIANTS, build_variant, check_variants, load_variant
-from tests.conftest import make_tokenizer, tiny_bert_config, tiny_causal_lm
+from tests.conftest import FOUR_BIT_WIDTHS, make_tokenizer, tiny_bert_config, tiny_causal_lm
 
 TOKENIZER = make_tokenizer(["good", "bad", "film", "plot"])
 INPUTS = torch.randint(5, len(TOKENIZER), (3, 9), generator=torch.Generator().manual_seed(1))
@@ -44,8 +44,8 @@ def saved(model, folder):
 
 
 @pytest.fixture
-def bert_dir(tiny_teacher_dir):
-    return str(tiny_teacher_dir)
+def bert_dir(four_bit_teacher_dir):
+    return str(four_bit_teacher_dir)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -64,7 +64,7 @@ def test_every_variant_reloads_with_the_outputs_it_had_in_memory(variant, bert_d
 
 @pytest.mark.parametrize("variant", ["bf16", "dynamic_int8", "bnb_int8", "bnb_nf4"])
 def test_decoder_variants_reload_equal_and_keep_the_tied_lm_head(variant, tmp_path):
-    source = saved(tiny_causal_lm(len(TOKENIZER), tied=True), tmp_path / "llama")
+    source = saved(tiny_causal_lm(len(TOKENIZER), tied=True, **FOUR_BIT_WIDTHS), tmp_path / "llama")
     model = build_variant(source, variant, TOKENIZER, tmp_path / variant)
     expected = outputs(model)
     reloaded = load_variant(tmp_path / variant)
@@ -73,20 +73,38 @@ def test_decoder_variants_reload_equal_and_keep_the_tied_lm_head(variant, tmp_pa
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
 
 
-@pytest.mark.parametrize("variant", ["dynamic_int8", "bnb_int8", "bnb_nf4"])
-def test_a_pruned_checkpoint_with_remote_code_quantizes_and_reloads(variant, tmp_path):
+def save_pruned_bert(folder):
     torch.manual_seed(0)
     pruned = BertForSequenceClassification(tiny_bert_config(len(TOKENIZER))).eval()
     prune_heads(pruned, {0: [0, 2], 2: [1]})
     factorize(pruned, rank=4)
     compress_word_embedding(pruned, int8=True)
-    save_compressed(pruned, TOKENIZER, tmp_path / "pruned")
+    save_compressed(pruned, TOKENIZER, folder)
+
+
+@pytest.mark.parametrize("variant", ["dynamic_int8", "bnb_int8"])
+def test_a_pruned_checkpoint_with_remote_code_quantizes_and_reloads(variant, tmp_path):
+    save_pruned_bert(tmp_path / "pruned")
     model = build_variant(str(tmp_path / "pruned"), variant, TOKENIZER, tmp_path / variant)
     expected = outputs(model)
     assert (tmp_path / variant / "modeling_compressed.py").is_file()
     reloaded = load_variant(tmp_path / variant)
     assert type(reloaded).__name__ == "CompressedBertForSequenceClassification"
     assert torch.equal(outputs(reloaded), expected)
+
+
+def test_4bit_variants_refuse_rows_that_are_not_whole_blocks_on_the_cpu(tmp_path):
+    """bitsandbytes' CPU 4-bit kernels miscompute such rows: 32-value rows come back with about 40% relative error."""
+    def roundtrip_error(columns: int) -> float:
+        rows = torch.randn(100, columns, generator=torch.Generator().manual_seed(0))
+        packed, state = bnb.functional.quantize_4bit(rows, blocksize=64, quant_type="nf4")
+        return ((bnb.functional.dequantize_4bit(packed, state) - rows).norm() / rows.norm()).item()
+
+    assert roundtrip_error(32) > 1.5 * roundtrip_error(64)  # the kernel's fault this check guards against
+    save_pruned_bert(tmp_path / "pruned")
+    with pytest.raises(ConfigError, match="bitsandbytes' CPU 4-bit kernels miscompute rows whose length is not a "
+                                          "multiple of 64: bert.encoder.layer.0.attention.self.query.0 has 32 inputs"):
+        build_variant(str(tmp_path / "pruned"), "bnb_nf4", TOKENIZER, tmp_path / "nf4")
 
 
 def test_4bit_layers_stay_out_of_cpu_repacking_so_saving_after_inference_works(bert_dir, tmp_path, monkeypatch):

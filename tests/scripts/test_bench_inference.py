@@ -10,6 +10,7 @@ from transformers import BertForSequenceClassification
 
 from distill.core.errors import ConfigError
 from tests.conftest import (
+    FOUR_BIT_WIDTHS,
     NEGATIVE,
     NEUTRAL,
     POSITIVE,
@@ -37,7 +38,8 @@ def bench():
 def save_student(folder: Path, words: list[str], layers: int = 2) -> str:
     tokenizer = make_tokenizer(words)
     torch.manual_seed(1)
-    BertForSequenceClassification(tiny_bert_config(len(tokenizer), num_hidden_layers=layers)).save_pretrained(folder)
+    config = tiny_bert_config(len(tokenizer), num_hidden_layers=layers, **FOUR_BIT_WIDTHS)
+    BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
@@ -45,7 +47,7 @@ def save_student(folder: Path, words: list[str], layers: int = 2) -> str:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    return {"teacher": str(save_tiny_teacher(root / "teacher")),
+    return {"teacher": str(save_tiny_teacher(root / "teacher", **FOUR_BIT_WIDTHS)),
             "student": save_student(root / "student", POSITIVE + NEGATIVE + NEUTRAL)}
 
 
