@@ -197,8 +197,10 @@ class TrainConfig:
     on the validation split (`teacher_dtype_drift`: largest logit change, prediction agreement)."""
     cache_teacher_logits: bool = False
     """Classifier distillation whose losses read only the teacher's logits (`kl`, `logit_mse`): run the teacher once
-    over the training split before training (again on resume; in every process of a data-parallel launch), keep
-    its logits per example, and never run it during training. Losses on its hidden states or attention maps are
+    over the training split before training (in every process of a data-parallel launch), keep its logits per
+    example, and never run it during training. The logits are stored under `$DISTILL_COMPRESS_CACHE/teacher-logits`
+    (default `~/.cache/distill-compress`), keyed by the teacher's weights and dtype and the examples' token ids: a
+    run over the same data (a resume, another seed or student) reads them instead. Losses on its hidden states or attention maps are
     refused, and so are `extra_teachers`."""
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers that also receive the logged metrics, through Accelerate: `tensorboard`, `wandb`,

@@ -35,6 +35,8 @@ class LossSetup:
 TEACHER_LOGITS = "teacher_logits"
 """The batch key of a classifier teacher's cached logits (`distill.methods.teacher_logits`): with it in a batch, the
 trainer uses them instead of running the teacher."""
+IGNORED_LABEL = -100
+"""The label of an example without one (a transfer-set or augmented example): hard-label losses skip it."""
 TEACHER_PREFIX = "teacher_"
 """Batch keys that start with it carry what a teacher computed (cached logits, a cache's top-k rows): never a model
 input."""

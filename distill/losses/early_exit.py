@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -18,7 +17,7 @@ from distill.core.config import LossConfig
 from distill.core.errors import ConfigError
 from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
 from distill.losses.pooling import check_pooling, pool
-from distill.losses.response import soft_kl
+from distill.losses.response import hard_label_ce, soft_kl
 
 WEIGHTS_FILE, CONFIG_FILE = "early_exit.safetensors", "early_exit.json"
 SUPPORTED = ("bert", "roberta", "xlm-roberta")
@@ -106,7 +105,7 @@ def exit_loss(exit_logits: torch.Tensor, final_logits: torch.Tensor, labels: tor
     """(1 - mix) * KL(final || exit) * T^2 + mix * CE(labels). The final logits are a target only: detached, so
     the exits never pull the final prediction towards their own."""
     soft = soft_kl(exit_logits, final_logits.detach(), temperature)
-    return (1 - label_mix) * soft + label_mix * F.cross_entropy(exit_logits.float(), labels)
+    return (1 - label_mix) * soft + label_mix * hard_label_ce(exit_logits, labels)
 
 
 @register("early_exit")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
-from distill.core.losses import DistillLoss, LossInputs, register
+from distill.core.losses import IGNORED_LABEL, DistillLoss, LossInputs, register
 
 
 @dataclass
@@ -55,12 +55,20 @@ def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
     return F.mse_loss(student_logits.float(), teacher_logits.float())
 
 
+def hard_label_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the labelled examples; zero (with a gradient path) for a batch of unlabelled ones only, where
+    `cross_entropy` would give NaN."""
+    if not (labels != IGNORED_LABEL).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORED_LABEL)
+
+
 @register("ce")
 class HardLabelCE(DistillLoss):
     needs_teacher = False
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
-        return F.cross_entropy(inputs.student.logits.float(), inputs.labels)
+        return hard_label_ce(inputs.student.logits, inputs.labels)
 
 
 @register("kl")

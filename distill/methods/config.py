@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from distill.core.config import DataConfig, LayerMapConfig, StageConfig, StudentConfig, TrainConfig
+from distill.core.config import DataConfig, LayerMapConfig, LossConfig, StageConfig, StudentConfig, TrainConfig
 
 
 @dataclass
@@ -16,6 +16,52 @@ class MutualConfig:
     """The students trained beside `student`, each built as `student` is (from `teacher`, or from its own `model`).
     Peer i is saved to `peer-<i>/model`, its metrics carry the suffix `_peer<i>`, and with `train.select_best` each
     student keeps the weights of its own best epoch. Empty: a single student."""
+
+
+@dataclass
+class TextSetConfig:
+    """Unlabelled text, as examples of a classifier's length: whole texts or their sentences."""
+    source: Optional[str] = None
+    """`offline:imdb` (or `offline:rotten_tomatoes`), a local .txt (one text per line), .csv/.json/.jsonl/.parquet
+    file, or a Hub id (optionally `hub:ID`); None: none."""
+    text_column: str = "text"
+    """The column that holds the texts (a .txt file's lines are in `text`)."""
+    hub_config: Optional[str] = None
+    """Dataset configuration name for Hub datasets that have several."""
+    split: str = "train"
+    """The split to read; local files and offline sources have only `train`."""
+    encoding: str = "utf-8"
+    """The text encoding of a local .txt/.csv/.json/.jsonl file."""
+    sentences: bool = False
+    """Cut each text into sentences (after `.`, `!` or `?`; HTML line breaks removed) and use those as examples."""
+    min_words: int = 4
+    """With `sentences`: drop sentences of fewer words."""
+    shuffle_seed: int = 0
+    """Seed of the shuffle of the examples before `limit` (offline IMDB is sorted by label)."""
+    limit: Optional[int] = None
+    """Keep this many examples (after any cut into sentences and the shuffle); None keeps all."""
+
+
+@dataclass
+class TransferConfig(TextSetConfig):
+    """A transfer set: unlabelled text on which the student learns the teacher's outputs beside (or instead of) the
+    labelled training split."""
+    with_task_data: bool = True
+    """Train on the labelled training split and the transfer set together; False trains on the transfer set
+    alone (the task's training split is then only used for its vocabulary and augmentation)."""
+
+
+@dataclass
+class AugmentConfig:
+    """TinyBERT-style augmentation of the labelled training texts, labelled by the teacher."""
+    copies: int = 0
+    """Augmented copies written per training text; 0: no augmentation."""
+    rate: float = 0.4
+    """Chance that each replaceable word of a copy is replaced (TinyBERT's p_t)."""
+    candidates: int = 15
+    """Nearest neighbours of a word among which its replacement is drawn (TinyBERT's K)."""
+    seed: int = 0
+    """Seed of the draws."""
 
 
 @dataclass
@@ -69,5 +115,42 @@ class DistillConfig:
     """Which teacher layer each student layer matches, for the losses on hidden states and attention maps."""
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     """The training stages, run in order, each with its own losses, epochs and learning rate."""
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    """Unlabelled text the student also learns the teacher's outputs on (none by default)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Augmented copies of the training texts, labelled by the teacher (none by default)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training loop's settings."""
+
+
+def general_losses() -> list[LossConfig]:
+    return [LossConfig(name="hidden_mse"), LossConfig(name="attention_kl", head_match="group")]
+
+
+@dataclass
+class GeneralDistillConfig:
+    """General distillation (TinyBERT's first phase; DistilBERT and MiniLM distil this way too): a small student
+    learns a base encoder's hidden states and attention maps on unlabelled text, before any task, so that a fresh
+    narrow student starts task distillation from something better than random weights."""
+    teacher: str = "offline:all-MiniLM-L6-v2"
+    """The base encoder (not fine-tuned; a path, `offline:NAME` or a Hub id), loaded without a task head."""
+    output_dir: str = "runs/general"
+    """The run folder: config.yaml, metrics.jsonl, checkpoints while it runs, then the student encoder (no task
+    head) with the teacher's tokenizer in `model/`, and metrics.json."""
+    seed: int = 0
+    """Random seed: weight initialisation, dropout and the order of training batches."""
+    corpus: TextSetConfig = field(default_factory=lambda: TextSetConfig(source="offline:imdb", sentences=True))
+    """The unlabelled text; its last `validation_examples` examples are held out."""
+    max_length: int = 64
+    """Tokens per example; longer ones are truncated."""
+    validation_examples: int = 1000
+    """Examples held out from the end of the corpus for the validation metric (`validation_attention_kl`)."""
+    student: StudentConfig = field(default_factory=lambda: StudentConfig(init="fresh"))
+    """How the student is built from the teacher: usually `fresh` with smaller sizes."""
+    layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)
+    """Which teacher layer each student layer matches."""
+    stages: list[StageConfig] = field(default_factory=lambda: [
+        StageConfig(name="general", epochs=1.0, learning_rate=5e-4, losses=general_losses())])
+    """The training stages; their losses read hidden states and attention maps only (no labels, no logits)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop's settings (`select_best` keeps the epoch of the lowest validation attention KL)."""

@@ -11,12 +11,14 @@ from distill.core.losses import check_stages
 from distill.core.mapping import check_layer_map_config
 from distill.core.run import OnStep, RunResult, check_train
 from distill.core.student import check_student_config
+from distill.methods.augment import check_augment
 from distill.methods.born_again import born_again, check_generations
 from distill.methods.config import DistillConfig
 from distill.methods.multi_teacher import normalised_teacher_weights
 from distill.methods.mutual import distill_mutual
 from distill.methods.single import distill_single
 from distill.methods.teacher_logits import check_logit_cache
+from distill.methods.transfer import check_transfer
 
 
 def check_distill(cfg: DistillConfig) -> None:
@@ -27,6 +29,10 @@ def check_distill(cfg: DistillConfig) -> None:
     check_logit_cache(cfg)
     normalised_teacher_weights(cfg)
     check_layer_map_config(cfg.layer_map)
+    check_transfer(cfg.transfer)
+    check_augment(cfg.augment)
+    if cfg.augment.copies and cfg.data.text_pair_column:
+        raise ConfigError("augment works on single texts; data.text_pair_column is set (a sentence-pair task)")
     for where, student in [("student", cfg.student), *((f"mutual.peers[{i}]", peer)
                                                         for i, peer in enumerate(cfg.mutual.peers))]:
         check_student(student, where)

@@ -24,6 +24,7 @@ from distill.core.trainer import Trainer
 from distill.methods.config import DistillConfig
 from distill.methods.multi_teacher import add_extra_teachers, normalised_teacher_weights
 from distill.methods.teacher_logits import reduce_teacher_precision, with_cached_logits
+from distill.methods.transfer import add_unlabelled
 
 
 @dataclass
@@ -48,6 +49,7 @@ def prepare(cfg: DistillConfig, student_cfgs: list[StudentConfig]) -> Prepared:
     accelerator, run_dir = start_run(cfg)
     task = load_task(cfg.data, cfg.teacher)
     teacher = load_teacher(cfg, task)
+    task = add_unlabelled(task, cfg.data, cfg.transfer, cfg.augment, teacher)
     built = []
     for i, student_cfg in enumerate(student_cfgs):
         try:

@@ -12,12 +12,16 @@ from typing import Callable
 
 import torch
 from datasets import Dataset, DatasetDict
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from distill.core.collate import CACHE_INDEX, IndexedRowsCollator
+from distill.core.conversion_cache import cache_root
 from distill.core.errors import ConfigError
+from distill.core.fingerprint import text_sha256, token_ids_sha256, weights_sha256
+from distill.core.io import save_file_atomic
 from distill.core.losses import LOSSES, TEACHER_LOGITS, model_inputs
 from distill.methods.config import DistillConfig
 from distill.methods.multi_teacher import TeacherEnsemble
@@ -47,20 +51,43 @@ def check_logit_cache(cfg: DistillConfig) -> None:
 @torch.inference_mode()
 def teacher_logits(teacher: nn.Module, dataset: Dataset, collate: Callable, batch_size: int,
                    device: torch.device) -> torch.Tensor:
-    """The teacher's float32 logits for every example of `dataset`, in its order, on the CPU."""
+    """The teacher's float32 logits for every example of `dataset`, in its order, on the CPU. Batches are formed
+    from examples of similar length (less padding, which is masked out anyway)."""
     teacher.eval()
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
     # A private generator: a loader iterator would otherwise draw from the global RNG, and the student's dropout
     # masks would differ from those of a run with the live teacher.
-    loader = DataLoader(dataset, batch_size, collate_fn=collate, generator=torch.Generator())
-    return torch.cat([teacher(**model_inputs(batch.to(device))).logits.float().cpu()
-                      for batch in tqdm(loader, desc="teacher logits", leave=False)])
+    loader = DataLoader(dataset.select(order), batch_size, collate_fn=collate, generator=torch.Generator())
+    sorted_logits = torch.cat([teacher(**model_inputs(batch.to(device))).logits.float().cpu()
+                               for batch in tqdm(loader, desc="teacher logits", leave=False)])
+    logits = torch.empty_like(sorted_logits)
+    logits[torch.tensor(order)] = sorted_logits
+    return logits
+
+
+def stored_teacher_logits(teacher: nn.Module, dataset: Dataset, collate: Callable, batch_size: int,
+                          device: torch.device) -> torch.Tensor:
+    """`teacher_logits`, kept on disk under the cache folder (`$DISTILL_COMPRESS_CACHE/teacher-logits`) by a key of
+    the teacher's weights and dtype and the examples' token ids, so that runs over the same data (other seeds,
+    other students) reuse them."""
+    ids = [list(row) for row in dataset["input_ids"]]
+    key = text_sha256(weights_sha256(teacher) + str(next(teacher.parameters()).dtype) + token_ids_sha256(ids))
+    path = cache_root() / "teacher-logits" / f"{key}.safetensors"
+    if path.is_file():
+        logits = load_file(path)["logits"]
+        if logits.shape[0] == len(dataset):
+            return logits
+    logits = teacher_logits(teacher, dataset, collate, batch_size, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file_atomic({"logits": logits}, path)
+    return logits
 
 
 def with_cached_logits(teacher: nn.Module, splits: DatasetDict, collate: Callable, batch_size: int,
                        device: torch.device) -> tuple[DatasetDict, IndexedRowsCollator]:
     """The splits with the training examples indexed, and a collator that adds their teacher logits."""
     train = splits["train"]
-    logits = teacher_logits(teacher, train, collate, batch_size, device)
+    logits = stored_teacher_logits(teacher, train, collate, batch_size, device)
     indexed = DatasetDict({**splits, "train": train.add_column(CACHE_INDEX, list(range(len(train))))})
     return indexed, IndexedRowsCollator(lambda indices, batch: {TEACHER_LOGITS: logits[indices]}, collate)
 
