@@ -90,6 +90,10 @@ class VocabConfig:
     """Text files, one text per line, whose tokens are kept too (e.g. unlabelled in-domain text)."""
     max_examples: Optional[int] = None
     """Use only the first this many training examples; None uses all."""
+    max_tokens: Optional[int] = None
+    """Keep at most this many tokens in all: the special ones, every single character the texts use, then their
+    other tokens by frequency (a word whose pieces were dropped is split into smaller kept pieces). None keeps every
+    token of the texts."""
 
 
 @dataclass

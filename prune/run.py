@@ -145,6 +145,8 @@ def prunes_structure(cfg: PruneConfig) -> bool:
 def check_vocab_config(cfg: VocabConfig) -> None:
     if cfg.max_examples is not None and cfg.max_examples < 1:
         raise ConfigError(f"vocab.max_examples must be at least 1; got {cfg.max_examples}")
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        raise ConfigError(f"vocab.max_tokens must be at least 1; got {cfg.max_tokens}")
     for path in cfg.extra_texts or []:
         if not Path(path).is_file():
             raise ConfigError(f"vocab.extra_texts: file not found: {path}")
@@ -287,7 +289,7 @@ def compress_vocabulary(cfg: PruneConfig, model: PreTrainedModel, task: Task) ->
     """Prune the vocabulary of `model` and the task's tokenizer to the corpus `cfg.vocab` names; the task comes
     back re-tokenized with the pruned tokenizer, with the numbers for the metrics."""
     raw = load_splits(cfg.data)
-    report = prune_vocabulary(model, task.tokenizer, vocabulary_corpus(cfg.vocab, raw["train"]))
+    report = prune_vocabulary(model, task.tokenizer, vocabulary_corpus(cfg.vocab, raw["train"]), cfg.vocab.max_tokens)
     test_texts = texts_of(raw["test"])
     metrics = {"tokens_kept": report.kept, "original_vocab_size": report.original,
                "test_unknown_fraction": unknown_fraction(report.tokenizer, test_texts),

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from tokenizers import Tokenizer
@@ -48,12 +50,17 @@ class VocabReport:
         return len(self.kept_ids)
 
 
-def prune_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, corpus: list[str]) -> VocabReport:
-    """Keep the tokens `corpus` uses (with every special and added token), in `model` and in a new tokenizer."""
+def prune_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, corpus: list[str],
+                     max_tokens: Optional[int] = None) -> VocabReport:
+    """Keep the tokens `corpus` uses (with every special and added token), in `model` and in a new tokenizer; with
+    `max_tokens`, only the corpus's most frequent tokens, so that at most that many are kept in all."""
     state = wordpiece_state(tokenizer)
     embedding = word_embedding(model)
-    kept = sorted(corpus_ids(tokenizer, corpus) | referenced_ids(state) | set(tokenizer.all_special_ids)
-                  | set(tokenizer.added_tokens_decoder) | config_ids(model) | padding_row(embedding))
+    required = (referenced_ids(state) | set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+                | config_ids(model) | padding_row(embedding))
+    counts = corpus_counts(tokenizer, corpus)
+    kept = sorted(required | (set(counts) if max_tokens is None else
+                              most_frequent(tokenizer, counts, max_tokens - len(required), required)))
     if kept[-1] >= embedding.num_embeddings:
         raise ConfigError(f"the tokenizer has id {kept[-1]} but the model has only {embedding.num_embeddings} "
                           "embedding rows: tokenizer and model do not belong together")
@@ -106,13 +113,26 @@ def encoded(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[i
     return sequences
 
 
-def corpus_ids(tokenizer: PreTrainedTokenizerBase, corpus: list[str]) -> set[int]:
+def corpus_counts(tokenizer: PreTrainedTokenizerBase, corpus: list[str]) -> Counter:
+    """How often each token id occurs in the corpus."""
     if not corpus:
         raise ConfigError("the vocabulary corpus is empty: give texts whose tokens to keep")
-    ids = {token for sequence in encoded(tokenizer, corpus) for token in sequence}
-    if not ids:
+    counts = Counter(token for sequence in encoded(tokenizer, corpus) for token in sequence)
+    if not counts:
         raise ConfigError(f"the vocabulary corpus ({len(corpus)} texts) produced no tokens; are the texts empty?")
-    return ids
+    return counts
+
+
+def most_frequent(tokenizer: PreTrainedTokenizerBase, counts: Counter, room: int, required: set[int]) -> set[int]:
+    """The corpus's single-character pieces first (with them, a word whose longer pieces were dropped is spelt out
+    rather than unknown), then its other tokens by frequency, `room` in all."""
+    single = [token for token in counts if token not in required
+              and len(tokenizer.convert_ids_to_tokens(token).removeprefix("##")) == 1]
+    if room < len(single):
+        raise ConfigError(f"vocab.max_tokens leaves room for {max(room, 0)} corpus tokens, fewer than the "
+                          f"{len(single)} single characters the corpus uses; raise it")
+    rest = [token for token, _ in counts.most_common() if token not in required and token not in set(single)]
+    return set(single) | set(rest[:room - len(single)])
 
 
 def referenced_ids(state: dict) -> set[int]:

@@ -52,6 +52,24 @@ def test_kept_tokens_tokenize_as_before_under_new_ids(classifier, wordpiece):
     assert new.pad_token_id == 0 and new.cls_token_id == 2 and new.sep_token_id == 3
 
 
+def test_max_tokens_keeps_single_characters_then_the_most_frequent_tokens():
+    tokenizer = make_tokenizer(WORDS + ["x", "##y"])
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(len(tokenizer))).eval()
+    corpus = ["the the the film film was xy", "the plot plot"]  # the x3 (+1), plot x2, film x2, was, x, ##y
+    report = prune_vocabulary(model, tokenizer, corpus, max_tokens=5 + 4)
+    kept = tokenizer.convert_ids_to_tokens(report.kept_ids)
+    assert kept[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert set(kept[5:]) == {"x", "##y", "the", "film"} or set(kept[5:]) == {"x", "##y", "the", "plot"}
+    assert report.kept == 9 and model.config.vocab_size == 9
+    new = report.tokenizer
+    assert new.convert_ids_to_tokens(new("xy was the", add_special_tokens=False)["input_ids"]) == \
+        ["x", "##y", "[UNK]", "the"]
+    with pytest.raises(ConfigError, match="fewer than the 2 single characters"):
+        prune_vocabulary(BertForSequenceClassification(tiny_bert_config(len(tokenizer))), tokenizer, corpus,
+                         max_tokens=6)
+
+
 def test_unknown_words_map_to_the_unknown_token(classifier, wordpiece):
     new = prune_vocabulary(classifier, wordpiece, CORPUS).tokenizer
     assert new.convert_ids_to_tokens(new("a dull movie was good")["input_ids"]) == \
