@@ -87,8 +87,8 @@ class StudentConfig:
     """`fresh`: attention heads per layer of the student; None keeps the base model's."""
     model: Optional[str] = None
     """The model the student starts from (path or id, given the teacher's labels): `pretrained` loads it as it
-    is, `copy_layers` copies its layers, `fresh` takes its family and vocabulary. None (not allowed with
-    `pretrained`) starts from the teacher. Its tokenizer must equal the teacher's."""
+    is (sizes, where given, must be its own), `copy_layers` copies its layers, `fresh` takes its family and
+    vocabulary. None (not allowed with `pretrained`) starts from the teacher. Its tokenizer must equal the teacher's."""
 
 
 @dataclass

@@ -42,7 +42,20 @@ def build_student(cfg: StudentConfig, teacher: Optional[PreTrainedModel],
         return copy_layers(base, student_layer_indices(cfg, base.config.num_hidden_layers))
     if cfg.init == "fresh":
         return fresh_student(cfg, base)
+    check_sizes_match(cfg, base)
     return base
+
+
+SIZES = ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+CONFIG_KEYS = {"num_layers": "num_hidden_layers"}
+
+
+def check_sizes_match(cfg: StudentConfig, model: PreTrainedModel) -> None:
+    """With `pretrained`, sizes in the config describe the model loaded: refuse any it does not have."""
+    for size in SIZES:
+        given, actual = getattr(cfg, size), getattr(model.config, CONFIG_KEYS.get(size, size), None)
+        if given is not None and given != actual:
+            raise ConfigError(f"student.{size}={given}, but the pretrained student {cfg.model} has {actual}")
 
 
 def student_layer_indices(cfg: StudentConfig, teacher_layers: int) -> list[int]:

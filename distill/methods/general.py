@@ -34,7 +34,10 @@ GENERAL_LOSSES = ("hidden_mse", "hidden_cosine", "attention_mse", "attention_kl"
 
 def check_general(cfg: GeneralDistillConfig) -> None:
     check_stages(cfg.stages)
-    check_train(cfg.train)
+    check_train(cfg.train, teacher_options=True)
+    if cfg.train.cache_teacher_logits:
+        raise ConfigError("train.cache_teacher_logits: a base encoder has no logits; general distillation reads its "
+                          "hidden states and attention maps as it runs")
     check_student_config(cfg.student)
     check_layer_map_config(cfg.layer_map)
     check_text_set(cfg.corpus, "corpus")
@@ -56,6 +59,7 @@ def general_distill(cfg: GeneralDistillConfig, on_step: OnStep = None) -> RunRes
     teacher = AutoModel.from_pretrained(resolve_model(cfg.teacher), attn_implementation="eager")
     student = build_student(cfg.student, teacher)
     student.set_attn_implementation("eager")
+    teacher.to(getattr(torch, cfg.train.teacher_dtype))  # built from the float32 teacher: the student stays float32
     texts = text_set(cfg.corpus, "corpus")
     if len(texts) <= cfg.validation_examples:
         raise ConfigError(f"corpus has {len(texts)} examples, not more than validation_examples="

@@ -1,11 +1,13 @@
 """The pipeline stage kinds that `distill` provides: `finetune` (a task teacher), `distill` (a student from the
-previous stage's model as teacher), `distill_lm` (a causal-LM student, the previous stage's model, for instance a
+previous stage's model as teacher), `general_distill` (a small encoder distilled from a base encoder on unlabelled
+text, which a later `distill` stage names as its `student.model`), `distill_lm` (a causal-LM student, the previous stage's model, for instance a
 pruned one, distilled from `teacher`) and `push` (upload to the Hub)."""
 from __future__ import annotations
 
 from distill.lm.job import LM_DISTILL
 from distill.methods.config import DistillConfig
 from distill.methods.finetune import FINETUNE
+from distill.methods.general import GENERAL_DISTILL
 from distill.methods.job import DISTILL
 from distill.pipeline.hub import PUSH
 from distill.pipeline.plan import StageKind, register_stage
@@ -24,6 +26,8 @@ def run_training_job(job):
 register_stage("finetune", StageKind.of_job(FINETUNE, run_training_job(FINETUNE), input_field="model"))
 register_stage("distill", StageKind.of_job(DISTILL, run_training_job(DISTILL), input_field="teacher",
                                            outputs=distill_outputs))
+register_stage("general_distill", StageKind.of_job(GENERAL_DISTILL, run_training_job(GENERAL_DISTILL),
+                                                   input_field="teacher"))
 register_stage("push", StageKind.of_job(PUSH, lambda cfg, context: PUSH.run(cfg), input_field="model",
                                         outputs=lambda cfg: {}, after="report"))
 register_stage("distill_lm", StageKind.of_job(LM_DISTILL, run_training_job(LM_DISTILL), input_field="student.model"))

@@ -83,3 +83,12 @@ def test_student_model_is_the_base_the_student_is_copied_from(teacher, tmp_path)
         assert torch.equal(s_layer.output.dense.weight, b_layer.output.dense.weight)
     assert torch.equal(student.classifier.weight, base.classifier.weight)
     assert not torch.equal(student.classifier.weight, teacher.classifier.weight)
+
+
+def test_sizes_given_with_a_pretrained_student_must_be_its_sizes(teacher, tmp_path):
+    BertForSequenceClassification(tiny_bert_config(30, num_hidden_layers=4)).save_pretrained(tmp_path / "base")
+    cfg = StudentConfig(init="pretrained", model=str(tmp_path / "base"), num_layers=4, hidden_size=32)
+    assert build_student(cfg, teacher).config.num_hidden_layers == 4
+    cfg.hidden_size = 64
+    with pytest.raises(ConfigError, match="student.hidden_size=64, but the pretrained student .* has 32"):
+        build_student(cfg, teacher)
