@@ -1,9 +1,11 @@
 """The compression report of a pipeline: every model its stages saved (each quantized variant on its own), measured
 side by side on one split and one fixed latency batch, the first (the teacher) as the reference.
 
-Per model: `accuracy` (`distill.core.evaluate.accuracy`), `parameters` (as full-precision numbers: see
-`stored_parameters`), `disk_mb` (safetensors files), `weight_mb` (`quant.report.weight_memory`: quantization state
-included), `latency_ms` (median CPU time of one forward pass, in rounds alternating between the models:
+Per model: `runtime` (`torch`, or `onnxruntime` for an ONNX file of an `export_onnx` stage, run by
+`quant.onnx.OnnxClassifier` with torch's thread count), `accuracy` (`distill.core.evaluate.accuracy`), `parameters`
+(as full-precision numbers: see `stored_parameters`; an ONNX file's initializers), `disk_mb` (safetensors files; the
+ONNX file), `weight_mb` (`quant.report.weight_memory`: quantization state included; an ONNX file's initializers),
+`latency_ms` (median CPU time of one forward pass, in rounds alternating between the models:
 `distill.core.evaluate.alternating_latencies`) and `examples_per_s` at that batch. Written as `compression_report.json`,
 a Markdown table (`.md`) and a plot of accuracy against disk size and against latency (`.png`) with the Pareto
 front of each."""
@@ -15,12 +17,14 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from distill.core.evaluate import accuracy, alternating_latencies, disk_size_mb, examples_per_s
 
 from .bnb import require_package
 from .config import LatencyConfig
+from .onnx import OnnxClassifier, is_onnx, onnx_sizes
 from .report import weight_memory
 from .run import Evaluation
 from .variants import load_variant
@@ -36,23 +40,34 @@ class Candidate:
     label: str
     stage: str
     kind: str
-    folder: Path
+    path: Path
+    """A model folder, or an ONNX file."""
 
 
 def measure_models(candidates: list[Candidate], evaluation: Evaluation, latency: LatencyConfig) -> list[dict]:
     models, rows = {}, []
     for candidate in candidates:
-        model = models[candidate.label] = load_variant(candidate.folder)
+        model = models[candidate.label] = load_candidate(candidate.path)
         rows.append({"model": candidate.label, "stage": candidate.stage, "kind": candidate.kind,
-                     "path": str(candidate.folder),
+                     "runtime": "onnxruntime" if is_onnx(candidate.path) else "torch", "path": str(candidate.path),
                      "accuracy": accuracy(model, evaluation.loader, evaluation.accelerator),
-                     "parameters": stored_parameters(model), "disk_mb": disk_size_mb(candidate.folder),
-                     "weight_mb": weight_memory(model, [])["weight_mb"]})
+                     **sizes(model, candidate.path)})
     latencies = alternating_latencies(models, evaluation.batch, latency.rounds, latency.warmup, latency.repeats)
     for row in rows:
         row["latency_ms"] = latencies[row["model"]]
         row["examples_per_s"] = examples_per_s(latency.batch_size, row["latency_ms"])
     return rows
+
+
+def load_candidate(path: Path) -> nn.Module:
+    return OnnxClassifier(path) if is_onnx(path) else load_variant(path)
+
+
+def sizes(model: nn.Module, path: Path) -> dict[str, float]:
+    if is_onnx(path):
+        return onnx_sizes(path)
+    return {"parameters": stored_parameters(model), "disk_mb": disk_size_mb(path),
+            "weight_mb": weight_memory(model, [])["weight_mb"]}
 
 
 def stored_parameters(model: PreTrainedModel) -> int:
@@ -72,12 +87,12 @@ def stored_parameters(model: PreTrainedModel) -> int:
 def markdown_table(rows: list[dict], split: str, batch_shape: tuple[int, int]) -> str:
     """One line per model; differences and ratios against the first row (the reference)."""
     base = rows[0]
-    lines = [f"| model | stage kind | {split} accuracy | vs {base['model']} (points) | parameters | disk MB | "
-             f"weight MB | CPU ms/batch ({batch_shape[0]}x{batch_shape[1]}) | examples/s | disk ratio | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| model | stage kind | runtime | {split} accuracy | vs {base['model']} (points) | parameters | "
+             f"disk MB | weight MB | CPU ms/batch ({batch_shape[0]}x{batch_shape[1]}) | examples/s | disk ratio | "
+             "speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
-            f"| {row['model']} | {row['kind']} | {100 * row['accuracy']:.2f} | "
+            f"| {row['model']} | {row['kind']} | {row['runtime']} | {100 * row['accuracy']:.2f} | "
             f"{100 * (row['accuracy'] - base['accuracy']):+.2f} | {row['parameters'] / 1e6:.2f}M | "
             f"{row['disk_mb']:.2f} | {row['weight_mb']:.2f} | {row['latency_ms']:.1f} | {row['examples_per_s']:.0f} | "
             f"{row['disk_mb'] / base['disk_mb']:.2f}x | {base['latency_ms'] / row['latency_ms']:.2f}x |"
@@ -104,7 +119,7 @@ def plot(rows: list[dict], path: Path, split: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for axis, cost, label in zip(axes, ("disk_mb", "latency_ms"), ("disk MB (safetensors)", "CPU ms per batch")):
+    for axis, cost, label in zip(axes, ("disk_mb", "latency_ms"), ("disk MB (weight files)", "CPU ms per batch")):
         front = pareto_front(rows, cost)
         axis.plot([r[cost] for r in front], [100 * r["accuracy"] for r in front], "--", color="grey",
                   label="Pareto front")

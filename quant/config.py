@@ -188,6 +188,33 @@ class GgufConfig:
 
 
 @dataclass
+class OnnxExportConfig:
+    """Export a sequence classifier (an encoder: BERT, RoBERTa, XLM-R, ELECTRA; pruned, vocabulary-pruned and int8
+    embedding checkpoints included) to ONNX for ONNX Runtime, with a dynamic-int8 copy, then check both files against
+    the PyTorch model on one split."""
+    model: str = "runs/student/model"
+    """The saved full-precision classifier (a path, `offline:NAME` or a Hub id)."""
+    output_dir: str = "runs/student-onnx"
+    """The run folder: config.yaml, metrics.json and `model/` (model.onnx, model-int8.onnx, config.json, the tokenizer
+    files)."""
+    opset: int = 17
+    """ONNX opset of the graph: 14 (the first that PyTorch's scaled-dot-product attention exports to) to 20 (the
+    TorchScript exporter's last)."""
+    int8: bool = True
+    """Also write `model-int8.onnx`: ONNX Runtime's dynamic quantization (int8 weights with per-channel scales, the
+    activations quantized per batch; the pooler and classifier stay in fp32)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The classification task whose `split` the parity check runs on (`data.max_eval_examples` caps it)."""
+    split: str = "test"
+    """The split of the parity check: `validation` or `test`."""
+    eval_batch_size: int = 128
+    """Examples per batch in the parity check (each batch padded to its longest example)."""
+    tolerance: float = 1e-3
+    """The largest |logit difference| between the fp32 file and the PyTorch model that passes the check; past it the
+    export fails."""
+
+
+@dataclass
 class LMQuantConfig:
     """Quantize a causal LM into several variants, save and reload each, and measure it by perplexity, agreement of
     its greedy next token with the teacher's, weight memory and size on disk."""

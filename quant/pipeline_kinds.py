@@ -1,6 +1,8 @@
 """The pipeline stages `quant` provides: `quantize` (each variant saved; the last feeds the next stage), `qlora`
-(quantization-aware distillation; its merged model feeds the next stage) and `report` (every earlier model measured
-side by side, then the served model copied with its model card and the report)."""
+(quantization-aware distillation; its merged model feeds the next stage), `export_onnx` (the ONNX files, measured by
+a later report beside the PyTorch models) and `report` (every earlier model measured side by side, then the served
+model copied with its model card and the report); and their causal-LM counterparts `quantize_lm`, `export_gguf` and
+`report_lm`."""
 from __future__ import annotations
 
 import os
@@ -10,6 +12,7 @@ from pathlib import Path
 import torch
 
 from distill.core.config import to_dict
+from distill.core.errors import ConfigError
 from distill.pipeline.card import (
     CardFacts,
     CardStep,
@@ -28,6 +31,7 @@ from .lm import QUANTIZE_LM
 from .lm_report import PLOT_FILE as LM_PLOT_FILE
 from .lm_report import check_lm_report, lm_candidates, measure_candidates, write_lm_report
 from .loading import load_config
+from .onnx import EXPORT_ONNX, is_onnx, onnx_files, require_onnxruntime
 from .qat import QLORA
 from .run import QUANTIZE, check_measurement, evaluation_for, quiet_int8_cast_warning
 
@@ -38,6 +42,10 @@ CARD_OMITS = ("output_dir", "data")
 def check_report_config(cfg: ReportConfig) -> None:
     check_measurement(cfg)
     require_matplotlib()
+    if is_onnx(cfg.model):
+        raise ConfigError(f"the report serves a transformers model with its card, not the ONNX file {cfg.model}; "
+                          "name the model to serve in the report's `model` (e.g. \"@student\"): the ONNX files of "
+                          "earlier stages are measured all the same")
 
 
 def run_report(cfg: ReportConfig, context: StageContext) -> dict:
@@ -50,6 +58,8 @@ def run_report(cfg: ReportConfig, context: StageContext) -> dict:
     header = {"split": cfg.split, "examples": len(evaluation.loader.dataset),
               "latency_batch": [cfg.latency.batch_size, cfg.latency.max_length], "threads": torch.get_num_threads(),
               "torch": torch.__version__, "served": cfg.model}
+    if any(row["runtime"] == "onnxruntime" for row in rows):
+        header["onnxruntime"] = require_onnxruntime().__version__
     tmp = Path(cfg.output_dir) / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(cfg.model, tmp)
@@ -66,7 +76,7 @@ def candidates_of(stages: list[Stage], served: str) -> list[Candidate]:
     """Every model the stages saved, in order; the served model last if no stage saved it."""
     found = [Candidate(stage.name if len(stage.models) == 1 else f"{stage.name}/{name}", stage.name,
                        stage.kind_name, path) for stage in stages for name, path in stage.models.items()]
-    if all(candidate.folder != Path(served) for candidate in found):
+    if all(candidate.path != Path(served) for candidate in found):
         found.append(Candidate("served", "-", "-", Path(served)))
     return found
 
@@ -114,6 +124,10 @@ register_stage("quantize", StageKind.of_job(QUANTIZE, lambda cfg, context: QUANT
 register_stage("qlora", StageKind.of_job(QLORA, lambda cfg, context: QLORA.run(cfg, context.on_step).metrics,
                                          input_field="student",
                                          outputs=lambda cfg: {"merged": "model"} if cfg.merge else {}))
+register_stage("export_onnx", StageKind.of_job(EXPORT_ONNX, lambda cfg, context: EXPORT_ONNX.run(cfg).metrics,
+                                               input_field="model",
+                                               outputs=lambda cfg: {name: f"model/{file}"
+                                                                    for name, file in onnx_files(cfg).items()}))
 register_stage("report", StageKind(ReportConfig, run_report, input_field="model", check=check_report_config))
 register_stage("quantize_lm", StageKind.of_job(QUANTIZE_LM, lambda cfg, context: QUANTIZE_LM.run(cfg).metrics,
                                                input_field="model",

@@ -98,13 +98,14 @@ def test_stored_parameters_count_quantized_weights_as_numbers(four_bit_teacher_d
 
 
 def test_markdown_table_and_pareto_front_compare_with_the_reference():
-    rows = [dict(model="teacher", kind="finetune", accuracy=0.9, parameters=2e6, disk_mb=8.0, weight_mb=8.0,
-                 latency_ms=20.0, examples_per_s=1600),
-            dict(model="student", kind="distill", accuracy=0.88, parameters=1e6, disk_mb=4.0, weight_mb=4.0,
-                 latency_ms=10.0, examples_per_s=3200),
-            dict(model="worse", kind="prune", accuracy=0.8, parameters=1e6, disk_mb=5.0, weight_mb=5.0,
-                 latency_ms=12.0, examples_per_s=2600)]
+    rows = [dict(model="teacher", kind="finetune", runtime="torch", accuracy=0.9, parameters=2e6, disk_mb=8.0,
+                 weight_mb=8.0, latency_ms=20.0, examples_per_s=1600),
+            dict(model="student", kind="distill", runtime="onnxruntime", accuracy=0.88, parameters=1e6, disk_mb=4.0,
+                 weight_mb=4.0, latency_ms=10.0, examples_per_s=3200),
+            dict(model="worse", kind="prune", runtime="torch", accuracy=0.8, parameters=1e6, disk_mb=5.0,
+                 weight_mb=5.0, latency_ms=12.0, examples_per_s=2600)]
     lines = markdown_table(rows, "test", (32, 64)).splitlines()
     assert "CPU ms/batch (32x64)" in lines[0] and "vs teacher (points)" in lines[0]
-    assert lines[3].startswith("| student | distill | 88.00 | -2.00 | 1.00M |") and lines[3].endswith("| 0.50x | 2.00x |")
+    assert lines[3].startswith("| student | distill | onnxruntime | 88.00 | -2.00 | 1.00M |")
+    assert lines[3].endswith("| 0.50x | 2.00x |")
     assert [row["model"] for row in pareto_front(rows, "disk_mb")] == ["student", "teacher"]
