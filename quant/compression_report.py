@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 from torch import nn
@@ -44,19 +45,31 @@ class Candidate:
     """A model folder, or an ONNX file."""
 
 
-def measure_models(candidates: list[Candidate], evaluation: Evaluation, latency: LatencyConfig) -> list[dict]:
-    models, rows = {}, []
+def measure_models(candidates: list[Candidate], evaluation_of: Callable[[Path], Evaluation],
+                   latency: LatencyConfig) -> list[dict]:
+    """Accuracy, sizes and (alternated) latency of every candidate. `evaluation_of(folder)` gives the split and
+    latency batch tokenized by the tokenizer in `folder`: a vocabulary-pruned student and its teacher each read the
+    texts through their own tokenizer."""
+    models, batches, rows = {}, {}, []
     for candidate in candidates:
         model = models[candidate.label] = load_candidate(candidate.path)
+        evaluation = evaluation_of(tokenizer_folder(candidate.path))
+        batches[candidate.label] = evaluation.batch
         rows.append({"model": candidate.label, "stage": candidate.stage, "kind": candidate.kind,
                      "runtime": "onnxruntime" if is_onnx(candidate.path) else "torch", "path": str(candidate.path),
                      "accuracy": accuracy(model, evaluation.loader, evaluation.accelerator),
                      **sizes(model, candidate.path)})
-    latencies = alternating_latencies(models, evaluation.batch, latency.rounds, latency.warmup, latency.repeats)
+    any_batch = next(iter(batches.values()))
+    latencies = alternating_latencies(models, any_batch, latency.rounds, latency.warmup, latency.repeats, batches)
     for row in rows:
         row["latency_ms"] = latencies[row["model"]]
         row["examples_per_s"] = examples_per_s(latency.batch_size, row["latency_ms"])
     return rows
+
+
+def tokenizer_folder(path: Path) -> Path:
+    """The folder that holds a candidate's tokenizer: the model folder, or an ONNX file's folder."""
+    return path.parent if is_onnx(path) else path
 
 
 def load_candidate(path: Path) -> nn.Module:

@@ -13,6 +13,8 @@ import torch
 
 from distill.core.config import to_dict
 from distill.core.errors import ConfigError
+from distill.core.fingerprint import tokenizer_sha256
+from distill.core.sources import load_tokenizer
 from distill.pipeline.card import (
     CardFacts,
     CardStep,
@@ -33,7 +35,7 @@ from .lm_report import check_lm_report, lm_candidates, measure_candidates, write
 from .loading import load_config
 from .onnx import EXPORT_ONNX, is_onnx, onnx_files, require_onnxruntime
 from .qat import QLORA
-from .run import QUANTIZE, check_measurement, evaluation_for, quiet_int8_cast_warning
+from .run import QUANTIZE, Evaluation, check_measurement, evaluation_for, quiet_int8_cast_warning
 
 CARD_OMITS = ("output_dir", "data")
 """Config keys the card leaves out of each step's settings: the folder, and the data it names once."""
@@ -53,8 +55,17 @@ def run_report(cfg: ReportConfig, context: StageContext) -> dict:
     quiet_int8_cast_warning()
     if cfg.latency.threads:
         torch.set_num_threads(cfg.latency.threads)
-    evaluation = evaluation_for(cfg, load_config(cfg.model).num_labels)
-    rows = measure_models(candidates_of(context.earlier, cfg.model), evaluation, cfg.latency)
+    num_labels = load_config(cfg.model).num_labels
+    by_tokenizer: dict[str, Evaluation] = {}
+
+    def evaluation_of(folder: Path) -> Evaluation:
+        key = tokenizer_sha256(load_tokenizer(str(folder)))
+        if key not in by_tokenizer:
+            by_tokenizer[key] = evaluation_for(cfg, num_labels, str(folder))
+        return by_tokenizer[key]
+
+    rows = measure_models(candidates_of(context.earlier, cfg.model), evaluation_of, cfg.latency)
+    evaluation = evaluation_of(Path(cfg.model))
     header = {"split": cfg.split, "examples": len(evaluation.loader.dataset),
               "latency_batch": [cfg.latency.batch_size, cfg.latency.max_length], "threads": torch.get_num_threads(),
               "torch": torch.__version__, "served": cfg.model}

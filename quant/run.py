@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -75,8 +76,10 @@ def quantize(cfg: QuantConfig) -> QuantRun:
     return QuantRun(models, metrics, run_dir)
 
 
-def evaluation_for(cfg: QuantConfig | ReportConfig, num_labels: int) -> Evaluation:
-    tokenizer = load_tokenizer(cfg.model)
+def evaluation_for(cfg: QuantConfig | ReportConfig, num_labels: int, tokenizer_source: Optional[str] = None
+                   ) -> Evaluation:
+    """The split tokenized by `cfg.model`'s tokenizer (or by `tokenizer_source`'s), and the latency batch."""
+    tokenizer = load_tokenizer(tokenizer_source or cfg.model)
     raw = load_splits(cfg.data)
     check_class_count(num_labels, label_names(raw), cfg.model)
     split = tokenize(raw, tokenizer, cfg.data.max_length)[cfg.split]

@@ -70,9 +70,15 @@ def measure(paths: list[Path], batch_sizes: list[int], max_length: int, rounds: 
     if threads:
         torch.set_num_threads(threads)
     models = {str(path): load(path) for path in paths}
-    tokenizer = AutoTokenizer.from_pretrained(folder_of(paths[0]))
-    latencies = {size: alternating_latencies(models, latency_batch(tokenizer, SAMPLE_TEXTS, size, max_length), rounds,
-                                             warmup=1, repeats=5) for size in batch_sizes}
+    # the same texts through each model's own tokenizer (a vocabulary-pruned student numbers its tokens anew), all
+    # padded to max_length: identical work
+    tokenizers = {str(path): AutoTokenizer.from_pretrained(folder_of(path)) for path in paths}
+    latencies = {}
+    for size in batch_sizes:
+        batches = {name: latency_batch(tokenizer, SAMPLE_TEXTS, size, max_length)
+                   for name, tokenizer in tokenizers.items()}
+        latencies[size] = alternating_latencies(models, batches[str(paths[0])], rounds, warmup=1, repeats=5,
+                                                batches=batches)
     rows = []
     for path in paths:
         parameters, disk_mb = sizes(path, models[str(path)])

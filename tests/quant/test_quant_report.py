@@ -139,3 +139,27 @@ def test_the_student_recipe_config_parses():
     cfg = parse_args(QuantConfig, ["--config", "recipes/quantize_student.yaml"])
     assert cfg.model == "runs/student/model" and cfg.variants == ["fp32", "bf16", "dynamic_int8", "bnb_int8", "bnb_nf4"]
     assert cfg.data == DataConfig(source="offline:rotten_tomatoes", max_length=64)
+
+
+def test_a_report_reads_the_texts_through_each_models_own_tokenizer(trained_teacher, sentiment_csv, tmp_path):
+    """A vocabulary-pruned student numbers its tokens anew: the teacher beside it must not be fed the student's ids."""
+    from distill.core.evaluate import accuracy
+    from distill.core.io import save_model
+    from distill.core.sources import load_classifier, load_tokenizer
+    from prune.vocab import prune_vocabulary
+    from quant.compression_report import Candidate, measure_models
+    from quant.config import ReportConfig
+    from quant.run import evaluation_for
+
+    teacher_dir = trained_teacher.run_dir / "model"
+    pruned = load_classifier(str(teacher_dir))
+    report = prune_vocabulary(pruned, load_tokenizer(str(teacher_dir)), ["the film was good", "a dull plot"])
+    save_model(pruned, report.tokenizer, tmp_path / "pruned")
+    cfg = ReportConfig(model=str(tmp_path / "pruned"), data=data_cfg(sentiment_csv),
+                       latency=LatencyConfig(batch_size=2, max_length=16, warmup=0, repeats=1, rounds=1))
+    candidates = [Candidate("teacher", "-", "-", teacher_dir), Candidate("pruned", "-", "-", tmp_path / "pruned")]
+    rows = measure_models(candidates, lambda folder: evaluation_for(cfg, 2, str(folder)), cfg.latency)
+    own = evaluation_for(cfg, 2, str(teacher_dir))
+    assert rows[0]["accuracy"] == accuracy(load_classifier(str(teacher_dir)), own.loader, own.accelerator)
+    assert rows[0]["accuracy"] == trained_teacher.metrics["test_accuracy"]
+    assert rows[0]["accuracy"] != rows[1]["accuracy"]  # most words are unknown to the pruned tokenizer
