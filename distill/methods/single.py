@@ -18,7 +18,7 @@ from distill.core.evaluate import count_parameters
 from distill.core.losses import LossSetup, attention_implementation
 from distill.core.mapping import build_layer_map
 from distill.core.run import OnStep, RunResult, Task, check_class_count, finish_run, load_task, start_run
-from distill.core.sources import check_same_vocabulary, load_classifier, load_tokenizer
+from distill.core.sources import load_classifier, load_tokenizer, vocabulary_difference
 from distill.core.student import build_student
 from distill.core.trainer import Trainer
 from distill.methods.config import DistillConfig
@@ -49,7 +49,10 @@ def prepare(cfg: DistillConfig, student_cfgs: list[StudentConfig]) -> Prepared:
     accelerator, run_dir = start_run(cfg)
     task = load_task(cfg.data, cfg.teacher)
     teacher = load_teacher(cfg, task)
+    student_task = task_of_own_vocabulary(cfg, student_cfgs, task)
     task = add_unlabelled(task, cfg.data, cfg.transfer, cfg.augment, teacher)
+    if student_task is not None:
+        student_task = add_unlabelled(student_task, cfg.data, cfg.transfer, cfg.augment, teacher)
     built = []
     for i, student_cfg in enumerate(student_cfgs):
         try:
@@ -57,9 +60,30 @@ def prepare(cfg: DistillConfig, student_cfgs: list[StudentConfig]) -> Prepared:
         except ConfigError as err:
             raise ConfigError(f"mutual.peers[{i - 1}]: {err}" if i else str(err)) from err
     teachers = add_extra_teachers(teacher, cfg.extra_teachers, weights, task.tokenizer)
-    live_teacher, splits, collate, about_teacher = teacher_for_training(cfg, teachers, task, accelerator)
-    return Prepared(accelerator, run_dir, task, [student for student, _ in built], [setup for _, setup in built],
-                    live_teacher, splits, collate, about_teacher)
+    live_teacher, splits, collate, about_teacher = teacher_for_training(cfg, teachers, task, accelerator,
+                                                                        student_task)
+    return Prepared(accelerator, run_dir, student_task or task, [student for student, _ in built],
+                    [setup for _, setup in built], live_teacher, splits, collate, about_teacher)
+
+
+def task_of_own_vocabulary(cfg: DistillConfig, student_cfgs: list[StudentConfig], task: Task) -> Optional[Task]:
+    """The task tokenized by the student's own tokenizer when it differs from the teacher's (a vocabulary-pruned
+    student), else None. Only the teacher's logits can cross vocabularies, and only when they are cached: each
+    example's logits come from the teacher's tokenization of its text, the student reads its own."""
+    for i, student_cfg in enumerate(student_cfgs):
+        if not student_cfg.model:
+            continue
+        differ = vocabulary_difference(load_tokenizer(student_cfg.model), task.tokenizer)
+        if not differ:
+            continue
+        where = f"mutual.peers[{i - 1}]: " if i else ""
+        if len(student_cfgs) > 1 or not cfg.train.cache_teacher_logits:
+            raise ConfigError(
+                f"{where}student and teacher tokenizers differ ({differ}): hidden-state and attention losses need "
+                "the same token ids; with train.cache_teacher_logits: true and losses on the teacher's logits only "
+                "(kl, logit_mse, ce), one student can learn across vocabularies")
+        return load_task(cfg.data, student_cfg.model)
+    return None
 
 
 def distill_single(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
@@ -76,10 +100,12 @@ def distill_single(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
                       files=trainer.saved_files())
 
 
-def teacher_for_training(cfg: DistillConfig, teachers: nn.Module, task: Task, accelerator: Accelerator
+def teacher_for_training(cfg: DistillConfig, teachers: nn.Module, task: Task, accelerator: Accelerator,
+                         student_task: Optional[Task] = None
                          ) -> tuple[Optional[nn.Module], datasets.DatasetDict, Callable, dict]:
     """The teacher as training runs it, in `train.teacher_dtype` (None with `train.cache_teacher_logits`: the
-    collator then carries its logits), the splits and collator to train on, and what to log about the teacher."""
+    collator then carries its logits), the splits and collator to train on (`student_task`'s, tokenized by the
+    student's own vocabulary, when given), and what to log about the teacher."""
     teachers.to(accelerator.device)
     splits, collate, batch_size = task.splits, task.collate, cfg.train.eval_batch_size
     about = {"teacher_parameters": count_parameters(teachers)}
@@ -89,7 +115,7 @@ def teacher_for_training(cfg: DistillConfig, teachers: nn.Module, task: Task, ac
         about["teacher_dtype_drift"] = drift
     if not cfg.train.cache_teacher_logits:
         return teachers, splits, collate, about
-    splits, collate = with_cached_logits(teachers, splits, collate, batch_size, accelerator.device)
+    splits, collate = with_cached_logits(teachers, splits, collate, batch_size, accelerator.device, student_task)
     return None, splits, collate, about
 
 
@@ -104,7 +130,5 @@ def build_distill_student(cfg: DistillConfig, student_cfg: StudentConfig, teache
     """A student built as `student_cfg` says, and what its losses need to know."""
     student = build_student(student_cfg, teacher)
     student.set_attn_implementation(attention_implementation(cfg.stages))
-    if student_cfg.model:
-        check_same_vocabulary(load_tokenizer(student_cfg.model), task.tokenizer)
     layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     return student, LossSetup(student.config, teacher.config, layer_map)

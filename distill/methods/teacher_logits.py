@@ -8,7 +8,7 @@ through any shuffling, epoch or resume, and the collator adds the teacher's logi
 teacher's up to floating-point rounding (padding is masked out)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from datasets import Dataset, DatasetDict
@@ -23,6 +23,7 @@ from distill.core.errors import ConfigError
 from distill.core.fingerprint import text_sha256, token_ids_sha256, weights_sha256
 from distill.core.io import save_file_atomic
 from distill.core.losses import LOSSES, TEACHER_LOGITS, model_inputs
+from distill.core.run import Task
 from distill.methods.config import DistillConfig
 from distill.methods.multi_teacher import TeacherEnsemble
 
@@ -84,10 +85,17 @@ def stored_teacher_logits(teacher: nn.Module, dataset: Dataset, collate: Callabl
 
 
 def with_cached_logits(teacher: nn.Module, splits: DatasetDict, collate: Callable, batch_size: int,
-                       device: torch.device) -> tuple[DatasetDict, IndexedRowsCollator]:
-    """The splits with the training examples indexed, and a collator that adds their teacher logits."""
+                       device: torch.device, student_task: Optional[Task] = None
+                       ) -> tuple[DatasetDict, IndexedRowsCollator]:
+    """The splits with the training examples indexed, and a collator that adds their teacher logits. With
+    `student_task` (the same examples tokenized by the student's own vocabulary), its splits and collator are the
+    ones returned: the teacher reads its tokenization of each text, the student its own."""
+    logits = stored_teacher_logits(teacher, splits["train"], collate, batch_size, device)
+    if student_task is not None:
+        splits, collate = student_task.splits, student_task.collate
     train = splits["train"]
-    logits = stored_teacher_logits(teacher, train, collate, batch_size, device)
+    if len(train) != len(logits):
+        raise ValueError(f"the student's training split has {len(train)} examples, the teacher's {len(logits)}")
     indexed = DatasetDict({**splits, "train": train.add_column(CACHE_INDEX, list(range(len(train))))})
     return indexed, IndexedRowsCollator(lambda indices, batch: {TEACHER_LOGITS: logits[indices]}, collate)
 

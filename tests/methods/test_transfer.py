@@ -21,7 +21,7 @@ from distill.methods.general import attention_kl_metric, general_distill
 from distill.methods.job import check_distill, distill
 from distill.methods.teacher_logits import stored_teacher_logits
 from distill.methods.transfer import add_unlabelled, split_sentences, text_set
-from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, data_cfg, make_tokenizer, train_cfg
+from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, data_cfg, make_sentences, make_tokenizer, never_train, train_cfg
 
 
 def write_reviews(path, count=30, seed=0):
@@ -251,3 +251,31 @@ def test_bad_general_distillation_settings_are_refused(change, message):
     from distill.methods.general import check_general
     with pytest.raises(ConfigError, match=message):
         check_general(GeneralDistillConfig(**change))
+
+
+def test_a_vocabulary_pruned_student_learns_from_cached_logits_through_its_own_tokenizer(trained_teacher,
+                                                                                           sentiment_csv, tmp_path):
+    """The teacher reads its tokenization of each text, the student its own (fewer tokens, other ids)."""
+    from distill.core.io import save_model
+    from distill.core.sources import load_classifier, load_tokenizer
+    from prune.vocab import prune_vocabulary
+
+    teacher_dir = str(trained_teacher.run_dir / "model")
+    student = load_classifier(teacher_dir)
+    texts = [text for text, _ in make_sentences(20)]
+    report = prune_vocabulary(student, load_tokenizer(teacher_dir), texts, max_tokens=12)  # the student's ids
+    # run past the teacher's vocabulary: fed the teacher's ids, its embedding would fail
+    save_model(student, report.tokenizer, tmp_path / "pruned")
+    reviews = write_reviews(tmp_path / "reviews.txt", count=20)
+    cfg = DistillConfig(teacher=teacher_dir, output_dir=str(tmp_path / "student"), data=data_cfg(sentiment_csv),
+                        student=StudentConfig(init="pretrained", model=str(tmp_path / "pruned")),
+                        transfer=TransferConfig(source=str(reviews), sentences=True, min_words=2),
+                        stages=[StageConfig(epochs=1, learning_rate=1e-3, losses=[LossConfig(name="kl")])],
+                        train=train_cfg(cache_teacher_logits=True))
+    result = distill(cfg)
+    saved = load_tokenizer(str(result.run_dir / "model"))
+    assert len(saved) == 12 and saved.get_vocab() == report.tokenizer.get_vocab()
+    assert result.model.config.vocab_size == 12 and 0.0 <= result.metrics["test_accuracy"] <= 1.0
+    cfg.train.cache_teacher_logits = False
+    with pytest.raises(ConfigError, match="tokenizers differ .* train.cache_teacher_logits: true"):
+        distill(cfg, on_step=never_train)
