@@ -5,6 +5,7 @@ model copied with its model card and the report); and their causal-LM counterpar
 `report_lm`."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -84,12 +85,22 @@ def run_report(cfg: ReportConfig, context: StageContext) -> dict:
 
 
 def candidates_of(stages: list[Stage], served: str) -> list[Candidate]:
-    """Every model the stages saved, in order; the served model last if no stage saved it."""
+    """Every task model the stages saved, in order (not a general distillation's headless encoder); the served model
+    last if no stage saved it."""
     found = [Candidate(stage.name if len(stage.models) == 1 else f"{stage.name}/{name}", stage.name,
-                       stage.kind_name, path) for stage in stages for name, path in stage.models.items()]
+                       stage.kind_name, path) for stage in stages for name, path in stage.models.items()
+             if is_classifier(path)]
     if all(candidate.path != Path(served) for candidate in found):
         found.append(Candidate("served", "-", "-", Path(served)))
     return found
+
+
+def is_classifier(path: Path) -> bool:
+    """Whether a saved model predicts the task: an ONNX export, or a folder whose config names a classifier."""
+    if is_onnx(path):
+        return True
+    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
 
 
 def card_facts(cfg: ReportConfig, earlier: list[Stage], accuracy: float) -> CardFacts:

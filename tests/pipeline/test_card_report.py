@@ -109,3 +109,17 @@ def test_markdown_table_and_pareto_front_compare_with_the_reference():
     assert lines[3].startswith("| student | distill | onnxruntime | 88.00 | -2.00 | 1.00M |")
     assert lines[3].endswith("| 0.50x | 2.00x |")
     assert [row["model"] for row in pareto_front(rows, "disk_mb")] == ["student", "teacher"]
+
+
+def test_the_report_measures_task_models_not_a_general_distillations_headless_encoder(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from distill.pipeline.plan import Stage
+    from quant.pipeline_kinds import candidates_of
+
+    config = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    BertModel(config).save_pretrained(tmp_path / "general")
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "student")
+    stages = [Stage(i, name, name, None, None, tmp_path, "-", {"model": tmp_path / name}, tmp_path / name, "-")
+              for i, name in enumerate(["general", "student"])]
+    assert [c.label for c in candidates_of(stages, str(tmp_path / "student"))] == ["student"]
