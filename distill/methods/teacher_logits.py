@@ -8,11 +8,12 @@ through any shuffling, epoch or resume, and the collator adds the teacher's logi
 teacher's up to floating-point rounding (padding is masked out)."""
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 import torch
 from datasets import Dataset, DatasetDict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -21,7 +22,6 @@ from distill.core.collate import CACHE_INDEX, IndexedRowsCollator
 from distill.core.conversion_cache import cache_root
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import text_sha256, token_ids_sha256, weights_sha256
-from distill.core.io import save_file_atomic
 from distill.core.losses import LOSSES, TEACHER_LOGITS, model_inputs
 from distill.core.run import Task
 from distill.methods.config import DistillConfig
@@ -80,7 +80,10 @@ def stored_teacher_logits(teacher: nn.Module, dataset: Dataset, collate: Callabl
             return logits
     logits = teacher_logits(teacher, dataset, collate, batch_size, device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file_atomic({"logits": logits}, path)
+    # named by the process: the processes of a data-parallel launch each compute and write the same file
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file({"logits": logits}, str(tmp))
+    os.replace(tmp, path)
     return logits
 
 
