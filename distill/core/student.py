@@ -24,6 +24,10 @@ def check_student_config(cfg: StudentConfig) -> None:
         raise ConfigError("student.init 'pretrained' needs student.model")
     if cfg.init != "copy_layers" and cfg.layers is not None:
         raise ConfigError(f"student.layers is only used with init 'copy_layers' (init is '{cfg.init}')")
+    widths = [size for size in SIZES[1:] if getattr(cfg, size) is not None]
+    if cfg.init == "copy_layers" and widths:
+        raise ConfigError(f"student.{widths[0]} is not used with init 'copy_layers', which keeps the teacher's "
+                          "widths; use init 'fresh' for a narrower student")
 
 
 def build_student(cfg: StudentConfig, teacher: Optional[PreTrainedModel],

@@ -4,7 +4,7 @@ from transformers import BertForSequenceClassification, GPT2Config, GPT2ForSeque
 
 from distill.core.config import StudentConfig
 from distill.core.errors import ConfigError
-from distill.core.student import build_student, student_layer_indices
+from distill.core.student import build_student, check_student_config, student_layer_indices
 from tests.conftest import tiny_bert_config
 
 
@@ -92,3 +92,9 @@ def test_sizes_given_with_a_pretrained_student_must_be_its_sizes(teacher, tmp_pa
     cfg.hidden_size = 64
     with pytest.raises(ConfigError, match="student.hidden_size=64, but the pretrained student .* has 32"):
         build_student(cfg, teacher)
+
+
+def test_widths_with_copied_layers_are_refused_not_ignored():
+    with pytest.raises(ConfigError, match="student.hidden_size is not used with init 'copy_layers'"):
+        check_student_config(StudentConfig(num_layers=2, hidden_size=64))
+    check_student_config(StudentConfig(num_layers=2))
