@@ -24,7 +24,7 @@ from distill.core.trainer import Trainer
 from distill.methods.config import DistillConfig
 from distill.methods.multi_teacher import add_extra_teachers, normalised_teacher_weights
 from distill.methods.teacher_logits import reduce_teacher_precision, with_cached_logits
-from distill.methods.transfer import add_unlabelled
+from distill.methods.transfer import add_unlabelled, unlabelled_texts
 
 
 @dataclass
@@ -50,13 +50,15 @@ def prepare(cfg: DistillConfig, student_cfgs: list[StudentConfig]) -> Prepared:
     task = load_task(cfg.data, cfg.teacher)
     teacher = load_teacher(cfg, task)
     student_task = task_of_own_vocabulary(cfg, student_cfgs, task)
-    task = add_unlabelled(task, cfg.data, cfg.transfer, cfg.augment, teacher)
+    # drawn once, through the teacher's vocabulary: a student with its own reads the same texts
+    texts = unlabelled_texts(cfg.data, cfg.transfer, cfg.augment, teacher, task.tokenizer)
+    task = add_unlabelled(task, texts, cfg.data.max_length, cfg.transfer.with_task_data)
     if student_task is not None:
-        student_task = add_unlabelled(student_task, cfg.data, cfg.transfer, cfg.augment, teacher)
+        student_task = add_unlabelled(student_task, texts, cfg.data.max_length, cfg.transfer.with_task_data)
     built = []
     for i, student_cfg in enumerate(student_cfgs):
         try:
-            built.append(build_distill_student(cfg, student_cfg, teacher, task))
+            built.append(build_distill_student(cfg, student_cfg, teacher))
         except ConfigError as err:
             raise ConfigError(f"mutual.peers[{i - 1}]: {err}" if i else str(err)) from err
     teachers = add_extra_teachers(teacher, cfg.extra_teachers, weights, task.tokenizer)
@@ -125,7 +127,7 @@ def load_teacher(cfg: DistillConfig, task: Task) -> PreTrainedModel:
     return teacher
 
 
-def build_distill_student(cfg: DistillConfig, student_cfg: StudentConfig, teacher: PreTrainedModel, task: Task
+def build_distill_student(cfg: DistillConfig, student_cfg: StudentConfig, teacher: PreTrainedModel
                           ) -> tuple[PreTrainedModel, LossSetup]:
     """A student built as `student_cfg` says, and what its losses need to know."""
     student = build_student(student_cfg, teacher)

@@ -88,21 +88,27 @@ def with_unlabelled(train: datasets.Dataset, extra: list[datasets.Dataset], keep
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def add_unlabelled(task: Task, data: DataConfig, transfer: TransferConfig, augment: AugmentConfig,
-                   teacher: PreTrainedModel) -> Task:
-    """`task` with the augmented copies of its training texts and the transfer set added to its training split,
-    unlabelled (the teacher labels them); unchanged when neither is configured."""
-    extra = []
-    train = task.splits["train"]
+def unlabelled_texts(data: DataConfig, transfer: TransferConfig, augment: AugmentConfig, teacher: PreTrainedModel,
+                     tokenizer: PreTrainedTokenizerBase) -> list[list[str]]:
+    """The texts the teacher labels: the augmented copies of the training texts (drawn from `teacher`'s embedding,
+    whose ids are those of its `tokenizer`), then the transfer set; each part empty when it is not configured."""
+    copies, transferred = [], []
     if augment.copies:
         texts = load_splits(data)["train"]["text"]
-        copies = Augmenter(augment, teacher, task.tokenizer, texts).copies(texts)
-        extra.append(unlabelled_split(copies, task.tokenizer, data.max_length, train.features))
+        copies = Augmenter(augment, teacher, tokenizer, texts).copies(texts)
     if transfer.source is not None:
-        extra.append(unlabelled_split(text_set(transfer, "transfer"), task.tokenizer, data.max_length, train.features))
-    if not extra:
+        transferred = text_set(transfer, "transfer")
+    return [part for part in (copies, transferred) if part]
+
+
+def add_unlabelled(task: Task, texts: list[list[str]], max_length: int, with_task_data: bool = True) -> Task:
+    """`task` with the unlabelled `texts` (`unlabelled_texts`) tokenized by its tokenizer and added to its training
+    split (which they replace without `with_task_data`); unchanged when there are none."""
+    if not texts:
         return task
-    logger.info("training on %d labelled and %d unlabelled examples", len(train) if transfer.with_task_data else 0,
+    train = task.splits["train"]
+    extra = [unlabelled_split(part, task.tokenizer, max_length, train.features) for part in texts]
+    logger.info("training on %d labelled and %d unlabelled examples", len(train) if with_task_data else 0,
                 sum(len(split) for split in extra))
-    splits = datasets.DatasetDict({**task.splits, "train": with_unlabelled(train, extra, transfer.with_task_data)})
+    splits = datasets.DatasetDict({**task.splits, "train": with_unlabelled(train, extra, with_task_data)})
     return dataclasses.replace(task, splits=splits)

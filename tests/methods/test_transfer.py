@@ -20,7 +20,7 @@ from distill.methods.config import AugmentConfig, DistillConfig, GeneralDistillC
 from distill.methods.general import attention_kl_metric, general_distill
 from distill.methods.job import check_distill, distill
 from distill.methods.teacher_logits import stored_teacher_logits
-from distill.methods.transfer import add_unlabelled, split_sentences, text_set
+from distill.methods.transfer import add_unlabelled, split_sentences, text_set, unlabelled_texts
 from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, data_cfg, make_sentences, make_tokenizer, never_train, train_cfg
 
 
@@ -117,16 +117,18 @@ def test_augmented_copies_and_transfer_examples_join_the_training_split_unlabell
     labelled = len(task.splits["train"])
     reviews = write_reviews(tmp_path / "reviews.txt")
     transfer = TransferConfig(source=str(reviews), sentences=True, min_words=2, limit=40)
-    grown = add_unlabelled(task, data_cfg(sentiment_csv), transfer, AugmentConfig(copies=2),
-                           trained_teacher.model)
+    texts = unlabelled_texts(data_cfg(sentiment_csv), transfer, AugmentConfig(copies=2), trained_teacher.model,
+                             task.tokenizer)
+    grown = add_unlabelled(task, texts, data_cfg(sentiment_csv).max_length)
     train = grown.splits["train"]
     assert len(train) == labelled + 2 * labelled + 40
     assert train["labels"][:labelled] == task.splits["train"]["labels"]
     assert set(train["labels"][labelled:]) == {IGNORED_LABEL}
     assert grown.splits["test"] is task.splits["test"]
-    alone = add_unlabelled(task, data_cfg(sentiment_csv), TransferConfig(source=str(reviews), limit=10,
-                                                                         with_task_data=False),
-                           AugmentConfig(), trained_teacher.model)
+    alone_transfer = TransferConfig(source=str(reviews), limit=10, with_task_data=False)
+    alone_texts = unlabelled_texts(data_cfg(sentiment_csv), alone_transfer, AugmentConfig(), trained_teacher.model,
+                                   task.tokenizer)
+    alone = add_unlabelled(task, alone_texts, data_cfg(sentiment_csv).max_length, alone_transfer.with_task_data)
     assert len(alone.splits["train"]) == 10 and set(alone.splits["train"]["labels"]) == {IGNORED_LABEL}
 
 
