@@ -18,12 +18,13 @@ from distill.core.errors import ConfigError
 from distill.core.evaluate import ValidationMetric, count_parameters
 from distill.core.io import save_model
 from distill.core.jobs import Job, register_job
-from distill.core.losses import LossSetup, check_stages
+from distill.core.losses import LossSetup, check_stages, model_inputs
 from distill.core.mapping import build_layer_map, check_layer_map_config
 from distill.core.run import OnStep, RunResult, check_train, end_run, start_run
 from distill.core.sources import load_tokenizer, resolve_model
 from distill.core.student import build_student, check_student_config
 from distill.core.trainer import Trainer
+from distill.losses.attention import attention_kl
 from distill.methods.config import GeneralDistillConfig
 from distill.methods.transfer import check_text_set, text_set, unlabelled_split
 
@@ -90,12 +91,12 @@ def attention_kl_metric(teacher: PreTrainedModel) -> ValidationMetric:
         student.eval()
         total = count = 0.0
         for batch in loader:
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            inputs = model_inputs(batch)
             mask = inputs["attention_mask"].float()
-            target = teacher(**inputs, output_attentions=True).attentions[-1].float().mean(1)
-            learned = student(**inputs, output_attentions=True).attentions[-1].float().mean(1)
-            kl = (target * (target.clamp_min(1e-12).log() - learned.clamp_min(1e-12).log())).sum(-1)
-            total_kl, tokens = accelerator.gather_for_metrics(((kl * mask).sum().reshape(1), mask.sum().reshape(1)))
+            target = teacher(**inputs, output_attentions=True).attentions[-1].mean(1, keepdim=True)
+            learned = student(**inputs, output_attentions=True).attentions[-1].mean(1, keepdim=True)
+            summed = attention_kl(learned, target, mask) * mask.sum()  # the batch's mean over its real tokens, summed
+            total_kl, tokens = accelerator.gather_for_metrics((summed.reshape(1), mask.sum().reshape(1)))
             total, count = total + total_kl.sum().item(), count + tokens.sum().item()
         student.train(was_training)
         return total / max(count, 1.0)
