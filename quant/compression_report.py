@@ -59,8 +59,7 @@ def measure_models(candidates: list[Candidate], evaluation_of: Callable[[Path], 
                      "runtime": "onnxruntime" if is_onnx(candidate.path) else "torch", "path": str(candidate.path),
                      "accuracy": accuracy(model, evaluation.loader, evaluation.accelerator),
                      **sizes(model, candidate.path)})
-    any_batch = next(iter(batches.values()))
-    latencies = alternating_latencies(models, any_batch, latency.rounds, latency.warmup, latency.repeats, batches)
+    latencies = alternating_latencies(models, batches, latency.rounds, latency.warmup, latency.repeats)
     for row in rows:
         row["latency_ms"] = latencies[row["model"]]
         row["examples_per_s"] = examples_per_s(latency.batch_size, row["latency_ms"])

@@ -64,8 +64,8 @@ def quantize(cfg: QuantConfig) -> QuantRun:
     for variant in cfg.variants:
         models[variant], rows[variant] = build_and_measure(cfg, variant, run_dir / variant, evaluation, skip)
     latency = cfg.latency
-    for variant, ms in alternating_latencies(models, evaluation.batch, latency.rounds, latency.warmup,
-                                             latency.repeats).items():
+    for variant, ms in alternating_latencies(models, dict.fromkeys(models, evaluation.batch), latency.rounds,
+                                             latency.warmup, latency.repeats).items():
         rows[variant]["latency_ms"] = ms
     metrics = {"model": cfg.model, "split": cfg.split, "examples": len(evaluation.loader.dataset),
                "skip_modules": skip, "latency_batch": [cfg.latency.batch_size, cfg.latency.max_length],

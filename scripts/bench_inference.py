@@ -106,7 +106,7 @@ def measure(models: dict[str, str], texts: list[str], variants: list[str], dtype
                  if not_applicable(variant, dtype, device) is None}
         for batch_size in batch_sizes:
             batch = {k: v.to(device) for k, v in latency_batch(tokenizer, texts, batch_size, max_length).items()}
-            latencies = alternating_latencies(built, batch, rounds, warmup, repeats)
+            latencies = alternating_latencies(built, dict.fromkeys(built, batch), rounds, warmup, repeats)
             reference = latencies[(next(iter(models)), *REFERENCE)]
             rows += [row(device, batch_size, key, latencies.get(key), reference) for key in keys]
         del built

@@ -77,8 +77,7 @@ def measure(paths: list[Path], batch_sizes: list[int], max_length: int, rounds: 
     for size in batch_sizes:
         batches = {name: latency_batch(tokenizer, SAMPLE_TEXTS, size, max_length)
                    for name, tokenizer in tokenizers.items()}
-        latencies[size] = alternating_latencies(models, batches[str(paths[0])], rounds, warmup=1, repeats=5,
-                                                batches=batches)
+        latencies[size] = alternating_latencies(models, batches, rounds, warmup=1, repeats=5)
     rows = []
     for path in paths:
         parameters, disk_mb = sizes(path, models[str(path)])

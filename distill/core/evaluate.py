@@ -6,7 +6,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable, Optional, TypeVar
+from typing import Callable, Hashable, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -84,17 +84,15 @@ def examples_per_s(batch_size: int, latency_ms: float) -> float:
     return 1000 * batch_size / latency_ms
 
 
-def alternating_latencies(models: dict[Key, torch.nn.Module], batch: dict[str, torch.Tensor], rounds: int,
-                          warmup: int = 3, repeats: int = 10,
-                          batches: Optional[dict[Key, dict[str, torch.Tensor]]] = None) -> dict[Key, float]:
-    """Median over `rounds` rounds of each model's `latency_ms` on `batch` (or on its own entry of `batches`: the
-    same texts, tokenized by a model with another vocabulary); the rounds alternate between the models so that
+def alternating_latencies(models: dict[Key, torch.nn.Module], batches: dict[Key, dict[str, torch.Tensor]],
+                          rounds: int, warmup: int = 3, repeats: int = 10) -> dict[Key, float]:
+    """Median over `rounds` rounds of each model's `latency_ms` on its batch in `batches` (the same texts for all;
+    models with other vocabularies tokenize them their own way); the rounds alternate between the models so that
     drift in machine load hits every model alike."""
     times: dict[Key, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
-            own = batches[name] if batches is not None and name in batches else batch
-            times[name].append(latency_ms(model, own, warmup=warmup, repeats=repeats))
+            times[name].append(latency_ms(model, batches[name], warmup=warmup, repeats=repeats))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
