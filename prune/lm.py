@@ -239,8 +239,7 @@ def prune_lm(cfg: LMPruneConfig) -> RunResult:
     check_prune_lm(cfg)
     tokenizer = ensure_pad_token(load_tokenizer(cfg.model))
     tokenizer.padding_side = "right"
-    examples, _ = corpus_tokens(cfg.data, tokenizer)
-    splits, ranges = held_out_splits(examples, cfg, with_cache_index=False)
+    splits, ranges = held_out_splits(corpus_tokens(cfg.data, tokenizer), cfg, with_cache_index=False)
     calibration_set = splits["train"].select(range(min(cfg.calibration.examples, len(splits["train"]))))
     check_calibration(cfg, sum(len(ids) for ids in calibration_set["input_ids"]))
     model = load_causal_lm(cfg.model, dtype=torch.float32)

@@ -44,7 +44,7 @@ from transformers import TrainerCallback
 from distill.benchmark import StepClock, peer_environment, rotated_order, run_probe, summarise
 from distill.core.config import parse_args
 from distill.core.errors import ConfigError
-from distill.core.sources import corpus_token_ids, ensure_pad_token, load_causal_lm, load_tokenizer
+from distill.core.sources import corpus_tokens, ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.core.student import build_student
 from distill.core.trainer import train_sampler
 from distill.lm.config import LMDistillConfig
@@ -124,7 +124,7 @@ class ClockCallback(TrainerCallback):
 
 def first_batches_in_our_order(cfg: LMDistillConfig, tokenizer, steps: int):
     """The examples of our first `steps` batches, in the order our Trainer draws them (its first epoch)."""
-    splits, _ = held_out_splits(corpus_token_ids(cfg.data, tokenizer), cfg, with_cache_index=False)
+    splits, _ = held_out_splits(corpus_tokens(cfg.data, tokenizer), cfg, with_cache_index=False)
     train = splits["train"]
     order = list(train_sampler(train, cfg.train, cfg.seed))[:steps * cfg.train.batch_size]
     if len(order) < steps * cfg.train.batch_size:

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from distill.core.config import parse_args_or_exit
-from distill.core.sources import corpus_token_ids, ensure_pad_token, load_causal_lm, load_tokenizer
+from distill.core.sources import corpus_tokens, ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.core.student import build_student
 from distill.lm.config import LMDistillConfig
 from distill.lm.data import LMCollator, held_out_splits
@@ -34,7 +34,7 @@ def measure(cfg: LMDistillConfig, models: dict) -> dict:
     accelerator = Accelerator()
     tokenizer = ensure_pad_token(load_tokenizer(cfg.teacher))
     tokenizer.padding_side = "right"
-    splits, ranges = held_out_splits(corpus_token_ids(cfg.data, tokenizer), cfg, with_cache_index=False)
+    splits, ranges = held_out_splits(corpus_tokens(cfg.data, tokenizer), cfg, with_cache_index=False)
     collate, batch = LMCollator(tokenizer), cfg.train.eval_batch_size
     return {"splits": ranges, **{name: held_out_perplexities(model, splits, collate, batch, accelerator)
                                  for name, model in models.items()}}

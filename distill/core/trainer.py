@@ -196,6 +196,11 @@ class TrainState:
     """Best validation metric of each student, when a trainer selects several (mutual learning)."""
 
 
+BatchTransform = Callable[[dict[str, torch.Tensor], TrainState, PreTrainedModel], dict[str, torch.Tensor]]
+"""(a training batch, where the loop is, the student) -> the batch trained on: what on-policy distillation uses to
+put the student's own completions in place of the data's."""
+
+
 class Trainer:
     def __init__(
         self,
@@ -209,9 +214,11 @@ class Trainer:
         run_dir: Path,
         on_step: Optional[Callable[[TrainState], None]] = None,
         metric: ValidationMetric = ACCURACY,
+        batch_transform: Optional[BatchTransform] = None,
     ):
         self.accelerator, self.student, self.teacher = accelerator, student, teacher
         self.cfg, self.run_dir, self.on_step, self.metric = train_cfg, Path(run_dir), on_step, metric
+        self.batch_transform = batch_transform
         train_set = datasets["train"]
         self.collate = collate
         # A private generator: creating a loader iterator must not draw from the global RNG (dropout), or a
@@ -295,9 +302,11 @@ class Trainer:
         objective.train()
         while state.global_step < total_steps:
             for batch in self._remaining_batches(state):
+                unwrapped = acc.unwrap_model(objective)
+                if self.batch_transform:
+                    batch = self.batch_transform(batch, state, unwrapped.student)
                 if self.trace:
                     self.trace.record_batch(batch)
-                unwrapped = acc.unwrap_model(objective)
                 unwrapped.set_progress(state.global_step / total_steps)
                 with acc.accumulate(objective):
                     loss, parts = objective(batch, self._teacher_outputs(batch, unwrapped))

@@ -42,6 +42,25 @@ class LMEvalConfig:
     """Fixed prompts, each completed greedily by the final student (generations.jsonl)."""
     max_new_tokens: int = 32
     """The most tokens generated after each prompt."""
+    teacher_nll_prompts: int = 0
+    """With prompt/completion or chat data: how many test prompts the final student completes greedily (up to
+    `max_new_tokens`) for the teacher to score: the teacher's mean negative log-likelihood per completion token
+    (lower: the student writes what the teacher would), in metrics.json, the completions in completions.jsonl. The
+    teacher is loaded for it if the run did not load it. 0: not measured."""
+
+
+@dataclass
+class OnPolicyConfig:
+    """On-policy distillation (`distill.lm.on_policy`): batches in which the student writes the completions."""
+    lmbda: float = 0.0
+    """The share of training batches whose completions the student samples from the batch's prompts (GKD's
+    lambda); the teacher scores every sampled token. 0: every batch is the data's (off-policy); 1: all on-policy."""
+    temperature: float = 1.0
+    """The student's sampling temperature (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling of the student's tokens; 1 draws from the whole distribution."""
+    max_new_tokens: int = 64
+    """The most tokens the student writes per prompt."""
 
 
 @dataclass
@@ -73,6 +92,9 @@ class LMDistillConfig:
     """A teacher cache folder (recipes/build_teacher_cache.py over the same `data`) that `topk_kl` reads. It must
     match this run's tokenizer, corpus token ids, k and temperature, and the teacher's config; the teacher's weights
     are compared too when the run loads the teacher anyway (a student copied from it, or a loss that runs it)."""
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    """On-policy batches: the student's own completions of the data's prompts (needs prompt/completion or chat
+    data and a token loss that runs the teacher)."""
     eval: LMEvalConfig = field(default_factory=LMEvalConfig)
     """What the run measures beyond perplexity: greedy completions of fixed prompts."""
     train: TrainConfig = field(default_factory=TrainConfig)

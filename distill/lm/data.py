@@ -1,51 +1,63 @@
 """A causal-LM corpus as every LM job splits it: tokenized once, its last `test_examples` texts the test slice, the
 `validation_examples` before them the validation slice, the rest the training part; and the collator that pads
-texts and marks every real token as a target."""
+examples and marks every real token as a target, a prompt's tokens excepted."""
 from __future__ import annotations
 
 import torch
 from datasets import Dataset, DatasetDict
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from distill.core.chat import TokenizedCorpus
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import token_ids_sha256
-from distill.core.sources import corpus_token_ids
+from distill.core.sources import corpus_tokens
 from distill.losses.causal.fused import IGNORE_INDEX
+
+PROMPT_LENGTH = "prompt_length"
+"""The column of a prompt/completion example's prompt length: its tokens are read, not learned."""
 
 
 class LMCollator:
-    """Pads token ids and adds `labels`: the input ids, -100 at padding (plain text: every real token is a target)."""
+    """Pads token ids and adds `labels`: the input ids, -100 at padding and, for examples that carry a
+    `prompt_length`, at the prompt's tokens (only the completion's tokens are targets)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.pad(features)
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        prompts = [feature.get(PROMPT_LENGTH, 0) for feature in features]
+        batch = self.pad([{k: v for k, v in feature.items() if k != PROMPT_LENGTH} for feature in features])
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        for row, length in enumerate(prompts):
+            labels[row, :length] = IGNORE_INDEX
+        batch["labels"] = labels
         return batch
 
 
-def held_out_splits(examples: list[list[int]], cfg, with_cache_index: bool
+def held_out_splits(corpus: TokenizedCorpus, cfg, with_cache_index: bool
                     ) -> tuple[DatasetDict, dict[str, list[int]]]:
     """train / validation / test slices of the corpus, in its order, and their [start, end) indices into it (with
-    the corpus fingerprint). With `with_cache_index`, each example carries its corpus index for the cache."""
+    the corpus fingerprint). With `with_cache_index`, each example carries its corpus index for the cache; with
+    prompts, each its `prompt_length`."""
+    examples = corpus.ids
     test_start = len(examples) - cfg.test_examples
     validation_start = test_start - cfg.validation_examples
     if validation_start < 1:
         raise ConfigError(f"the corpus has {len(examples)} texts: too few to hold out {cfg.validation_examples} for "
                           f"validation and {cfg.test_examples} for test and train on the rest; raise data.limit")
-    columns = {"input_ids": examples, **({"cache_index": list(range(len(examples)))} if with_cache_index else {})}
-    corpus = Dataset.from_dict(columns)
+    columns = {"input_ids": examples, **({"cache_index": list(range(len(examples)))} if with_cache_index else {}),
+               **({PROMPT_LENGTH: corpus.prompt_lengths} if corpus.prompt_lengths is not None else {})}
+    corpus_set = Dataset.from_dict(columns)
     bounds = {"train": [0, validation_start], "validation": [validation_start, test_start],
               "test": [test_start, len(examples)]}
-    splits = DatasetDict({name: corpus.select(range(*span)) for name, span in bounds.items()})
+    splits = DatasetDict({name: corpus_set.select(range(*span)) for name, span in bounds.items()})
     return splits, {**bounds, "corpus_sha256": token_ids_sha256(examples)}
 
 
 def evaluation_texts(cfg, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[list[int]]]:
     """The token ids of the validation and test texts of `cfg.data`, split as `held_out_splits` splits it, the first
     `cfg.eval_examples` of each (None: all)."""
-    splits, _ = held_out_splits(corpus_token_ids(cfg.data, tokenizer), cfg, with_cache_index=False)
+    splits, _ = held_out_splits(corpus_tokens(cfg.data, tokenizer), cfg, with_cache_index=False)
     limit = cfg.eval_examples
     return {name: splits[name]["input_ids"][:limit] if limit else splits[name]["input_ids"]
             for name in ("validation", "test")}

@@ -11,6 +11,7 @@ perplexity (lower is better); `generations.jsonl` holds the final student's gree
 from __future__ import annotations
 
 import json
+import logging
 from typing import Optional
 
 import torch
@@ -19,6 +20,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrain
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
 from distill.core.fingerprint import config_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
+from distill.core.io import write_text_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.losses import LOSSES, LossSetup, check_stages
 from distill.core.mapping import build_layer_map, check_layer_map_config
@@ -35,11 +37,14 @@ from distill.core.student import build_student, check_student_config
 from distill.core.trainer import Trainer
 from distill.lm.cache import CachedTeacherCollator, CacheKey, TeacherCache
 from distill.lm.config import LMDistillConfig, LMEvalConfig
-from distill.lm.data import LMCollator, held_out_splits
-from distill.lm.metrics import PERPLEXITY
+from distill.lm.data import PROMPT_LENGTH, LMCollator, held_out_splits
+from distill.lm.metrics import PERPLEXITY, teacher_nll_of_completions
+from distill.lm.on_policy import OnPolicyBatches
+from distill.lm.sampling import SamplingConfig, stop_tokens
 from distill.lm.vocab import common_vocab_size
 
 TOKEN_LOSSES = sorted(name for name, cls in LOSSES.items() if cls.reads_lm_head)
+logger = logging.getLogger(__name__)
 HIDDEN_LOSSES = ("hidden_mse", "hidden_cosine")
 """Hidden-state losses an LM run takes beside the token losses: mapped layers (`layer_map`), with a learned
 projection when the widths differ; they read the live teacher's hidden states, which a teacher cache does not hold."""
@@ -52,10 +57,15 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
     accelerator, run_dir = start_run(cfg)
     tokenizer = ensure_pad_token(load_tokenizer(cfg.teacher))
     tokenizer.padding_side = "right"  # positions count from 0 at the first token, as when the cache was built
-    examples, full_lengths = corpus_tokens(cfg.data, tokenizer)
-    splits, ranges = held_out_splits(examples, cfg, with_cache_index=cfg.cache is not None)
-    truncation = {name: truncation_shares(full_lengths[slice(*ranges[name])], cfg.data.max_length) for name in splits}
+    corpus = corpus_tokens(cfg.data, tokenizer)
+    examples = corpus.ids
+    splits, ranges = held_out_splits(corpus, cfg, with_cache_index=cfg.cache is not None)
+    truncation = {name: truncation_shares(corpus.full_lengths[slice(*ranges[name])], cfg.data.max_length)
+                  for name in splits}
     warn_truncation(truncation, cfg.data.max_length)
+    if corpus.dropped:
+        logger.warning("%d of %d examples left out: their prompt alone fills data.max_length=%d tokens",
+                       corpus.dropped, corpus.dropped + len(examples), cfg.data.max_length)
     teacher = load_causal_lm(cfg.teacher) if needs_teacher(cfg) or not cfg.student.model else None
     teacher_config = teacher.config if teacher is not None else AutoConfig.from_pretrained(resolve_model(cfg.teacher))
     student = build_student(cfg.student, teacher, load_causal_lm)
@@ -67,18 +77,41 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
         cache = open_cache(cfg, tokenizer, examples, teacher_config, teacher)
         collate = CachedTeacherCollator(cache, collate)
     teacher = teacher if needs_teacher(cfg) else None
+    on_policy = OnPolicyBatches(cfg.on_policy, tokenizer, cfg.seed, accelerator.process_index)
     trainer = Trainer(accelerator, student, teacher, splits, collate, cfg.train, cfg.seed, run_dir, on_step,
-                      metric=PERPLEXITY)
-    trainer.log({"student_parameters": count_parameters(student), "vocab_size": vocab_size, "splits": ranges})
+                      metric=PERPLEXITY, batch_transform=on_policy if cfg.on_policy.lmbda > 0 else None)
+    trainer.log({"student_parameters": count_parameters(student), "vocab_size": vocab_size, "splits": ranges,
+                 "dropped_examples": corpus.dropped})
     layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher_config.num_hidden_layers)
     student = trainer.fit(cfg.stages, LossSetup(student.config, teacher_config, layer_map, vocab_size))
+    extra = {"splits": ranges, "vocab_size": vocab_size, "dropped_examples": corpus.dropped,
+             **({"on_policy": on_policy.counts} if cfg.on_policy.lmbda > 0 else {})}
     generations = greedy_generations(student, tokenizer, cfg.eval)
     if accelerator.is_main_process:
         (run_dir / "generations.jsonl").write_text("".join(json.dumps(row) + "\n" for row in generations))
+    if cfg.eval.teacher_nll_prompts:
+        teacher = teacher or load_causal_lm(cfg.teacher).to(accelerator.device)
+        extra.update(score_completions(student, teacher, tokenizer, splits["test"], cfg, run_dir,
+                                       accelerator.is_main_process))
     task = Task(tokenizer, splits, [], LMCollator(tokenizer), truncation)
     return finish_run(accelerator, run_dir, student, task, cfg.train.eval_batch_size, PERPLEXITY,
-                      files=trainer.saved_files(),
-                      extra={"splits": ranges, "vocab_size": vocab_size, "generations": len(generations)})
+                      files=trainer.saved_files(), extra={**extra, "generations": len(generations)})
+
+
+def score_completions(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                      test_set, cfg: LMDistillConfig, run_dir, write: bool) -> dict[str, float]:
+    """The student's greedy completions of the first `eval.teacher_nll_prompts` test prompts, scored by the teacher
+    (`teacher_nll_of_completions`), written to completions.jsonl."""
+    rows = test_set.select(range(min(cfg.eval.teacher_nll_prompts, len(test_set))))
+    prompts = [ids[:length] for ids, length in zip(rows["input_ids"], rows[PROMPT_LENGTH])]
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
+    scores, completions = teacher_nll_of_completions(student, teacher, prompts, greedy, stop_tokens(tokenizer),
+                                                     tokenizer.pad_token_id, cfg.train.eval_batch_size)
+    if write:
+        lines = [json.dumps({"prompt": tokenizer.decode(prompt), "completion": tokenizer.decode(completion)}) + "\n"
+                 for prompt, completion in zip(prompts, completions)]
+        write_text_atomic(run_dir / "completions.jsonl", "".join(lines))
+    return {f"test_{name}": value for name, value in scores.items()}
 
 
 def check_lm_distill(cfg: LMDistillConfig) -> None:
@@ -111,6 +144,32 @@ def check_lm_distill(cfg: LMDistillConfig) -> None:
         raise ConfigError(f"data.max_length must be at least 2 (a token and the next); got {cfg.data.max_length}")
     if cfg.eval.max_new_tokens < 1:
         raise ConfigError(f"eval.max_new_tokens must be at least 1; got {cfg.eval.max_new_tokens}")
+    if cfg.eval.teacher_nll_prompts and cfg.data.format == "text":
+        raise ConfigError("eval.teacher_nll_prompts scores the student's completions of held-out prompts: it needs "
+                          "data.format prompt_completion or chat")
+    check_on_policy(cfg)
+
+
+def check_on_policy(cfg: LMDistillConfig) -> None:
+    policy = cfg.on_policy
+    if not 0 <= policy.lmbda <= 1:
+        raise ConfigError(f"on_policy.lmbda is the share of on-policy batches, in [0, 1]; got {policy.lmbda}")
+    if policy.temperature < 0 or not 0 < policy.top_p <= 1 or policy.max_new_tokens < 1:
+        raise ConfigError("on_policy: temperature must be >= 0, top_p in (0, 1] and max_new_tokens >= 1; got "
+                          f"{policy.temperature}, {policy.top_p}, {policy.max_new_tokens}")
+    if policy.lmbda == 0:
+        return
+    if cfg.data.format == "text":
+        raise ConfigError("on_policy.lmbda > 0: the student completes the data's prompts, and plain text has none: "
+                          "use data.format prompt_completion or chat")
+    losses = {loss.name for stage in cfg.stages for loss in stage.losses}
+    if cfg.cache is not None or not any(LOSSES[name].needs_teacher and LOSSES[name].reads_lm_head
+                                        for name in losses):
+        raise ConfigError("on_policy.lmbda > 0: the teacher must score the student's samples as they are written: "
+                          "use a live teacher's token loss (forward_kl, reverse_kl or jsd), not a cache")
+    if "next_token_ce" in losses:
+        raise ConfigError("on_policy.lmbda > 0 with next_token_ce would train the student on its own samples as if "
+                          "they were the reference: drop next_token_ce (or set on_policy.lmbda=0)")
 
 
 def needs_teacher(cfg: LMDistillConfig) -> bool:

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from distill.core.evaluate import ValidationMetric
 from distill.core.losses import model_inputs
+from distill.lm.sampling import SamplingConfig, complete, pack_completions
 from distill.losses.causal.fused import LogitSource, next_tokens, target_positions
 
 
@@ -43,3 +44,26 @@ def example_nll(source: LogitSource, labels: torch.Tensor, chunk_size: int) -> t
 
 
 PERPLEXITY = ValidationMetric("perplexity", perplexity, higher_is_better=False)
+
+
+@torch.no_grad()
+def teacher_nll_of_completions(student: PreTrainedModel, teacher: PreTrainedModel, prompts: list[list[int]],
+                               sampling: SamplingConfig, stops: set[int], pad_id: int, batch_size: int
+                               ) -> tuple[dict[str, float], list[list[int]]]:
+    """The student's greedy (or `sampling`) completions of `prompts`, scored by the teacher: its mean negative
+    log-likelihood per completion token (lower: the student writes what the teacher would have written), the mean
+    completion length; and the completions."""
+    was_training = teacher.training
+    teacher.eval()
+    nll = tokens = 0.0
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        written = complete(student, chunk, sampling, stops, pad_id)
+        batch = {name: value.to(teacher.device) for name, value in pack_completions(chunk, written, pad_id).items()}
+        outputs = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        sums, counts = example_nll(LogitSource(outputs.logits), batch["labels"], chunk_size=256)
+        nll, tokens = nll + sums.sum().item(), tokens + counts.sum().item()
+        completions += written
+    teacher.train(was_training)
+    return {"teacher_nll": nll / max(tokens, 1), "completion_tokens": tokens / max(len(prompts), 1)}, completions

@@ -1,0 +1,46 @@
+"""On-policy distillation (GKD, Agarwal et al. 2024; MiniLLM, Gu et al. 2024): a share `lmbda` of the training
+batches is replaced by the student's own completions of the batch's prompts, which the teacher then scores token by
+token in the same fused pass as any batch; the other batches are the data's. Off-policy distillation learns the
+teacher's distributions on text the student would not write; on its own samples the student is corrected where its
+mistakes take it.
+
+Whether a batch goes on-policy, and every token drawn for it, come from a generator seeded by the run's seed, the
+process, the stage, the epoch and the batch's index in it: a resumed run draws what an uninterrupted run drew,
+without a generator state to save."""
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.core.trainer import TrainState
+from distill.lm.config import OnPolicyConfig
+from distill.lm.sampling import SamplingConfig, batch_prompts, complete, pack_completions, stop_tokens
+
+
+class OnPolicyBatches:
+    """The trainer's batch transform: each batch, with chance `lmbda`, becomes the student's completions of its
+    prompts. Counts what the teacher scores: the batches on-policy, their completion tokens, every token read."""
+
+    def __init__(self, cfg: OnPolicyConfig, tokenizer: PreTrainedTokenizerBase, seed: int, rank: int):
+        self.cfg, self.seed, self.rank = cfg, seed, rank
+        self.sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+        self.stops, self.pad_id = stop_tokens(tokenizer), tokenizer.pad_token_id
+        self.counts = {"on_policy_batches": 0, "batches": 0, "target_tokens": 0, "teacher_tokens": 0}
+
+    def generator(self, state: TrainState) -> torch.Generator:
+        key = (((self.seed * 1_000_003 + self.rank) * 101 + state.stage) * 10_007 + state.epoch) * 1_000_003
+        return torch.Generator().manual_seed(key + state.batches_done)
+
+    def __call__(self, batch: dict[str, torch.Tensor], state: TrainState, student: PreTrainedModel
+                 ) -> dict[str, torch.Tensor]:
+        generator = self.generator(state)
+        if self.cfg.lmbda > 0 and torch.rand((), generator=generator).item() < self.cfg.lmbda:
+            prompts = batch_prompts(batch)
+            completions = complete(student, prompts, self.sampling, self.stops, self.pad_id, generator)
+            batch = {name: value.to(batch["input_ids"].device)
+                     for name, value in pack_completions(prompts, completions, self.pad_id).items()}
+            self.counts["on_policy_batches"] += 1
+        self.counts["batches"] += 1
+        self.counts["target_tokens"] += int((batch["labels"] != -100).sum())
+        self.counts["teacher_tokens"] += int(batch["attention_mask"].sum())
+        return batch
