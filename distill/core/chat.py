@@ -12,7 +12,7 @@ A rendered prompt is the template's text up to and including the assistant's hea
 that what a model generates after it is the completion."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from transformers import PreTrainedTokenizerBase
@@ -102,6 +102,8 @@ class TokenizedCorpus:
     full_lengths: list[int]
     prompt_lengths: Optional[list[int]] = None
     dropped: int = 0
+    columns: dict[str, list] = field(default_factory=dict)
+    """More per-example columns the splits carry (a teacher's own tokenization, aligned positions)."""
 
 
 def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, pairs: list[PromptCompletion], max_length: int,

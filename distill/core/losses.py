@@ -30,6 +30,8 @@ class LossSetup:
     vocab_size: Optional[int] = None
     """Token-level causal losses: how many leading token ids both models' logits share (`distill.lm.vocab`);
     their logits are sliced to it. None: the logits as they are."""
+    shared_vocab: Optional[object] = None
+    """Cross-tokenizer losses: the tokens both vocabularies share, in buckets (`distill.lm.align.SharedVocab`)."""
 
 
 TEACHER_LOGITS = "teacher_logits"
@@ -42,9 +44,22 @@ TEACHER_PREFIX = "teacher_"
 input."""
 
 
+TEACHER_INPUTS = ("teacher_input_ids", "teacher_attention_mask")
+"""The batch keys of the teacher's own tokenization of the batch's texts, for a teacher whose tokenizer is not the
+student's (`distill.lm.align`)."""
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of a batch that a model's forward takes: not the labels, nor cached teacher rows."""
     return {name: value for name, value in batch.items() if name != "labels" and not name.startswith(TEACHER_PREFIX)}
+
+
+def teacher_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the teacher's forward takes: its own tokenization of the texts when the batch carries one, else the
+    student's inputs."""
+    if TEACHER_INPUTS[0] in batch:
+        return {"input_ids": batch[TEACHER_INPUTS[0]], "attention_mask": batch[TEACHER_INPUTS[1]]}
+    return model_inputs(batch)
 
 
 @dataclass

@@ -114,7 +114,9 @@ def is_compressed(path: str) -> bool:
 
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve_model(model))
+    """The tokenizer of a model (see `resolve_model`), or of a folder that holds only a tokenizer."""
+    tokenizer_only = Path(model, "tokenizer_config.json").is_file()
+    return AutoTokenizer.from_pretrained(model if tokenizer_only else resolve_model(model))
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -27,7 +27,15 @@ from distill.core.config import StageConfig, TrainConfig
 from distill.core.evaluate import ACCURACY, ValidationMetric
 from distill.core.fingerprint import weights_sha256
 from distill.core.io import save_file_atomic
-from distill.core.losses import TEACHER_LOGITS, DistillLoss, LossInputs, LossSetup, build_losses, model_inputs
+from distill.core.losses import (
+    TEACHER_LOGITS,
+    DistillLoss,
+    LossInputs,
+    LossSetup,
+    build_losses,
+    model_inputs,
+    teacher_inputs,
+)
 from distill.core.tracking import log_record, quiet_loggers
 
 with quiet_loggers("bitsandbytes", "kernels"):
@@ -370,7 +378,7 @@ class Trainer:
         if self.teacher is None or not objective.needs_teacher:
             return None
         with self.accelerator.autocast():
-            return self.teacher(**model_inputs(batch), **forward_options(objective))
+            return self.teacher(**teacher_inputs(batch), **forward_options(objective))
 
     def _log_running(self, running: dict[str, float], index: int, state: TrainState, lr: float,
                      scheduled: dict[str, float]) -> dict:

@@ -15,6 +15,10 @@ from typing import Iterator, Optional
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from distill.core.chat import TokenizedCorpus
+from distill.core.losses import TEACHER_INPUTS
+from distill.losses.causal.cross_tokenizer import ALIGNED_KEYS
+
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -183,3 +187,17 @@ def shared_vocabulary(student_tokenizer: PreTrainedTokenizerBase,
 
     return SharedVocab(*tensors(student), *tensors(teacher), len(bucket), len(student_tokenizer),
                        len(teacher_tokenizer))
+
+
+def cross_tokenized(texts: list[str], student_tokenizer: PreTrainedTokenizerBase,
+                    teacher_tokenizer: PreTrainedTokenizerBase, max_length: int) -> TokenizedCorpus:
+    """Each text through both tokenizers (each truncated to `max_length` tokens): the student's ids as the corpus,
+    the teacher's ids and the aligned position pairs as its extra columns."""
+    student = student_tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    teacher = teacher_tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    pairs = [aligned_positions(word_starts(text, s_offsets), word_starts(text, t_offsets))
+             for text, s_offsets, t_offsets in zip(texts, student["offset_mapping"], teacher["offset_mapping"])]
+    full = [len(ids) for ids in student_tokenizer(texts, verbose=False)["input_ids"]]
+    return TokenizedCorpus(student["input_ids"], full, columns={
+        TEACHER_INPUTS[0]: teacher["input_ids"], ALIGNED_KEYS[0]: [s for s, _ in pairs],
+        ALIGNED_KEYS[1]: [t for _, t in pairs]})

@@ -82,10 +82,16 @@ class LMDistillConfig:
     """The last texts of the corpus: the reported test perplexity."""
     student: StudentConfig = field(default_factory=StudentConfig)
     """As for `DistillConfig`, with causal LMs: by default every other teacher layer, ending at the top one."""
+    student_tokenizer: Optional[str] = None
+    """A tokenizer other than the teacher's (a path, `offline:NAME` or a Hub id) that the student reads the text
+    through: a `fresh` student gets its vocabulary. Each text is also tokenized by the teacher, the two aligned by
+    character offsets, and the student learns by the cross-tokenizer losses `aligned_kl` / `uld` (with
+    `next_token_ce`) from the live teacher, on plain text. None: the teacher's tokenizer."""
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(losses=[
         LossConfig(name="forward_kl"), LossConfig(name="next_token_ce")])])
-    """Causal token losses (`forward_kl`, `reverse_kl`, `jsd`, `topk_kl` (needs `cache`), `next_token_ce`), and
-    hidden-state losses over `layer_map` (`hidden_mse`, `hidden_cosine`; they need the running teacher)."""
+    """Causal token losses (`forward_kl`, `reverse_kl`, `jsd`, `topk_kl` (needs `cache`), `next_token_ce`),
+    cross-tokenizer losses (`aligned_kl`, `uld`; with `student_tokenizer`), and hidden-state losses over `layer_map`
+    (`hidden_mse`, `hidden_cosine`; they need the running teacher)."""
     layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)
     """Which teacher layer's hidden state each student layer matches, for `hidden_mse` / `hidden_cosine`."""
     cache: Optional[str] = None

@@ -10,7 +10,9 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from distill.core.chat import TokenizedCorpus
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import token_ids_sha256
+from distill.core.losses import TEACHER_INPUTS
 from distill.core.sources import corpus_tokens
+from distill.losses.causal.cross_tokenizer import ALIGNED_KEYS
 from distill.losses.causal.fused import IGNORE_INDEX
 
 PROMPT_LENGTH = "prompt_length"
@@ -34,6 +36,28 @@ class LMCollator:
         return batch
 
 
+class CrossTokenizerCollator:
+    """`LMCollator` over the student's ids, plus the teacher's own tokenization of each text (padded with its pad id)
+    and the aligned position pairs (padded with -1), under batch keys that no model reads as input."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, teacher_pad_id: int):
+        self.lm, self.teacher_pad_id = LMCollator(tokenizer), teacher_pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.lm([{"input_ids": feature["input_ids"]} for feature in features])
+        teacher_ids = [feature[TEACHER_INPUTS[0]] for feature in features]
+        batch[TEACHER_INPUTS[0]] = padded(teacher_ids, self.teacher_pad_id)
+        batch[TEACHER_INPUTS[1]] = padded([[1] * len(ids) for ids in teacher_ids], 0)
+        for key in ALIGNED_KEYS:
+            batch[key] = padded([feature[key] for feature in features], -1)
+        return batch
+
+
+def padded(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(1, max(len(row) for row in rows))
+    return torch.tensor([list(row) + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
 def held_out_splits(corpus: TokenizedCorpus, cfg, with_cache_index: bool
                     ) -> tuple[DatasetDict, dict[str, list[int]]]:
     """train / validation / test slices of the corpus, in its order, and their [start, end) indices into it (with
@@ -46,7 +70,8 @@ def held_out_splits(corpus: TokenizedCorpus, cfg, with_cache_index: bool
         raise ConfigError(f"the corpus has {len(examples)} texts: too few to hold out {cfg.validation_examples} for "
                           f"validation and {cfg.test_examples} for test and train on the rest; raise data.limit")
     columns = {"input_ids": examples, **({"cache_index": list(range(len(examples)))} if with_cache_index else {}),
-               **({PROMPT_LENGTH: corpus.prompt_lengths} if corpus.prompt_lengths is not None else {})}
+               **({PROMPT_LENGTH: corpus.prompt_lengths} if corpus.prompt_lengths is not None else {}),
+               **corpus.columns}
     corpus_set = Dataset.from_dict(columns)
     bounds = {"train": [0, validation_start], "validation": [validation_start, test_start],
               "test": [test_start, len(examples)]}

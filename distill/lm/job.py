@@ -29,21 +29,25 @@ from distill.core.sources import (
     corpus_tokens,
     ensure_pad_token,
     load_causal_lm,
+    load_texts,
     load_tokenizer,
     resolve_model,
     truncation_shares,
 )
 from distill.core.student import build_student, check_student_config
 from distill.core.trainer import Trainer
+from distill.lm.align import cross_tokenized, shared_vocabulary
 from distill.lm.cache import CachedTeacherCollator, CacheKey, TeacherCache
 from distill.lm.config import LMDistillConfig, LMEvalConfig
-from distill.lm.data import PROMPT_LENGTH, LMCollator, held_out_splits
+from distill.lm.data import PROMPT_LENGTH, CrossTokenizerCollator, LMCollator, held_out_splits
 from distill.lm.metrics import PERPLEXITY, teacher_nll_of_completions
 from distill.lm.on_policy import OnPolicyBatches
 from distill.lm.sampling import SamplingConfig, stop_tokens
 from distill.lm.vocab import common_vocab_size
+from distill.losses.causal.cross_tokenizer import CROSS_TOKENIZER_LOSSES
 
 TOKEN_LOSSES = sorted(name for name, cls in LOSSES.items() if cls.reads_lm_head)
+"""Losses on next-token distributions: the causal token losses and the cross-tokenizer ones."""
 logger = logging.getLogger(__name__)
 HIDDEN_LOSSES = ("hidden_mse", "hidden_cosine")
 """Hidden-state losses an LM run takes beside the token losses: mapped layers (`layer_map`), with a learned
@@ -55,9 +59,13 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
     every stage, then write the generations, measure perplexity and save."""
     check_lm_distill(cfg)
     accelerator, run_dir = start_run(cfg)
-    tokenizer = ensure_pad_token(load_tokenizer(cfg.teacher))
-    tokenizer.padding_side = "right"  # positions count from 0 at the first token, as when the cache was built
-    corpus = corpus_tokens(cfg.data, tokenizer)
+    teacher_tokenizer = ensure_pad_token(load_tokenizer(cfg.teacher))
+    teacher_tokenizer.padding_side = "right"  # positions count from 0 at the first token, as when the cache was built
+    # what the student reads: the teacher's tokenizer, or its own (a cross-tokenizer run)
+    tokenizer = ensure_pad_token(load_tokenizer(cfg.student_tokenizer)) if cfg.student_tokenizer else teacher_tokenizer
+    tokenizer.padding_side = "right"
+    corpus = (cross_tokenized(load_texts(cfg.data), tokenizer, teacher_tokenizer, cfg.data.max_length)
+              if cfg.student_tokenizer else corpus_tokens(cfg.data, tokenizer))
     examples = corpus.ids
     splits, ranges = held_out_splits(corpus, cfg, with_cache_index=cfg.cache is not None)
     truncation = {name: truncation_shares(corpus.full_lengths[slice(*ranges[name])], cfg.data.max_length)
@@ -69,10 +77,17 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
     teacher = load_causal_lm(cfg.teacher) if needs_teacher(cfg) or not cfg.student.model else None
     teacher_config = teacher.config if teacher is not None else AutoConfig.from_pretrained(resolve_model(cfg.teacher))
     student = build_student(cfg.student, teacher, load_causal_lm)
-    student_tokenizer = load_tokenizer(cfg.student.model) if cfg.student.model else tokenizer
-    vocab_size = common_vocab_size(student_tokenizer, tokenizer, student.config.get_text_config().vocab_size,
-                                   teacher_config.get_text_config().vocab_size)
-    collate = LMCollator(tokenizer)
+    shared_vocab = None
+    if cfg.student_tokenizer:
+        fit_vocabulary(student, tokenizer, fresh=cfg.student.init == "fresh")
+        shared_vocab, vocab_size = shared_vocabulary(tokenizer, teacher_tokenizer), None
+        logger.info("student and teacher vocabularies: %s", shared_vocab.summary())
+        collate = task_collate = CrossTokenizerCollator(tokenizer, teacher_tokenizer.pad_token_id)
+    else:
+        student_tokenizer = load_tokenizer(cfg.student.model) if cfg.student.model else tokenizer
+        vocab_size = common_vocab_size(student_tokenizer, tokenizer, student.config.get_text_config().vocab_size,
+                                       teacher_config.get_text_config().vocab_size)
+        collate = task_collate = LMCollator(tokenizer)
     if cfg.cache is not None:
         cache = open_cache(cfg, tokenizer, examples, teacher_config, teacher)
         collate = CachedTeacherCollator(cache, collate)
@@ -83,8 +98,9 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
     trainer.log({"student_parameters": count_parameters(student), "vocab_size": vocab_size, "splits": ranges,
                  "dropped_examples": corpus.dropped})
     layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher_config.num_hidden_layers)
-    student = trainer.fit(cfg.stages, LossSetup(student.config, teacher_config, layer_map, vocab_size))
+    student = trainer.fit(cfg.stages, LossSetup(student.config, teacher_config, layer_map, vocab_size, shared_vocab))
     extra = {"splits": ranges, "vocab_size": vocab_size, "dropped_examples": corpus.dropped,
+             **({"shared_vocabulary": shared_vocab.summary()} if shared_vocab is not None else {}),
              **({"on_policy": on_policy.counts} if cfg.on_policy.lmbda > 0 else {})}
     generations = greedy_generations(student, tokenizer, cfg.eval)
     if accelerator.is_main_process:
@@ -93,9 +109,26 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
         teacher = teacher or load_causal_lm(cfg.teacher).to(accelerator.device)
         extra.update(score_completions(student, teacher, tokenizer, splits["test"], cfg, run_dir,
                                        accelerator.is_main_process))
-    task = Task(tokenizer, splits, [], LMCollator(tokenizer), truncation)
+    task = Task(tokenizer, splits, [], task_collate, truncation)
     return finish_run(accelerator, run_dir, student, task, cfg.train.eval_batch_size, PERPLEXITY,
                       files=trainer.saved_files(), extra={**extra, "generations": len(generations)})
+
+
+def fit_vocabulary(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fresh: bool) -> None:
+    """A student that reads its own tokenizer: a fresh one (built from the teacher) gets that tokenizer's vocabulary
+    and special token ids; a pretrained one must already cover it."""
+    if not fresh:
+        if student.config.get_text_config().vocab_size < len(tokenizer):
+            raise ConfigError(f"student_tokenizer has {len(tokenizer)} tokens, and the student's embedding only "
+                              f"{student.config.get_text_config().vocab_size}")
+        return
+    student.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    special = {"pad_token_id": tokenizer.pad_token_id,
+               "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id,
+               "eos_token_id": tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id}
+    for name, token_id in special.items():
+        setattr(student.config, name, token_id)
+        setattr(student.generation_config, name, token_id)
 
 
 def score_completions(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -148,6 +181,35 @@ def check_lm_distill(cfg: LMDistillConfig) -> None:
         raise ConfigError("eval.teacher_nll_prompts scores the student's completions of held-out prompts: it needs "
                           "data.format prompt_completion or chat")
     check_on_policy(cfg)
+    check_cross_tokenizer(cfg)
+
+
+def check_cross_tokenizer(cfg: LMDistillConfig) -> None:
+    """A student with its own tokenizer learns through the cross-tokenizer losses (and CE), from the live teacher,
+    on plain text; those losses need such a student."""
+    losses = {loss.name for stage in cfg.stages for loss in stage.losses}
+    cross = losses & set(CROSS_TOKENIZER_LOSSES)
+    if not cfg.student_tokenizer:
+        if cross:
+            raise ConfigError(f"loss '{sorted(cross)[0]}' is for a student whose tokenizer differs from the "
+                              "teacher's: set student_tokenizer, or use forward_kl with a shared tokenizer")
+        return
+    other = sorted(losses - set(CROSS_TOKENIZER_LOSSES) - {"next_token_ce"})
+    if other:
+        raise ConfigError(f"student_tokenizer: loss '{other[0]}' compares the two models position by position and "
+                          f"id by id; with two tokenizers use {' or '.join(CROSS_TOKENIZER_LOSSES)} (and "
+                          "next_token_ce)")
+    if cfg.cache is not None:
+        raise ConfigError("student_tokenizer: the cross-tokenizer losses run the live teacher on its own tokenization "
+                          "of each text; a teacher cache holds rows of one tokenization: drop `cache`")
+    if cfg.data.format != "text":
+        raise ConfigError("student_tokenizer: texts are aligned character by character, which needs data.format "
+                          "text (a chat template renders a different text for each tokenizer)")
+    if cfg.student.init == "copy_layers":
+        raise ConfigError("student_tokenizer: a student copied from the teacher's layers keeps the teacher's "
+                          "vocabulary; use student.init fresh (or pretrained with that tokenizer)")
+    if cfg.on_policy.lmbda:
+        raise ConfigError("student_tokenizer: on-policy batches need the teacher to read the student's tokens")
 
 
 def check_on_policy(cfg: LMDistillConfig) -> None:

@@ -25,8 +25,8 @@ def common_vocab_size(student_tokenizer: PreTrainedTokenizerBase, teacher_tokeni
     if not is_prefix(student_vocab, teacher_vocab) and not is_prefix(teacher_vocab, student_vocab):
         raise ConfigError(
             f"student and teacher vocabularies differ ({vocabulary_difference(student_tokenizer, teacher_tokenizer)})"
-            ", not only in ids at the end: token-level distillation compares logits id by id. Use hidden-state-only "
-            "distillation (hidden_mse or hidden_cosine, with next_token_ce), or a student with the teacher's tokenizer"
+            ", not only in ids at the end: token-level distillation compares logits id by id. For a student with its "
+            "own tokenizer set student_tokenizer and use the cross-tokenizer losses aligned_kl or uld"
         )
     shared = min(len(student_vocab), len(teacher_vocab), student_logits, teacher_logits)
     logger.warning(

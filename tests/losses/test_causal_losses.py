@@ -440,7 +440,7 @@ def test_prefix_vocabularies_are_cut_to_the_shared_ids_with_a_warning(caplog, st
 
 
 def test_other_vocabularies_are_a_config_error_suggesting_hidden_states():
-    with pytest.raises(ConfigError, match="vocabularies differ.*hidden-state-only distillation"):
+    with pytest.raises(ConfigError, match="vocabularies differ.*set student_tokenizer and use the cross-tokenizer losses"):
         common_vocab_size(make_tokenizer(WORDS[::-1]), make_tokenizer(WORDS), 10, 10)
 
 

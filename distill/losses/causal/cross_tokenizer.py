@@ -1,7 +1,7 @@
 """Token-level losses between a student and a teacher with different tokenizers, one value per row of float32
 (rows, vocabulary) logits whose vocabularies differ: KL over shared-vocabulary buckets at aligned positions (the
-buckets and positions come from `distill.lm.align`), and ULD's distance between sorted distributions. Pure
-functions of tensors."""
+buckets and positions come from `distill.lm.align`), and ULD's distance between sorted distributions, as pure
+functions of tensors and as the registered losses `aligned_kl` and `uld`."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,11 @@ from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from distill.core.config import LossConfig
+from distill.core.errors import ConfigError
+from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
+from distill.losses.causal.fused import LogitSource
 
 
 class Buckets(Protocol):
@@ -75,3 +80,68 @@ def _column_buckets(ids: torch.Tensor, bucket: torch.Tensor, size: int, like: to
     columns = torch.full((like.shape[-1],), size, dtype=torch.long, device=like.device)
     columns[ids.to(like.device)] = bucket.to(like.device)
     return columns
+
+
+# ----- registered losses --------------------------------------------------------------------------------------
+CROSS_TOKENIZER_LOSSES = ("aligned_kl", "uld")
+ALIGNED_KEYS = ("teacher_aligned_student", "teacher_aligned_teacher")
+"""The batch keys of the aligned position pairs (batch, pairs): student position, teacher position; -1 pads."""
+
+
+def aligned_rows(inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 logits of the student (differentiable) and of the teacher at the batch's aligned position pairs,
+    projected through the LM heads at those positions only."""
+    student_at, teacher_at = (inputs.batch[key] for key in ALIGNED_KEYS)
+    rows = (student_at >= 0).nonzero()[:, 0]
+    student = LogitSource.of(inputs.student, inputs.student_head)
+    teacher = LogitSource.of(inputs.teacher, inputs.teacher_head)
+    valid = student_at >= 0
+    student_rows = student.rows(rows * student.states.shape[1] + student_at[valid], None)
+    with torch.no_grad():
+        teacher_rows = teacher.rows(rows * teacher.states.shape[1] + teacher_at[valid], None)
+    return student_rows, teacher_rows
+
+
+class _CrossTokenizerLoss(DistillLoss):
+    """A loss between a student and a teacher that tokenize the text differently, at the positions where both
+    predict the token beginning at the same character (`distill.lm.align`), averaged over them, times T^2."""
+    reads_lm_head = True
+    options = ("temperature",)
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        if inputs.batch is None or ALIGNED_KEYS[0] not in inputs.batch:
+            raise ValueError(f"loss '{self.spec.name}' reads aligned positions from the batch (a cross-tokenizer "
+                             "collator adds them); this batch has none")
+        student, teacher = aligned_rows(inputs)
+        if not len(student):
+            return student.sum()
+        return self.values(student, teacher).mean() * self.temperature ** 2
+
+    def values(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register("aligned_kl")
+class AlignedKL(_CrossTokenizerLoss):
+    """KL(teacher || student) over the shared-vocabulary buckets plus a rest bucket (`aligned_kl`)."""
+
+    def __init__(self, spec: LossConfig, setup: LossSetup):
+        super().__init__(spec, setup)
+        if setup.shared_vocab is None:
+            raise ConfigError("loss 'aligned_kl' compares the tokens two vocabularies share: it needs a student with "
+                              "its own tokenizer (student_tokenizer)")
+        self.vocab = setup.shared_vocab
+
+    def values(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.vocab.student_ids.device != student.device:
+            self.vocab = type(self.vocab)(**{name: value.to(student.device) if torch.is_tensor(value) else value
+                                             for name, value in vars(self.vocab).items()})
+        return aligned_kl(student, teacher, self.vocab, self.temperature)
+
+
+@register("uld")
+class ULD(_CrossTokenizerLoss):
+    """ULD's distance between the sorted distributions (`uld_distance`)."""
+
+    def values(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return uld_distance(student, teacher, self.temperature)

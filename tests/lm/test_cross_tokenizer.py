@@ -1,0 +1,126 @@
+"""A student with its own tokenizer: the batch carries the teacher's tokenization and the aligned pairs (each pair's
+next tokens begin at the same character), a fresh student takes the student tokenizer's vocabulary, `aligned_kl` and
+`uld` train it from the live teacher, the loss equals the pure function on the aligned rows, and the settings that
+cannot work are refused before work."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distill.core.config import CorpusConfig, LossConfig, StageConfig, StudentConfig
+from distill.core.errors import ConfigError
+from distill.core.losses import LossInputs, LossSetup, build_losses
+from distill.lm.align import cross_tokenized, shared_vocabulary
+from distill.lm.config import LMEvalConfig, OnPolicyConfig
+from distill.lm.data import CrossTokenizerCollator
+from distill.lm.job import check_lm_distill, distill_lm
+from distill.losses.causal.cross_tokenizer import ALIGNED_KEYS, aligned_kl
+from tests.conftest import make_sentences, make_tokenizer, save_smollm2_tokenizer_lm, tiny_causal_lm
+from tests.lm.test_lm_distill import WORDS, lm_cfg
+
+CROSS = [LossConfig(name="aligned_kl", weight=1.0), LossConfig(name="next_token_ce", weight=1.0)]
+TEXTS = ["the film was good", "a very dull plot and flat acting"]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return save_smollm2_tokenizer_lm(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture
+def student_tokenizer_dir(tmp_path):
+    make_tokenizer(WORDS).save_pretrained(tmp_path / "student-tokenizer")
+    return tmp_path / "student-tokenizer"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(text for text, _ in make_sentences(60)) + "\n")
+    return CorpusConfig(source=str(path), max_length=16)
+
+
+def cross_cfg(tmp_path, teacher_dir, tokenizer_dir, corpus, losses=CROSS, **overrides):
+    values = dict(student_tokenizer=str(tokenizer_dir), student=StudentConfig(init="fresh", num_layers=1),
+                  stages=[StageConfig(epochs=1, learning_rate=1e-3, losses=losses)],
+                  eval=LMEvalConfig(prompts=["the film was"], max_new_tokens=3))
+    values.update(overrides)
+    return lm_cfg(tmp_path, teacher_dir, corpus, **values)
+
+
+def test_the_batch_carries_both_tokenizations_and_pairs_whose_next_tokens_start_together(teacher_dir):
+    student_tok, teacher_tok = make_tokenizer(WORDS), AutoTokenizer.from_pretrained(teacher_dir)
+    corpus = cross_tokenized(TEXTS, student_tok, teacher_tok, max_length=16)
+    batch = CrossTokenizerCollator(student_tok, teacher_pad_id=0)([
+        {name: corpus.columns[name][i] if name in corpus.columns else corpus.ids[i]
+         for name in ("input_ids", *corpus.columns)} for i in range(len(TEXTS))])
+    for row, text in enumerate(TEXTS):
+        student_ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        teacher_ids = batch["teacher_input_ids"][row][batch["teacher_attention_mask"][row].bool()].tolist()
+        assert student_ids == student_tok(text)["input_ids"] and teacher_ids == teacher_tok(text)["input_ids"]
+        pairs = [(s, t) for s, t in zip(*(batch[key][row].tolist() for key in ALIGNED_KEYS)) if s >= 0]
+        # every word starts a token on both sides: a pair per word but the first, which the teacher (no bos token)
+        # never predicts
+        assert len(pairs) == len(text.split()) - 1
+        for s, t in pairs:
+            assert student_tok.decode([student_ids[s + 1]]).strip() == teacher_tok.decode([teacher_ids[t + 1]]).strip()
+
+
+def test_the_loss_is_aligned_kl_on_the_aligned_rows(teacher_dir):
+    student_tok, teacher_tok = make_tokenizer(WORDS), AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    student = tiny_causal_lm(len(student_tok), tied=True)
+    corpus = cross_tokenized(TEXTS[:1], student_tok, teacher_tok, max_length=16)
+    batch = CrossTokenizerCollator(student_tok, 0)([{"input_ids": corpus.ids[0],
+                                                     **{k: v[0] for k, v in corpus.columns.items()}}])
+    vocab = shared_vocabulary(student_tok, teacher_tok)
+    (loss,) = build_losses([LossConfig(name="aligned_kl", temperature=2.0)],
+                           LossSetup(student.config, teacher.config, None, None, vocab)).values()
+    s_out = student(input_ids=batch["input_ids"], output_hidden_states=True)
+    t_out = teacher(input_ids=batch["teacher_input_ids"], output_hidden_states=True)
+    value = loss(LossInputs(s_out, t_out, batch["labels"], batch["attention_mask"], None, batch,
+                            student.get_output_embeddings(), teacher.get_output_embeddings()))
+    s_at, t_at = (batch[key][0] for key in ALIGNED_KEYS)
+    expected = aligned_kl(s_out.logits[0, s_at], t_out.logits[0, t_at], vocab, 2.0).mean() * 4
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5) and value.item() > 0
+    value.backward()
+    assert student.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss", ["aligned_kl", "uld"])
+def test_a_student_with_its_own_tokenizer_trains_from_the_teacher(tmp_path, teacher_dir, student_tokenizer_dir,
+                                                                   corpus, loss):
+    result = distill_lm(cross_cfg(tmp_path, teacher_dir, student_tokenizer_dir, corpus,
+                                  [LossConfig(name=loss), LossConfig(name="next_token_ce")]))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get(f"train_{loss}", 0) > 0 for r in records)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test_perplexity"] > 1 and "shared buckets" in metrics["shared_vocabulary"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert reloaded.config.vocab_size == len(WORDS) + 5 and reloaded.config.num_hidden_layers == 1
+    ids = torch.tensor([[2, 10, 11, 3]])
+    assert torch.equal(reloaded.eval()(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)
+    assert AutoTokenizer.from_pretrained(tmp_path / "run" / "model").get_vocab() == make_tokenizer(WORDS).get_vocab()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"student_tokenizer": None}, "is for a student whose tokenizer differs from the teacher's"),
+    ({"stages": [StageConfig(losses=[LossConfig(name="forward_kl")])]}, "loss 'forward_kl' compares the two models"),
+    ({"stages": [StageConfig(losses=[LossConfig(name="topk_kl"), *CROSS])], "cache": "c"},
+     "loss 'topk_kl' compares"),
+    ({"cache": "c", "stages": [StageConfig(losses=[*CROSS, LossConfig(name="hidden_mse")])]}, "hidden_mse"),
+    ({"data": CorpusConfig(format="prompt_completion")}, "needs data.format text"),
+    ({"student": StudentConfig(layers=[1])}, "use student.init fresh"),
+])
+def test_cross_tokenizer_settings_are_refused_before_work(tmp_path, teacher_dir, student_tokenizer_dir, corpus,
+                                                          change, message):
+    with pytest.raises(ConfigError, match=message):
+        check_lm_distill(cross_cfg(tmp_path, teacher_dir, student_tokenizer_dir, corpus, **change))
+
+
+def test_on_policy_with_another_tokenizer_is_refused(tmp_path, teacher_dir, student_tokenizer_dir, corpus):
+    cfg = cross_cfg(tmp_path, teacher_dir, student_tokenizer_dir, corpus, losses=[LossConfig(name="aligned_kl")],
+                    data=CorpusConfig(format="chat"), on_policy=OnPolicyConfig(lmbda=0.5))
+    with pytest.raises(ConfigError):
+        check_lm_distill(cfg)
