@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 
 import distill.lm.cache  # noqa: F401  (each import registers its jobs)
+import distill.lm.generate  # noqa: F401
 import distill.lm.job  # noqa: F401
 import distill.methods.finetune  # noqa: F401
 import distill.methods.general  # noqa: F401
@@ -38,6 +39,7 @@ OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 RECIPES = {"finetune": "recipes/finetune_teacher.py", "distill": "recipes/distill_student.py",
            "distill_lm": "recipes/distill_lm.py", "general_distill": "recipes/general_distill.py",
            "build_teacher_cache": "recipes/build_teacher_cache.py",
+           "generate_teacher_data": "recipes/generate_teacher_data.py",
            "prune": "recipes/prune_model.py", "quantize": "recipes/quantize_model.py",
            "qlora": "recipes/qlora_distill.py", "pipeline": "recipes/compress.py",
            "prune_lm": "recipes/prune_lm.py", "quantize_lm": "recipes/quantize_lm.py",

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import distill.lm.cache  # noqa: F401  (each import registers its jobs)
+import distill.lm.generate  # noqa: F401
 import distill.lm.job  # noqa: F401
 import distill.methods.finetune  # noqa: F401
 import distill.methods.general  # noqa: F401
@@ -19,12 +20,14 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 JOB_OF_PREFIX = {"compress": "pipeline", "teacher": "finetune", "distill_": "distill", "prune_": "prune",
                  "quantize_": "quantize", "qlora_": "qlora", "cache_": "build_teacher_cache",
                  "distill_lm": "distill_lm", "prune_lm": "prune_lm", "quantize_lm": "quantize_lm",
-                 "export_gguf": "export_gguf", "export_onnx": "export_onnx", "general_distill": "general_distill"}
+                 "export_gguf": "export_gguf", "export_onnx": "export_onnx", "general_distill": "general_distill",
+                 "generate_teacher_data": "generate_teacher_data"}
 SCRIPT_OF_JOB = {"pipeline": "compress.py", "finetune": "finetune_teacher.py", "distill": "distill_student.py",
                  "prune": "prune_model.py", "quantize": "quantize_model.py", "qlora": "qlora_distill.py",
                  "build_teacher_cache": "build_teacher_cache.py", "distill_lm": "distill_lm.py",
                  "prune_lm": "prune_lm.py", "quantize_lm": "quantize_lm.py", "export_gguf": "export_gguf.py",
-                 "export_onnx": "export_onnx.py", "general_distill": "general_distill.py"}
+                 "export_onnx": "export_onnx.py", "general_distill": "general_distill.py",
+                 "generate_teacher_data": "generate_teacher_data.py"}
 
 
 def job_of(recipe: Path) -> str:

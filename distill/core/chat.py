@@ -40,14 +40,19 @@ def pairs_from_rows(rows: dict[str, list], corpus) -> list[PromptCompletion]:
             raise ConfigError(f"data.format '{corpus.format}' reads column '{column}', which {corpus.source} lacks; "
                               f"columns: {', '.join(rows)}")
     if corpus.format == "prompt_completion":
-        pairs = [PromptCompletion(_user_turn(prompt) if corpus.chat_template else prompt, completion)
+        pairs = [PromptCompletion(user_turn(prompt) if corpus.chat_template else prompt, completion)
                  for prompt, completion in zip(rows[corpus.prompt_column], rows[corpus.completion_column])]
     else:
         pairs = [_split_messages(messages, i) for i, messages in enumerate(rows[corpus.messages_column])]
     return [pair for pair in pairs if pair.completion and pair.completion.strip()]
 
 
-def _user_turn(prompt: str) -> list[dict]:
+def uses_chat_template(corpus) -> bool:
+    """Whether the corpus's examples are rendered by the tokenizer's chat template."""
+    return corpus.format == "chat" or (corpus.format == "prompt_completion" and corpus.chat_template)
+
+
+def user_turn(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 

@@ -21,7 +21,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from distill.core.chat import FORMATS, PromptCompletion, TokenizedCorpus, pairs_from_rows, tokenize_pairs
+from distill.core.chat import (
+    FORMATS,
+    PromptCompletion,
+    TokenizedCorpus,
+    pairs_from_rows,
+    tokenize_pairs,
+    uses_chat_template,
+)
 from distill.core.config import CorpusConfig, DataConfig
 from distill.core.conversion_cache import converted_copy, gguf_converter
 from distill.core.errors import ConfigError
@@ -174,8 +181,7 @@ def corpus_tokens(corpus: CorpusConfig, tokenizer: PreTrainedTokenizerBase) -> T
         texts = load_texts(corpus)
         full = [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]
         return TokenizedCorpus(tokenizer(texts, truncation=True, max_length=corpus.max_length)["input_ids"], full)
-    uses_template = corpus.format == "chat" or corpus.chat_template
-    return tokenize_pairs(tokenizer, load_pairs(corpus), corpus.max_length, uses_template)
+    return tokenize_pairs(tokenizer, load_pairs(corpus), corpus.max_length, uses_chat_template(corpus))
 
 
 def load_texts(corpus: CorpusConfig) -> list[str]:

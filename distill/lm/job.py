@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.core.chat import prompt_ids, user_turn, uses_chat_template
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
 from distill.core.fingerprint import config_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
@@ -42,7 +43,7 @@ from distill.lm.config import LMDistillConfig, LMEvalConfig
 from distill.lm.data import PROMPT_LENGTH, CrossTokenizerCollator, LMCollator, held_out_splits
 from distill.lm.metrics import PERPLEXITY, teacher_nll_of_completions
 from distill.lm.on_policy import OnPolicyBatches
-from distill.lm.sampling import SamplingConfig, stop_tokens
+from distill.lm.sampling import SamplingConfig, complete, stop_tokens
 from distill.lm.vocab import common_vocab_size
 from distill.losses.causal.cross_tokenizer import CROSS_TOKENIZER_LOSSES
 
@@ -102,7 +103,7 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
     extra = {"splits": ranges, "vocab_size": vocab_size, "dropped_examples": corpus.dropped,
              **({"shared_vocabulary": shared_vocab.summary()} if shared_vocab is not None else {}),
              **({"on_policy": on_policy.counts} if cfg.on_policy.lmbda > 0 else {})}
-    generations = greedy_generations(student, tokenizer, cfg.eval)
+    generations = greedy_generations(student, tokenizer, cfg.eval, chat=uses_chat_template(cfg.data))
     if accelerator.is_main_process:
         (run_dir / "generations.jsonl").write_text("".join(json.dumps(row) + "\n" for row in generations))
     if cfg.eval.teacher_nll_prompts:
@@ -255,19 +256,15 @@ def open_cache(cfg: LMDistillConfig, tokenizer: PreTrainedTokenizerBase, example
 
 
 @torch.no_grad()
-def greedy_generations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: LMEvalConfig) -> list[dict]:
-    """Each prompt and the model's greedy continuation of it (special tokens left out)."""
-    was_training = model.training
-    model.eval()
-    rows = []
-    for prompt in cfg.prompts:
-        inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False).to(model.device)
-        output = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-        completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        rows.append({"prompt": prompt, "completion": completion})
-    model.train(was_training)
-    return rows
+def greedy_generations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: LMEvalConfig,
+                       chat: bool = False) -> list[dict]:
+    """Each prompt and the model's greedy continuation of it (special tokens left out); with `chat`, each prompt is
+    the user's turn, rendered by the chat template as the training prompts were."""
+    prompts = [prompt_ids(tokenizer, user_turn(prompt) if chat else prompt) for prompt in cfg.prompts]
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+    completions = complete(model, prompts, greedy, stop_tokens(tokenizer), tokenizer.pad_token_id)
+    return [{"prompt": prompt, "completion": tokenizer.decode(completion, skip_special_tokens=True)}
+            for prompt, completion in zip(cfg.prompts, completions)]
 
 
 LM_DISTILL = register_job(Job("distill_lm", LMDistillConfig, check_lm_distill, distill_lm,
