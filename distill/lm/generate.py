@@ -48,7 +48,7 @@ from distill.core.fingerprint import file_sha256, token_ids_sha256
 from distill.core.io import write_json_atomic, write_text_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.sources import ensure_pad_token, load_causal_lm, load_pairs, load_tokenizer
-from distill.lm.sampling import SamplingConfig, complete, stop_tokens
+from distill.lm.sampling import SamplingConfig, check_sampling, complete, stop_tokens
 
 MANIFEST = "manifest.json"
 DATA = "data.jsonl"
@@ -98,13 +98,7 @@ def check_generate(cfg: GenerateConfig) -> None:
     if cfg.data.format not in ("prompt_completion", "chat"):
         raise ConfigError(f"data.format must be prompt_completion or chat: the teacher completes prompts, and "
                           f"'{cfg.data.format}' data has none")
-    sampling = cfg.sampling
-    if sampling.temperature < 0:
-        raise ConfigError(f"sampling.temperature must be >= 0 (0: greedy); got {sampling.temperature}")
-    if not 0 < sampling.top_p <= 1:
-        raise ConfigError(f"sampling.top_p must be in (0, 1]; got {sampling.top_p}")
-    if sampling.max_new_tokens < 1:
-        raise ConfigError(f"sampling.max_new_tokens must be at least 1; got {sampling.max_new_tokens}")
+    check_sampling(cfg.sampling, "sampling")
     if cfg.validation_examples < 0 or cfg.test_examples < 0:
         raise ConfigError(f"validation_examples and test_examples must be 0 or more; got {cfg.validation_examples} "
                           f"and {cfg.test_examples}")

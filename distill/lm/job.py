@@ -43,7 +43,7 @@ from distill.lm.config import LMDistillConfig, LMEvalConfig
 from distill.lm.data import PROMPT_LENGTH, CrossTokenizerCollator, LMCollator, held_out_splits
 from distill.lm.metrics import PERPLEXITY, teacher_nll_of_completions
 from distill.lm.on_policy import OnPolicyBatches
-from distill.lm.sampling import SamplingConfig, complete, stop_tokens
+from distill.lm.sampling import SamplingConfig, check_sampling, complete, stop_tokens
 from distill.lm.vocab import common_vocab_size
 from distill.losses.causal.cross_tokenizer import CROSS_TOKENIZER_LOSSES
 
@@ -217,9 +217,7 @@ def check_on_policy(cfg: LMDistillConfig) -> None:
     policy = cfg.on_policy
     if not 0 <= policy.lmbda <= 1:
         raise ConfigError(f"on_policy.lmbda is the share of on-policy batches, in [0, 1]; got {policy.lmbda}")
-    if policy.temperature < 0 or not 0 < policy.top_p <= 1 or policy.max_new_tokens < 1:
-        raise ConfigError("on_policy: temperature must be >= 0, top_p in (0, 1] and max_new_tokens >= 1; got "
-                          f"{policy.temperature}, {policy.top_p}, {policy.max_new_tokens}")
+    check_sampling(policy, "on_policy")
     if policy.lmbda == 0:
         return
     if cfg.data.format == "text":

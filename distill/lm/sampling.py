@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from transformers import PreTrainedModel
 
+from distill.core.errors import ConfigError
+
 
 @dataclass
 class SamplingConfig:
@@ -21,6 +23,16 @@ class SamplingConfig:
     """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p; 1 draws from all."""
     max_new_tokens: int = 64
     """The most tokens written after each prompt (fewer when the model writes its end-of-sequence token)."""
+
+
+def check_sampling(cfg, where: str) -> None:
+    """Config-only checks of sampling settings (a `SamplingConfig` or a config with the same three fields)."""
+    if cfg.temperature < 0:
+        raise ConfigError(f"{where}.temperature must be >= 0 (0: greedy); got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"{where}.top_p must be in (0, 1]; got {cfg.top_p}")
+    if cfg.max_new_tokens < 1:
+        raise ConfigError(f"{where}.max_new_tokens must be at least 1; got {cfg.max_new_tokens}")
 
 
 def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator]) -> torch.Tensor:

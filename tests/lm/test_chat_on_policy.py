@@ -200,7 +200,7 @@ def test_the_teachers_nll_of_the_students_completions_by_hand():
 
 @pytest.mark.parametrize("change, message", [
     ({"on_policy": OnPolicyConfig(lmbda=1.5)}, "on_policy.lmbda is the share of on-policy batches, in"),
-    ({"on_policy": OnPolicyConfig(lmbda=0.5, top_p=0)}, "top_p in"),
+    ({"on_policy": OnPolicyConfig(lmbda=0.5, top_p=0)}, r"on_policy.top_p must be in \(0, 1\]"),
     ({"data": CorpusConfig(format="text"), "eval": LMEvalConfig()}, "plain text has none"),
     ({"stages": [StageConfig(losses=[*JSD, LossConfig(name="next_token_ce")])]}, "its own samples"),
     ({"stages": [StageConfig(losses=[LossConfig(name="topk_kl")])], "cache": "c"}, "not a cache"),
