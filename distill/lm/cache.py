@@ -374,10 +374,11 @@ def pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torc
 
 class CachedTeacherCollator(IndexedRowsCollator):
     """Collates examples of the cached corpus that carry their example index as `cache_index`: `collate` pads
-    the rest (a `DataCollatorWithPadding`, say), and the batch gains the cached teacher rows (`pad_rows`)."""
+    the rest (a `DataCollatorWithPadding`, say), and the batch gains the cached teacher rows (`pad_rows`), laid out
+    by the batch's `mask_key` (the teacher's own attention mask when the batch carries the teacher's tokenization)."""
 
-    def __init__(self, cache: TeacherCache, collate: Callable[[list[dict]], dict]):
-        super().__init__(lambda indices, batch: cache.batch(indices, batch["attention_mask"]), collate)
+    def __init__(self, cache: TeacherCache, collate: Callable[[list[dict]], dict], mask_key: str = "attention_mask"):
+        super().__init__(lambda indices, batch: cache.batch(indices, batch[mask_key]), collate)
 
 
 # ----- the job ----------------------------------------------------------------------------------------------------

@@ -85,17 +85,19 @@ class LMDistillConfig:
     student_tokenizer: Optional[str] = None
     """A tokenizer other than the teacher's (a path, `offline:NAME` or a Hub id) that the student reads the text
     through: a `fresh` student gets its vocabulary. Each text is also tokenized by the teacher, the two aligned by
-    character offsets, and the student learns by the cross-tokenizer losses `aligned_kl` / `uld` (with
-    `next_token_ce`) from the live teacher, on plain text. None: the teacher's tokenizer."""
+    character offsets, and the student learns by the cross-tokenizer losses (with `next_token_ce`): `aligned_kl` /
+    `uld` from the live teacher, `aligned_topk_kl` from a `cache` of the teacher's tokenization; plain text only.
+    None: the teacher's tokenizer."""
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(losses=[
         LossConfig(name="forward_kl"), LossConfig(name="next_token_ce")])])
     """Causal token losses (`forward_kl`, `reverse_kl`, `jsd`, `topk_kl` (needs `cache`), `next_token_ce`),
-    cross-tokenizer losses (`aligned_kl`, `uld`; with `student_tokenizer`), and hidden-state losses over `layer_map`
-    (`hidden_mse`, `hidden_cosine`; they need the running teacher)."""
+    cross-tokenizer losses (`aligned_kl`, `uld`, `aligned_topk_kl` (needs `cache`); with `student_tokenizer`), and
+    hidden-state losses over `layer_map` (`hidden_mse`, `hidden_cosine`; they need the running teacher)."""
     layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)
     """Which teacher layer's hidden state each student layer matches, for `hidden_mse` / `hidden_cosine`."""
     cache: Optional[str] = None
-    """A teacher cache folder (recipes/build_teacher_cache.py over the same `data`) that `topk_kl` reads. It must
+    """A teacher cache folder (recipes/build_teacher_cache.py over the same `data`) that `topk_kl` (or, with
+    `student_tokenizer`, `aligned_topk_kl`) reads. It must
     match this run's tokenizer, corpus token ids, k and temperature, and the teacher's config; the teacher's weights
     are compared too when the run loads the teacher anyway (a student copied from it, or a loss that runs it)."""
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)

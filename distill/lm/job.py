@@ -23,7 +23,7 @@ from distill.core.evaluate import count_parameters
 from distill.core.fingerprint import config_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
 from distill.core.io import write_text_atomic
 from distill.core.jobs import Job, register_job
-from distill.core.losses import LOSSES, LossSetup, check_stages
+from distill.core.losses import LOSSES, TEACHER_INPUTS, LossSetup, check_stages
 from distill.core.mapping import build_layer_map, check_layer_map_config
 from distill.core.run import OnStep, RunResult, Task, check_train, finish_run, start_run, warn_truncation
 from distill.core.sources import (
@@ -46,6 +46,9 @@ from distill.lm.on_policy import OnPolicyBatches
 from distill.lm.sampling import SamplingConfig, check_sampling, complete, stop_tokens
 from distill.lm.vocab import common_vocab_size
 from distill.losses.causal.cross_tokenizer import CROSS_TOKENIZER_LOSSES
+
+CACHE_LOSSES = ("topk_kl", "aligned_topk_kl")
+"""Losses that read a teacher cache (`cache`): the teacher's top-k rows of its own tokenization."""
 
 TOKEN_LOSSES = sorted(name for name, cls in LOSSES.items() if cls.reads_lm_head)
 """Losses on next-token distributions: the causal token losses and the cross-tokenizer ones."""
@@ -89,9 +92,11 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
         vocab_size = common_vocab_size(student_tokenizer, tokenizer, student.config.get_text_config().vocab_size,
                                        teacher_config.get_text_config().vocab_size)
         collate = task_collate = LMCollator(tokenizer)
-    if cfg.cache is not None:
-        cache = open_cache(cfg, tokenizer, examples, teacher_config, teacher)
-        collate = CachedTeacherCollator(cache, collate)
+    if cfg.cache is not None:  # a cache of the teacher's tokenization, laid out by the teacher's token positions
+        cache_ids = corpus.columns[TEACHER_INPUTS[0]] if cfg.student_tokenizer else examples
+        cache = open_cache(cfg, teacher_tokenizer, cache_ids, teacher_config, teacher)
+        collate = CachedTeacherCollator(cache, collate, TEACHER_INPUTS[1] if cfg.student_tokenizer else
+                                        "attention_mask")
     teacher = teacher if needs_teacher(cfg) else None
     on_policy = OnPolicyBatches(cfg.on_policy, tokenizer, cfg.seed, accelerator.process_index)
     trainer = Trainer(accelerator, student, teacher, splits, collate, cfg.train, cfg.seed, run_dir, on_step,
@@ -154,7 +159,7 @@ def check_lm_distill(cfg: LMDistillConfig) -> None:
     check_train(cfg.train)
     check_student_config(cfg.student)
     check_layer_map_config(cfg.layer_map)
-    topk = [loss for stage in cfg.stages for loss in stage.losses if loss.name == "topk_kl"]
+    topk = [loss for stage in cfg.stages for loss in stage.losses if loss.name in CACHE_LOSSES]
     for i, stage in enumerate(cfg.stages):
         for loss in stage.losses:
             if loss.name not in (*TOKEN_LOSSES, *HIDDEN_LOSSES):
@@ -165,12 +170,13 @@ def check_lm_distill(cfg: LMDistillConfig) -> None:
                                   "teacher cache holds only its top-k next-token probabilities: drop `cache` or the "
                                   "loss")
     if topk and cfg.cache is None:
-        raise ConfigError("loss 'topk_kl' reads a teacher cache: set `cache` to a folder built by "
+        raise ConfigError(f"loss '{topk[0].name}' reads a teacher cache: set `cache` to a folder built by "
                           "recipes/build_teacher_cache.py over the same data")
     if cfg.cache is not None and not topk:
-        raise ConfigError("`cache` is set, but no stage has the 'topk_kl' loss that reads it")
+        raise ConfigError(f"`cache` is set, but no stage has a loss that reads it ({' or '.join(CACHE_LOSSES)})")
     if len({loss.temperature for loss in topk}) > 1 or any(loss.final_temperature is not None for loss in topk):
-        raise ConfigError("every 'topk_kl' loss must use the one temperature the cache was written at, unscheduled")
+        raise ConfigError(f"every '{topk[0].name}' loss must use the one temperature the cache was written at, "
+                          "unscheduled")
     if cfg.validation_examples < 1 or cfg.test_examples < 1:
         raise ConfigError(f"validation_examples and test_examples must be at least 1; got {cfg.validation_examples} "
                           f"and {cfg.test_examples}")
@@ -196,13 +202,13 @@ def check_cross_tokenizer(cfg: LMDistillConfig) -> None:
                               "teacher's: set student_tokenizer, or use forward_kl with a shared tokenizer")
         return
     other = sorted(losses - set(CROSS_TOKENIZER_LOSSES) - {"next_token_ce"})
+    if "aligned_topk_kl" in losses and losses & {"aligned_kl", "uld"}:
+        raise ConfigError("student_tokenizer: 'aligned_topk_kl' reads a teacher cache and 'aligned_kl' / 'uld' the "
+                          "live teacher: use one or the other")
     if other:
         raise ConfigError(f"student_tokenizer: loss '{other[0]}' compares the two models position by position and "
                           f"id by id; with two tokenizers use {' or '.join(CROSS_TOKENIZER_LOSSES)} (and "
                           "next_token_ce)")
-    if cfg.cache is not None:
-        raise ConfigError("student_tokenizer: the cross-tokenizer losses run the live teacher on its own tokenization "
-                          "of each text; a teacher cache holds rows of one tokenization: drop `cache`")
     if cfg.data.format != "text":
         raise ConfigError("student_tokenizer: texts are aligned character by character, which needs data.format "
                           "text (a chat template renders a different text for each tokenizer)")
@@ -234,7 +240,7 @@ def check_on_policy(cfg: LMDistillConfig) -> None:
 
 
 def needs_teacher(cfg: LMDistillConfig) -> bool:
-    """Whether a loss runs the teacher (`topk_kl` reads the cache instead)."""
+    """Whether a loss runs the teacher (`topk_kl` and `aligned_topk_kl` read the cache instead)."""
     return any(LOSSES[loss.name].needs_teacher for stage in cfg.stages for loss in stage.losses)
 
 
@@ -242,7 +248,7 @@ def open_cache(cfg: LMDistillConfig, tokenizer: PreTrainedTokenizerBase, example
                teacher_config: PretrainedConfig, teacher: Optional[PreTrainedModel]) -> TeacherCache:
     """The cache, refused unless it was built from this run's tokenizer, corpus token ids, `topk_kl` temperature
     and teacher config; its weights too when the run has loaded the teacher (hashing them needs the model)."""
-    temperature = next(loss.temperature for stage in cfg.stages for loss in stage.losses if loss.name == "topk_kl")
+    temperature = next(loss.temperature for stage in cfg.stages for loss in stage.losses if loss.name in CACHE_LOSSES)
     expect = CacheKey(config_sha256(teacher_config), weights_sha256(teacher) if teacher is not None else None,
                       tokenizer_sha256(tokenizer), token_ids_sha256(examples), None, None, float(temperature))
     cache = TeacherCache.open(cfg.cache, expect=expect)

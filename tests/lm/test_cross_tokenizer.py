@@ -3,6 +3,7 @@ next tokens begin at the same character), a fresh student takes the student toke
 `uld` train it from the live teacher, the loss equals the pure function on the aligned rows, and the settings that
 cannot work are refused before work."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,10 +13,11 @@ from distill.core.config import CorpusConfig, LossConfig, StageConfig, StudentCo
 from distill.core.errors import ConfigError
 from distill.core.losses import LossInputs, LossSetup, build_losses
 from distill.lm.align import cross_tokenized, shared_vocabulary
-from distill.lm.config import LMEvalConfig, OnPolicyConfig
+from distill.lm.cache import build_from_config
+from distill.lm.config import CacheConfig, LMEvalConfig, OnPolicyConfig
 from distill.lm.data import CrossTokenizerCollator
 from distill.lm.job import check_lm_distill, distill_lm
-from distill.losses.causal.cross_tokenizer import ALIGNED_KEYS, aligned_kl
+from distill.losses.causal.cross_tokenizer import ALIGNED_KEYS, aligned_kl, aligned_topk_kl, topk_bucket_probs
 from tests.conftest import make_sentences, make_tokenizer, save_smollm2_tokenizer_lm, tiny_causal_lm
 from tests.lm.test_lm_distill import WORDS, lm_cfg
 
@@ -110,6 +112,8 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_teacher(tmp_path, teac
     ({"stages": [StageConfig(losses=[LossConfig(name="topk_kl"), *CROSS])], "cache": "c"},
      "loss 'topk_kl' compares"),
     ({"cache": "c", "stages": [StageConfig(losses=[*CROSS, LossConfig(name="hidden_mse")])]}, "hidden_mse"),
+    ({"cache": "c", "stages": [StageConfig(losses=[*CROSS, LossConfig(name="aligned_topk_kl")])]}, "one or the other"),
+    ({"stages": [StageConfig(losses=[LossConfig(name="aligned_topk_kl")])]}, "reads a teacher cache"),
     ({"data": CorpusConfig(format="prompt_completion")}, "needs data.format text"),
     ({"student": StudentConfig(layers=[1])}, "use student.init fresh"),
 ])
@@ -124,3 +128,47 @@ def test_on_policy_with_another_tokenizer_is_refused(tmp_path, teacher_dir, stud
                     data=CorpusConfig(format="chat"), on_policy=OnPolicyConfig(lmbda=0.5))
     with pytest.raises(ConfigError):
         check_lm_distill(cfg)
+
+
+def test_aligned_kl_from_cached_rows_equals_the_live_value_when_the_slots_hold_the_whole_distribution():
+    vocab = SimpleNamespace(student_ids=torch.tensor([0, 1, 2]), student_bucket=torch.tensor([0, 1, 1]),
+                            teacher_ids=torch.tensor([1, 3]), teacher_bucket=torch.tensor([0, 1]), size=2)
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 4, requires_grad=True), torch.randn(3, 5)
+    log_p = torch.log_softmax(teacher / 2.0, -1)
+    order = log_p.argsort(-1, descending=True)
+    live = aligned_kl(student, teacher, vocab, 2.0)
+    cached = aligned_topk_kl(student, log_p.gather(-1, order), order, vocab, 2.0)
+    assert torch.allclose(live, cached, atol=1e-6)
+    top2 = topk_bucket_probs(log_p.exp().gather(-1, order[:, :2]), order[:, :2], vocab)
+    by_hand = [[row[1] * (1 in ids), row[3] * (3 in ids), 1 - row[1] * (1 in ids) - row[3] * (3 in ids)]
+               for row, ids in zip(log_p.exp().tolist(), order[:, :2].tolist())]
+    assert torch.allclose(top2, torch.tensor(by_hand), atol=1e-6)
+    cached.sum().backward()
+    assert student.grad.abs().sum() > 0
+
+
+def test_a_student_with_its_own_tokenizer_learns_from_a_cache_of_the_teachers_tokenization(
+        tmp_path, teacher_dir, student_tokenizer_dir, corpus, monkeypatch):
+    build_from_config(CacheConfig(teacher=str(teacher_dir), output_dir=str(tmp_path / "cache"), data=corpus, k=8,
+                                  samples=8, batch_size=8, shard_examples=32))
+    monkeypatch.setattr(torch.nn.Module, "__call__", guard_teacher(torch.nn.Module.__call__))
+    cfg = cross_cfg(tmp_path, teacher_dir, student_tokenizer_dir, corpus,
+                    [LossConfig(name="aligned_topk_kl"), LossConfig(name="next_token_ce")], cache=str(tmp_path / "cache"))
+    distill_lm(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("train_aligned_topk_kl", 0) > 0 for r in records)
+    with pytest.raises(ConfigError, match="was built with another corpus_sha256"):
+        distill_lm(cross_cfg(tmp_path, teacher_dir, student_tokenizer_dir,
+                             CorpusConfig(source=corpus.source, max_length=6),
+                             [LossConfig(name="aligned_topk_kl")], cache=str(tmp_path / "cache")))
+
+
+def guard_teacher(call):
+    """Module.__call__ that fails when a model with the teacher's 49,152-token vocabulary runs its forward."""
+    def guarded(module, *args, **kwargs):
+        config = getattr(module, "config", None)
+        if getattr(config, "vocab_size", None) == 49152 and type(module).__name__.endswith("ForCausalLM"):
+            raise AssertionError("the teacher ran")
+        return call(module, *args, **kwargs)
+    return guarded

@@ -191,7 +191,7 @@ def test_a_cache_of_anything_else_is_refused(tmp_path, teacher_dir, corpus, chan
 
 @pytest.mark.parametrize("change, message", [
     ({"stages": [StageConfig(losses=CACHED)]}, "topk_kl' reads a teacher cache"),
-    ({"cache": "somewhere"}, "no stage has the 'topk_kl'"),
+    ({"cache": "somewhere"}, "no stage has a loss that reads it \\(topk_kl or aligned_topk_kl\\)"),
     ({"stages": [StageConfig(losses=[LossConfig(name="kl")])]}, "not a causal token loss"),
     ({"stages": [StageConfig(losses=[*CACHED, LossConfig(name="hidden_mse")])], "cache": "somewhere"},
      "a teacher cache holds only"),

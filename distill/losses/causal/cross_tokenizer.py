@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from distill.core.config import LossConfig
 from distill.core.errors import ConfigError
 from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
-from distill.losses.causal.fused import LogitSource
+from distill.losses.causal.fused import LogitSource, TeacherTopK
 
 
 class Buckets(Protocol):
@@ -32,6 +32,33 @@ def aligned_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab
     same character. Only the mass of tokens whose surfaces both vocabularies share is compared bucket by bucket."""
     log_p = bucket_log_probs(F.log_softmax(teacher_logits / temperature, -1), vocab.teacher_ids,
                              vocab.teacher_bucket, vocab.size)
+    return bucket_kl(log_p, student_logits, vocab, temperature)
+
+
+def aligned_topk_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor,
+                    vocab: Buckets, temperature: float) -> torch.Tensor:
+    """`aligned_kl` against a teacher cache's rows at the aligned positions (log-probabilities already at
+    `temperature`, their token ids): the slots' mass goes to their tokens' buckets, everything else (unshared slots
+    and the mass outside the slots) to the rest."""
+    log_p = topk_bucket_probs(teacher_logprobs.exp(), teacher_indices, vocab).clamp_min(
+        torch.finfo(teacher_logprobs.dtype).tiny).log()
+    return bucket_kl(log_p, student_logits, vocab, temperature)
+
+
+def topk_bucket_probs(weights: torch.Tensor, indices: torch.Tensor, vocab: Buckets) -> torch.Tensor:
+    """(rows, slots) slot weights and token ids -> (rows, size + 1) bucket masses, the last the rest: 1 - the mass
+    of the shared slots (so that it holds the unshared slots and whatever the slots leave out)."""
+    lookup = torch.full((int(max(indices.max(), vocab.teacher_ids.max())) + 1,), vocab.size, dtype=torch.long,
+                        device=indices.device)
+    lookup[vocab.teacher_ids.to(indices.device)] = vocab.teacher_bucket.to(indices.device)
+    buckets = weights.new_zeros(weights.shape[0], vocab.size + 1).scatter_add_(1, lookup[indices], weights)
+    buckets[:, -1] = (1 - buckets[:, :-1].sum(-1)).clamp_min(0)
+    return buckets
+
+
+def bucket_kl(log_p: torch.Tensor, student_logits: torch.Tensor, vocab: Buckets, temperature: float) -> torch.Tensor:
+    """KL(p || q) per row, p the teacher's bucket log-masses, q the student's bucketed distribution at
+    `temperature`."""
     log_q = bucket_log_probs(F.log_softmax(student_logits / temperature, -1), vocab.student_ids,
                              vocab.student_bucket, vocab.size)
     p = log_p.exp()
@@ -83,65 +110,90 @@ def _column_buckets(ids: torch.Tensor, bucket: torch.Tensor, size: int, like: to
 
 
 # ----- registered losses --------------------------------------------------------------------------------------
-CROSS_TOKENIZER_LOSSES = ("aligned_kl", "uld")
+CROSS_TOKENIZER_LOSSES = ("aligned_kl", "aligned_topk_kl", "uld")
 ALIGNED_KEYS = ("teacher_aligned_student", "teacher_aligned_teacher")
 """The batch keys of the aligned position pairs (batch, pairs): student position, teacher position; -1 pads."""
 
 
-def aligned_rows(inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 logits of the student (differentiable) and of the teacher at the batch's aligned position pairs,
-    projected through the LM heads at those positions only."""
+def aligned_pairs(inputs: LossInputs, student: LogitSource, teacher_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat (batch * length) student positions and teacher positions of the batch's aligned pairs."""
+    if inputs.batch is None or ALIGNED_KEYS[0] not in inputs.batch:
+        raise ValueError("cross-tokenizer losses read aligned positions from the batch (a cross-tokenizer collator "
+                         "adds them); this batch has none")
     student_at, teacher_at = (inputs.batch[key] for key in ALIGNED_KEYS)
-    rows = (student_at >= 0).nonzero()[:, 0]
-    student = LogitSource.of(inputs.student, inputs.student_head)
-    teacher = LogitSource.of(inputs.teacher, inputs.teacher_head)
     valid = student_at >= 0
-    student_rows = student.rows(rows * student.states.shape[1] + student_at[valid], None)
-    with torch.no_grad():
-        teacher_rows = teacher.rows(rows * teacher.states.shape[1] + teacher_at[valid], None)
-    return student_rows, teacher_rows
+    rows = valid.nonzero()[:, 0]
+    return rows * student.states.shape[1] + student_at[valid], rows * teacher_length + teacher_at[valid]
 
 
 class _CrossTokenizerLoss(DistillLoss):
     """A loss between a student and a teacher that tokenize the text differently, at the positions where both
-    predict the token beginning at the same character (`distill.lm.align`), averaged over them, times T^2."""
+    predict the token beginning at the same character (`distill.lm.align`), averaged over them, times T^2. The
+    student's logits are projected through its LM head at those positions only."""
     reads_lm_head = True
     options = ("temperature",)
+    reads_shared_vocab = True
+
+    def __init__(self, spec: LossConfig, setup: LossSetup):
+        super().__init__(spec, setup)
+        if self.reads_shared_vocab and setup.shared_vocab is None:
+            raise ConfigError(f"loss '{spec.name}' compares the tokens two vocabularies share: it needs a student "
+                              "with its own tokenizer (student_tokenizer)")
+        self.vocab = setup.shared_vocab
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
-        if inputs.batch is None or ALIGNED_KEYS[0] not in inputs.batch:
-            raise ValueError(f"loss '{self.spec.name}' reads aligned positions from the batch (a cross-tokenizer "
-                             "collator adds them); this batch has none")
-        student, teacher = aligned_rows(inputs)
-        if not len(student):
-            return student.sum()
-        return self.values(student, teacher).mean() * self.temperature ** 2
+        student = LogitSource.of(inputs.student, inputs.student_head)
+        values = self.values(student, inputs)
+        return values.mean() * self.temperature ** 2 if len(values) else values.sum()
 
-    def values(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def values(self, student: LogitSource, inputs: LossInputs) -> torch.Tensor:
         raise NotImplementedError
+
+    def teacher_rows(self, student: LogitSource, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 logits of the student (differentiable) and of the live teacher at the aligned pairs."""
+        teacher = LogitSource.of(inputs.teacher, inputs.teacher_head)
+        student_at, teacher_at = aligned_pairs(inputs, student, teacher.states.shape[1])
+        with torch.no_grad():
+            teacher_rows = teacher.rows(teacher_at, None)
+        return student.rows(student_at, None), teacher_rows
+
+    def shared_vocab(self, device: torch.device) -> Buckets:
+        if self.vocab.student_ids.device != device:
+            self.vocab = type(self.vocab)(**{name: value.to(device) if torch.is_tensor(value) else value
+                                             for name, value in vars(self.vocab).items()})
+        return self.vocab
 
 
 @register("aligned_kl")
 class AlignedKL(_CrossTokenizerLoss):
-    """KL(teacher || student) over the shared-vocabulary buckets plus a rest bucket (`aligned_kl`)."""
+    """KL(teacher || student) over the shared-vocabulary buckets plus a rest bucket (`aligned_kl`), live teacher."""
 
-    def __init__(self, spec: LossConfig, setup: LossSetup):
-        super().__init__(spec, setup)
-        if setup.shared_vocab is None:
-            raise ConfigError("loss 'aligned_kl' compares the tokens two vocabularies share: it needs a student with "
-                              "its own tokenizer (student_tokenizer)")
-        self.vocab = setup.shared_vocab
+    def values(self, student: LogitSource, inputs: LossInputs) -> torch.Tensor:
+        student_rows, teacher_rows = self.teacher_rows(student, inputs)
+        return aligned_kl(student_rows, teacher_rows, self.shared_vocab(student_rows.device), self.temperature)
 
-    def values(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        if self.vocab.student_ids.device != student.device:
-            self.vocab = type(self.vocab)(**{name: value.to(student.device) if torch.is_tensor(value) else value
-                                             for name, value in vars(self.vocab).items()})
-        return aligned_kl(student, teacher, self.vocab, self.temperature)
+
+@register("aligned_topk_kl")
+class AlignedTopKKL(_CrossTokenizerLoss):
+    """`aligned_kl` against a teacher cache of the teacher's tokenization (`aligned_topk_kl`): no teacher runs."""
+    needs_teacher = False
+
+    def values(self, student: LogitSource, inputs: LossInputs) -> torch.Tensor:
+        topk = TeacherTopK.from_batch(inputs.batch or {})
+        if topk is None:
+            raise ValueError("loss 'aligned_topk_kl' reads the teacher's top-k from the batch (a teacher cache's "
+                             "collator adds it); this batch has none")
+        student_at, teacher_at = aligned_pairs(inputs, student, topk.indices.shape[1])
+        logprobs, indices = topk.rows(teacher_at)
+        student_rows = student.rows(student_at, None)
+        return aligned_topk_kl(student_rows, logprobs, indices, self.shared_vocab(student_rows.device),
+                               self.temperature)
 
 
 @register("uld")
 class ULD(_CrossTokenizerLoss):
-    """ULD's distance between the sorted distributions (`uld_distance`)."""
+    """ULD's distance between the sorted distributions (`uld_distance`), live teacher."""
+    reads_shared_vocab = False
 
-    def values(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return uld_distance(student, teacher, self.temperature)
+    def values(self, student: LogitSource, inputs: LossInputs) -> torch.Tensor:
+        return uld_distance(*self.teacher_rows(student, inputs), self.temperature)

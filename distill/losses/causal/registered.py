@@ -152,10 +152,12 @@ def token_losses(losses: dict[str, _TokenLoss], weights: dict[str, float],
     (by `weights`) sum, and each loss's own detached value."""
     first = next(iter(losses.values()))  # built from one stage's setup: they share its vocabulary cut
     reads_teacher = any(loss.needs_teacher for loss in losses.values())
+    # a cross-tokenizer batch's cached rows follow the teacher's positions, which only `aligned_topk_kl` reads
+    reads_cache = any(isinstance(loss, TopKKL) for loss in losses.values())
     return fused_means({name: loss.row_loss(inputs) for name, loss in losses.items()}, weights,
                        LogitSource.of(inputs.student, inputs.student_head), inputs.labels,
                        LogitSource.of(inputs.teacher, inputs.teacher_head) if reads_teacher else None,
-                       TeacherTopK.from_batch(inputs.batch or {}),
+                       TeacherTopK.from_batch(inputs.batch or {}) if reads_cache else None,
                        min(loss.spec.chunk_size for loss in losses.values()), first.vocab_size)
 
 
