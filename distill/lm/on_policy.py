@@ -9,6 +9,8 @@ process, the stage, the epoch and the batch's index in it: a resumed run draws w
 without a generator state to save."""
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -28,8 +30,8 @@ class OnPolicyBatches:
         self.counts = {"on_policy_batches": 0, "batches": 0, "target_tokens": 0, "teacher_tokens": 0}
 
     def generator(self, state: TrainState) -> torch.Generator:
-        key = (((self.seed * 1_000_003 + self.rank) * 101 + state.stage) * 10_007 + state.epoch) * 1_000_003
-        return torch.Generator().manual_seed(key + state.batches_done)
+        where = f"{self.seed}/{self.rank}/{state.stage}/{state.epoch}/{state.batches_done}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(where).digest()[:8], "little") >> 1)
 
     def __call__(self, batch: dict[str, torch.Tensor], state: TrainState, student: PreTrainedModel
                  ) -> dict[str, torch.Tensor]:

@@ -144,6 +144,9 @@ def test_on_policy_batches_hold_the_students_completions_of_the_prompts():
     assert transform.counts["target_tokens"] == sum(len(c) for c in expected)
     off = OnPolicyBatches(OnPolicyConfig(lmbda=0.0), tokenizer, seed=0, rank=0)
     assert off(batch, TrainState(), student) is batch and off.counts["on_policy_batches"] == 0
+    draws = [OnPolicyBatches(cfg, tokenizer, seed, rank).generator(TrainState(stage=1, epoch=9, batches_done=99))
+             .initial_seed() for seed, rank in ((10 ** 9, 3), (10 ** 9, 3), (10 ** 9, 4))]
+    assert draws[0] == draws[1] != draws[2]  # any seed; each process draws its own samples
     share = OnPolicyBatches(OnPolicyConfig(lmbda=0.5, max_new_tokens=1), tokenizer, seed=0, rank=0)
     for index in range(40):
         share(batch, TrainState(batches_done=index), student)
