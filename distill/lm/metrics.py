@@ -52,7 +52,7 @@ def teacher_nll_of_completions(student: PreTrainedModel, teacher: PreTrainedMode
                                ) -> tuple[dict[str, float], list[list[int]]]:
     """The student's greedy (or `sampling`) completions of `prompts`, scored by the teacher: its mean negative
     log-likelihood per completion token (lower: the student writes what the teacher would have written), the mean
-    completion length; and the completions."""
+    completion length, their distinct-2; and the completions."""
     was_training = teacher.training
     teacher.eval()
     nll = tokens = 0.0
@@ -66,4 +66,13 @@ def teacher_nll_of_completions(student: PreTrainedModel, teacher: PreTrainedMode
         nll, tokens = nll + sums.sum().item(), tokens + counts.sum().item()
         completions += written
     teacher.train(was_training)
-    return {"teacher_nll": nll / max(tokens, 1), "completion_tokens": tokens / max(len(prompts), 1)}, completions
+    scores = {"teacher_nll": nll / max(tokens, 1), "completion_tokens": tokens / max(len(prompts), 1),
+              "completion_distinct_2": distinct_bigrams(completions)}
+    return scores, completions
+
+
+def distinct_bigrams(completions: list[list[int]]) -> float:
+    """distinct-2 (Li et al. 2016): the share of the completions' token bigrams that are distinct. A teacher finds a
+    loop ("the story of the story of ...") likely, so a low teacher NLL from looping text shows here as a low value."""
+    bigrams = [tuple(c[i:i + 2]) for c in completions for i in range(len(c) - 1)]
+    return len(set(bigrams)) / max(len(bigrams), 1)

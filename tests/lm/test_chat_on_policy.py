@@ -16,7 +16,7 @@ from distill.core.trainer import TrainState
 from distill.lm.config import LMEvalConfig, OnPolicyConfig
 from distill.lm.data import LMCollator, held_out_splits
 from distill.lm.job import check_lm_distill, distill_lm
-from distill.lm.metrics import teacher_nll_of_completions
+from distill.lm.metrics import distinct_bigrams, teacher_nll_of_completions
 from distill.lm.on_policy import OnPolicyBatches
 from distill.lm.sampling import SamplingConfig, complete, pack_completions, pick_tokens
 from tests.conftest import Interrupt, assert_same_weights, make_sentences, make_tokenizer, tiny_causal_lm
@@ -199,6 +199,9 @@ def test_the_teachers_nll_of_the_students_completions_by_hand():
     assert completions == complete(student, prompts, greedy, set(), 0)
     assert scores["teacher_nll"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
     assert scores["completion_tokens"] == 4
+    bigrams = [tuple(c[i:i + 2]) for c in completions for i in range(3)]
+    assert scores["completion_distinct_2"] == len(set(bigrams)) / 6
+    assert distinct_bigrams([[1, 2, 1, 2, 1], [3, 4]]) == 3 / 5
 
 
 @pytest.mark.parametrize("change, message", [
