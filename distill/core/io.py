@@ -35,6 +35,11 @@ def write_json_atomic(values: dict, path: Path) -> None:
     write_text_atomic(path, json.dumps(values, indent=2))
 
 
+def jsonl_text(rows) -> str:
+    """Rows (dicts) as JSON Lines: one JSON object per line."""
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)

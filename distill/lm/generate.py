@@ -45,7 +45,7 @@ from distill.core.chat import PromptCompletion, check_chat_template, prompt_ids
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import file_sha256, token_ids_sha256
-from distill.core.io import write_json_atomic, write_text_atomic
+from distill.core.io import jsonl_text, write_json_atomic, write_text_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.sources import ensure_pad_token, load_causal_lm, load_pairs, load_tokenizer
 from distill.lm.sampling import SamplingConfig, check_sampling, complete, stop_tokens
@@ -159,10 +159,6 @@ def output_row(pair: PromptCompletion, completion: str, data_format: str) -> dic
     return {"messages": [*pair.prompt, {"role": "assistant", "content": completion}]}
 
 
-def jsonl(rows) -> str:
-    return "".join(json.dumps(row) + "\n" for row in rows)
-
-
 def generation_key(cfg: GenerateConfig, prompts: list[list[int]]) -> dict:
     """Everything the shards' rows depend on (the batches decide the draws, the shard size which generator draws for
     which prompt); the prompts' token ids catch a changed data file or tokenizer behind the same names."""
@@ -226,7 +222,7 @@ def write_remaining_shards(teacher: PreTrainedModel, tokenizer: PreTrainedTokeni
                                         shard_generator(cfg.seed, index), cfg.batch_size, bar)
             texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in written]
             path = folder / f"part-{index:05d}.jsonl"
-            write_text_atomic(path, jsonl(output_row(pairs[i], text, cfg.data.format) for i, text in zip(span, texts)))
+            write_text_atomic(path, jsonl_text(output_row(pairs[i], text, cfg.data.format) for i, text in zip(span, texts)))
             shards.append({"file": path.name, "examples": len(part),
                            **completion_counts(part, written, texts, cfg, stop_ids), "sha256": file_sha256(path)})
             write_json_atomic({**plan, "shards": shards, "complete": False}, folder / MANIFEST)
@@ -267,7 +263,7 @@ def generate_teacher_data(cfg: GenerateConfig, on_shard: OnShard = None) -> dict
                                on_shard)
     held_out = [output_row(pair, pair.completion, cfg.data.format) for pair in pairs[train:]]
     write_text_atomic(folder / DATA, "".join((folder / shard["file"]).read_text() for shard in shards)
-                      + jsonl(held_out))
+                      + jsonl_text(held_out))
     manifest = {**plan, "shards": shards, **{name: sum(shard[name] for shard in shards) for name in COUNTS},
                 "complete": True}
     write_json_atomic(manifest, folder / MANIFEST)

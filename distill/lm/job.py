@@ -10,7 +10,6 @@ trained on; metrics.json records the three index ranges and the corpus fingerpri
 perplexity (lower is better); `generations.jsonl` holds the final student's greedy completion of each fixed prompt."""
 from __future__ import annotations
 
-import json
 import logging
 from typing import Optional
 
@@ -21,7 +20,7 @@ from distill.core.chat import prompt_ids, user_turn, uses_chat_template
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
 from distill.core.fingerprint import config_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
-from distill.core.io import write_text_atomic
+from distill.core.io import jsonl_text, write_text_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.losses import LOSSES, TEACHER_INPUTS, LossSetup, check_stages
 from distill.core.mapping import build_layer_map, check_layer_map_config
@@ -110,7 +109,7 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
              **({"on_policy": on_policy.counts} if cfg.on_policy.lmbda > 0 else {})}
     generations = greedy_generations(student, tokenizer, cfg.eval, chat=uses_chat_template(cfg.data))
     if accelerator.is_main_process:
-        (run_dir / "generations.jsonl").write_text("".join(json.dumps(row) + "\n" for row in generations))
+        write_text_atomic(run_dir / "generations.jsonl", jsonl_text(generations))
     if cfg.eval.teacher_nll_prompts:
         teacher = teacher or load_causal_lm(cfg.teacher).to(accelerator.device)
         extra.update(score_completions(student, teacher, tokenizer, splits["test"], cfg, run_dir,
@@ -124,9 +123,9 @@ def fit_vocabulary(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """A student that reads its own tokenizer: a fresh one (built from the teacher) gets that tokenizer's vocabulary
     and special token ids; a pretrained one must already cover it."""
     if not fresh:
-        if student.config.get_text_config().vocab_size < len(tokenizer):
-            raise ConfigError(f"student_tokenizer has {len(tokenizer)} tokens, and the student's embedding only "
-                              f"{student.config.get_text_config().vocab_size}")
+        rows = student.config.get_text_config().vocab_size
+        if rows < len(tokenizer):
+            raise ConfigError(f"student_tokenizer has {len(tokenizer)} tokens, and the student's embedding only {rows}")
         return
     student.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     special = {"pad_token_id": tokenizer.pad_token_id,
@@ -147,9 +146,9 @@ def score_completions(student: PreTrainedModel, teacher: PreTrainedModel, tokeni
     scores, completions = teacher_nll_of_completions(student, teacher, prompts, greedy, stop_tokens(tokenizer),
                                                      tokenizer.pad_token_id, cfg.train.eval_batch_size)
     if write:
-        lines = [json.dumps({"prompt": tokenizer.decode(prompt), "completion": tokenizer.decode(completion)}) + "\n"
-                 for prompt, completion in zip(prompts, completions)]
-        write_text_atomic(run_dir / "completions.jsonl", "".join(lines))
+        written = ({"prompt": tokenizer.decode(prompt), "completion": tokenizer.decode(completion)}
+                   for prompt, completion in zip(prompts, completions))
+        write_text_atomic(run_dir / "completions.jsonl", jsonl_text(written))
     return {f"test_{name}": value for name, value in scores.items()}
 
 
