@@ -2,7 +2,11 @@
 and a tiny teacher fine-tuned on the CSV."""
 from __future__ import annotations
 
+import os
 import random
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,7 @@ from distill.core.sources import resolve_model
 from distill.methods.config import FinetuneConfig
 from distill.methods.finetune import finetune
 
+REPO = Path(__file__).resolve().parents[1]
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "moving"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "flat"]
 NEUTRAL = ["the", "film", "movie", "plot", "was", "a", "story", "acting", "and", "very", "quite", "it"]
@@ -87,6 +92,22 @@ def write_review_corpus(path: Path, count: int) -> Path:
     path.write_text("\n".join(f"review {i}: the film was good and the acting was fine, the plot less so"
                               for i in range(count)) + "\n")
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(script: Path, args: list[str], cwd: Path, env: dict[str, str] | None = None,
+                         timeout: int = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `script` with two CPU processes (gloo), as recipes/accelerate/cpu_2proc.yaml says."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    command = [sys.executable, "-m", "accelerate.commands.launch",
+               "--config_file", str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"),
+               "--main_process_port", str(free_port()), str(script), *args]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)

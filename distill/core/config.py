@@ -218,6 +218,13 @@ class TrainConfig:
     (default `~/.cache/distill-compress`), keyed by the teacher's weights and dtype and the examples' token ids: a
     run over the same data (a resume, another seed or student) reads them instead. Losses on its hidden states or attention maps are
     refused, and so are `extra_teachers`."""
+    sharding: str = "none"
+    """`none`: each process holds the whole student (one process, or data parallel). `fsdp2`: the student, its
+    gradients and its optimizer state are split over the processes of a multi-process launch (PyTorch FSDP2, one unit
+    per transformer layer; docs/distributed.md). One stage only; not with on-policy batches."""
+    teacher_placement: str = "replicate"
+    """`replicate`: each process holds a whole frozen teacher. `shard` (with `sharding: fsdp2`): the teacher's layers
+    are split over the processes too and gathered one at a time for its forward pass."""
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers that also receive the logged metrics, through Accelerate: `tensorboard`, `wandb`,
     `mlflow`, `comet_ml`, `aim`, `clearml`, `dvclive`, `swanlab` or `trackio` (each needs its package). Empty:

@@ -16,7 +16,7 @@ import datasets
 import yaml
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import LoggerType, set_seed
+from accelerate.utils import DistributedType, LoggerType, set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
@@ -25,6 +25,7 @@ from distill.core.config import DataConfig, TrainConfig, config_yaml, flat_dict,
 from distill.core.errors import ConfigError, did_you_mean
 from distill.core.evaluate import ACCURACY, ValidationMetric, count_parameters, disk_size_mb
 from distill.core.io import save_model, write_json_atomic
+from distill.core.sharding import SHARDINGS, TEACHER_PLACEMENTS
 from distill.core.sources import collator, label_names, load_splits, load_tokenizer, tokenize_and_measure
 from distill.core.tracking import log_record
 from distill.core.trainer import TrainState, remove_resume_state
@@ -68,9 +69,10 @@ class Task:
 
 
 # ----- checks, before anything loads ------------------------------------------------------------------------------
-def check_train(train: TrainConfig, teacher_options: bool = False) -> None:
+def check_train(train: TrainConfig, teacher_options: bool = False, stages: int = 1) -> None:
     """Config-only checks of `train`. `teacher_options`: whether the job reads `train.teacher_dtype` and
-    `train.cache_teacher_logits` (classifier distillation); other jobs refuse them away from their defaults."""
+    `train.cache_teacher_logits` (classifier distillation); other jobs refuse them away from their defaults. `stages`:
+    how many the run trains."""
     if train.mixed_precision not in MIXED_PRECISIONS:
         raise ConfigError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}; got "
                           f"'{train.mixed_precision}'")
@@ -80,6 +82,18 @@ def check_train(train: TrainConfig, teacher_options: bool = False) -> None:
     if train.teacher_dtype not in TEACHER_DTYPES:
         raise ConfigError(f"train.teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}; got "
                           f"'{train.teacher_dtype}'")
+    if train.sharding not in SHARDINGS:
+        raise ConfigError(f"train.sharding must be one of {', '.join(SHARDINGS)}; got '{train.sharding}'")
+    if train.teacher_placement not in TEACHER_PLACEMENTS:
+        raise ConfigError(f"train.teacher_placement must be one of {', '.join(TEACHER_PLACEMENTS)}; got "
+                          f"'{train.teacher_placement}'")
+    if train.teacher_placement == "shard" and train.sharding != "fsdp2":
+        raise ConfigError("train.teacher_placement: shard needs train.sharding: fsdp2")
+    if train.sharding == "fsdp2" and stages > 1:
+        raise ConfigError(f"train.sharding: fsdp2 trains one stage; this run has {stages}")
+    if train.sharding == "fsdp2" and train.mixed_precision == "fp16":
+        raise ConfigError("train.sharding: fsdp2 with train.mixed_precision: fp16 would need a sharded gradient "
+                          "scaler; use bf16")
     changed = [f"train.{key}" for key, default in (("teacher_dtype", "float32"), ("cache_teacher_logits", False))
                if getattr(train, key) != default]
     if changed and not teacher_options:
@@ -102,19 +116,28 @@ def check_trackers(names: list[str]) -> None:
 
 
 def check_launch(accelerator: Accelerator, train: TrainConfig) -> None:
-    """Refuse launches that would load the teacher wrongly, override the run's accumulation, or run copies of one job.
+    """Refuse launches that would shard models where this trainer cannot, override the run's accumulation, or run
+    copies of one job.
 
-    Teachers (and the models that runs evaluate and save) are plain modules outside `prepare`, a full copy in each
-    process. Under DeepSpeed ZeRO-3 with `zero3_init_flag`, or FSDP with `fsdp_cpu_ram_efficient_loading`,
-    transformers loads every model partitioned or empty outside the main process, expecting `prepare` to fill it.
-    And a launcher may start processes that Accelerate does not join (on a machine without GPUs, a multi-GPU
-    config without ACCELERATE_USE_CPU=1): each would train alone and write the same output_dir."""
-    if is_deepspeed_zero3_enabled():
-        raise ConfigError("DeepSpeed ZeRO-3 with zero3_init_flag: true would load the teacher partitioned; set "
-                          "zero3_init_flag: false in the Accelerate config")
-    if is_fsdp_enabled():
-        raise ConfigError("FSDP with fsdp_cpu_ram_efficient_loading: true would load the teacher empty outside the "
-                          "main process; set it to false in the Accelerate config (see recipes/accelerate/fsdp.yaml)")
+    Teachers (and the models that runs evaluate and save) are plain modules outside `prepare`. DeepSpeed ZeRO-3 keeps
+    every weight partitioned outside the forward of the module that owns it, where the fused causal losses read the LM
+    heads, and it cannot run without GPUs here to be tested: refused. Accelerate's FSDP plugin shards only the one
+    model `prepare` sees: refused for `train.sharding: fsdp2` (distill.core.sharding), which shards the student and,
+    if asked, the teacher. And a launcher may start processes that Accelerate does not join (on a machine without
+    GPUs, a multi-GPU config without ACCELERATE_USE_CPU=1): each would train alone and write the same output_dir."""
+    if is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise ConfigError("DeepSpeed ZeRO-3 (zero_stage: 3) is not supported: use a multi-process launch with "
+                          "train.sharding: fsdp2, which shards weights, gradients and optimizer state alike")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or is_fsdp_enabled():
+        raise ConfigError("Accelerate's FSDP launch (distributed_type: FSDP) is not supported: launch with "
+                          "recipes/accelerate/multi_gpu.yaml (or cpu_2proc.yaml) and set train.sharding: fsdp2")
+    if train.sharding == "fsdp2" and accelerator.num_processes < 2:
+        raise ConfigError("train.sharding: fsdp2 splits the student over the processes of a launch; this one has a "
+                          "single process: launch several (recipes/accelerate/multi_gpu.yaml, or cpu_2proc.yaml "
+                          "without GPUs)")
+    if train.sharding == "fsdp2" and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("train.sharding: fsdp2 under a DeepSpeed launch would shard twice: launch with "
+                          "recipes/accelerate/multi_gpu.yaml")
     if accelerator.gradient_accumulation_steps != train.gradient_accumulation_steps:
         raise ConfigError(
             f"the launch sets gradient_accumulation_steps {accelerator.gradient_accumulation_steps} (Accelerate or "

@@ -16,6 +16,8 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -23,7 +25,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from distill.core import sharding
 from distill.core.config import StageConfig, TrainConfig
+from distill.core.errors import ConfigError
 from distill.core.evaluate import ACCURACY, ValidationMetric
 from distill.core.fingerprint import weights_sha256
 from distill.core.io import save_file_atomic
@@ -48,6 +52,8 @@ with quiet_loggers("bitsandbytes", "kernels"):
 
 CHECKPOINT_DIR = "checkpoint"
 BEST_FILE = "best_student.safetensors"
+SHARDED_STATE = "sharded"
+SCHEDULER_STATE = "scheduler.json"
 
 
 def remove_resume_state(run_dir: Path) -> None:
@@ -202,6 +208,8 @@ class TrainState:
     """The best validation score so far (`ValidationMetric.score`: negated when lower is better)."""
     best_metrics: list[float] = field(default_factory=list)
     """Best validation metric of each student, when a trainer selects several (mutual learning)."""
+    processes: int = 1
+    """How many processes trained: a resume must use as many (each saved its own data position and shards)."""
 
 
 BatchTransform = Callable[[dict[str, torch.Tensor], TrainState, PreTrainedModel], dict[str, torch.Tensor]]
@@ -240,6 +248,9 @@ class Trainer:
             # the wrapped module and its optimizer (launches that would load it partitioned: run.check_launch).
             teacher.eval().requires_grad_(False)
             self.teacher = teacher.to(accelerator.device)
+            if train_cfg.teacher_placement == "shard":
+                sharding.shard_model(self.teacher)
+        self.sharded = train_cfg.sharding == "fsdp2"
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
         self.best_path = self.run_dir / BEST_FILE
         # the latest stage's student and losses, with what the losses learned (projections, exit heads)
@@ -248,16 +259,26 @@ class Trainer:
 
     # ----- public -----------------------------------------------------------------------------------------
     def fit(self, stages: list[StageConfig], setup: LossSetup) -> PreTrainedModel:
+        if self.sharded and (len(stages) > 1 or type(self).build_objective is not Trainer.build_objective):
+            raise ConfigError(f"train.sharding: fsdp2 trains one student in one stage; {type(self).__name__} runs "
+                              f"{len(stages)} stages of its own objective")
         state = self._read_state()
         for index, stage in enumerate(stages):
             if index < state.stage:
                 continue
             resuming = index == state.stage and self.checkpoint_dir.exists()
             is_last = index == len(stages) - 1
-            self._run_stage(index, stage, setup, state if resuming else TrainState(stage=index), is_last)
-            state = TrainState(stage=index + 1)
+            fresh = TrainState(stage=index, processes=state.processes)
+            self._run_stage(index, stage, setup, state if resuming else fresh, is_last)
+            state = TrainState(stage=index + 1, processes=state.processes)
         if self.cfg.select_best and self.best_path.exists():
-            self.objective.load_state_dict(load_file(self.best_path))
+            best = load_file(self.best_path)
+            if self.sharded:
+                sharding.load_full_state_dict(self.objective, best)
+            else:
+                self.objective.load_state_dict(best)
+        if self.sharded:
+            self.student = sharding.gathered_copy(self.student).to(self.accelerator.device)
         self.accelerator.wait_for_everyone()
         if self.trace:
             self.trace.write(self.student)
@@ -289,6 +310,8 @@ class Trainer:
     def _run_stage(self, index: int, stage: StageConfig, setup: LossSetup, state: TrainState, is_last: bool):
         acc, cfg = self.accelerator, self.cfg
         self.objective = self.build_objective(stage, setup)
+        if self.sharded:  # before the optimizer is built: it keeps the shards
+            sharding.shard_model(self.objective.student, root=self.objective)
         optimizer = torch.optim.AdamW(param_groups(self.objective, cfg.weight_decay), lr=stage.learning_rate)
         steps_per_epoch = math.ceil(len(self.train_loader) / cfg.gradient_accumulation_steps)
         total_steps = math.ceil(stage.epochs * steps_per_epoch)
@@ -300,9 +323,9 @@ class Trainer:
             num_warmup_steps=round(cfg.warmup_ratio * total_steps) * acc.num_processes,
             num_training_steps=total_steps * acc.num_processes,
         )
-        objective, optimizer, scheduler = acc.prepare(self.objective, optimizer, scheduler)
+        objective, optimizer, scheduler = self._prepare(optimizer, scheduler)
         if state.global_step or state.epoch:
-            acc.load_state(str(self.checkpoint_dir))
+            self._load_checkpoint()
         select_best = cfg.select_best and is_last
         bar = tqdm(total=total_steps, initial=state.global_step, desc=f"stage {index} ({stage.name})",
                    disable=not acc.is_local_main_process)
@@ -317,7 +340,11 @@ class Trainer:
                     self.trace.record_batch(batch)
                 unwrapped.set_progress(state.global_step / total_steps)
                 with acc.accumulate(objective):
+                    if self.sharded:  # reduce-scatter gradients only on the batch that steps
+                        objective.set_requires_gradient_sync(acc.sync_gradients)
                     loss, parts = objective(batch, self._teacher_outputs(batch, unwrapped))
+                    if sharding.is_sharded(self.teacher):
+                        self.teacher.reshard()
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
                         acc.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm)
@@ -331,6 +358,8 @@ class Trainer:
                     continue
                 state.global_step += 1
                 bar.update(1)
+                if state.global_step == 1:
+                    self._log_memory(objective, optimizer)
                 if state.global_step % cfg.log_steps == 0:
                     record = self._log_running(running, index, state, scheduler.get_last_lr()[0],
                                                unwrapped.scheduled_values())
@@ -351,6 +380,20 @@ class Trainer:
         self.student = acc.unwrap_model(objective).student
         acc.free_memory()
 
+    def _prepare(self, optimizer, scheduler) -> tuple:
+        """The objective, optimizer and schedule as the loop uses them. Sharded, the objective is sharded in place and
+        the optimizer and schedule are wrapped as `prepare` would wrap them, but not registered with Accelerate, whose
+        `save_state` would write only the main process's optimizer shards (the trainer saves them itself)."""
+        acc = self.accelerator
+        if not self.sharded:
+            parts = acc.prepare(self.objective, optimizer, scheduler)
+        else:
+            optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
+            scheduler = AcceleratedScheduler(scheduler, optimizer, split_batches=acc.split_batches)
+            parts = self.objective, optimizer, scheduler
+        self._stage_parts = parts
+        return parts
+
     def _remaining_batches(self, state: TrainState):
         """This epoch's batches, less those a resumed run already consumed."""
         self.train_loader.set_epoch(state.epoch)
@@ -366,9 +409,10 @@ class Trainer:
                   f"validation_{self.metric.name}": value})
         if select_best and self.metric.score(value) > state.best_metric:
             state.best_metric = self.metric.score(value)
+            # the losses' state too, so that exit heads and projections match the weights kept
+            weights = sharding.full_state_dict(self.objective) if self.sharded else self.objective.state_dict()
             if self.accelerator.is_main_process:
-                # the losses' state too, so that exit heads and projections match the weights kept
-                save_file_atomic(self.objective.state_dict(), self.best_path)
+                save_file_atomic(weights, self.best_path)
 
     # ----- helpers ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -391,8 +435,30 @@ class Trainer:
     def _read_state(self) -> TrainState:
         path = self.checkpoint_dir / "trainer_state.json"
         if not path.is_file():
-            return TrainState()
-        return TrainState(**json.loads(path.read_text()))
+            return TrainState(processes=self.accelerator.num_processes)
+        state = TrainState(**json.loads(path.read_text()))
+        if state.processes != self.accelerator.num_processes:
+            raise ConfigError(f"{self.checkpoint_dir} was written by {state.processes} processes; this launch has "
+                              f"{self.accelerator.num_processes}: resume with num_processes: {state.processes}, or "
+                              "choose another output_dir")
+        return state
+
+    def _load_checkpoint(self) -> None:
+        self.accelerator.load_state(str(self.checkpoint_dir))
+        if self.sharded:
+            objective, optimizer, scheduler = self._stage_parts
+            sharding.load_sharded(str(self.checkpoint_dir / SHARDED_STATE), objective, optimizer.optimizer)
+            scheduler.scheduler.load_state_dict(json.loads((self.checkpoint_dir / SCHEDULER_STATE).read_text()))
+
+    def _log_memory(self, objective: nn.Module, optimizer) -> None:
+        """Once per stage, after the first optimizer step: the bytes of weights, gradients and optimizer state that
+        each process holds (the largest over processes), the trained module's and the teacher's."""
+        held = sharding.state_bytes(objective, optimizer)
+        if self.teacher is not None:
+            held["teacher"] = sharding.local_bytes(self.teacher.parameters())
+        values = self.accelerator.reduce(torch.tensor(list(held.values()), device=self.accelerator.device), "max")
+        held = dict(zip(held, values.tolist()))
+        self.log({"memory_per_process_bytes": {**held, "total": sum(held.values())}})
 
     def _save_checkpoint(self, state: TrainState) -> None:
         """Write the checkpoint beside the old one, then swap, so a kill never leaves a half-written one."""
@@ -402,8 +468,13 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        if self.sharded:
+            objective, optimizer, scheduler = self._stage_parts
+            sharding.save_sharded(str(tmp / SHARDED_STATE), objective, optimizer.optimizer)
         acc.wait_for_everyone()  # every process writes its own RNG state into `tmp` before it is renamed
         if acc.is_main_process:
+            if self.sharded:
+                (tmp / SCHEDULER_STATE).write_text(json.dumps(scheduler.scheduler.state_dict()))
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)))
             old = self.checkpoint_dir.with_name("checkpoint.old")
             if self.checkpoint_dir.exists():

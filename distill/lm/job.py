@@ -155,7 +155,7 @@ def score_completions(student: PreTrainedModel, teacher: PreTrainedModel, tokeni
 def check_lm_distill(cfg: LMDistillConfig) -> None:
     """Config-only checks, before anything is loaded."""
     check_stages(cfg.stages)
-    check_train(cfg.train)
+    check_train(cfg.train, stages=len(cfg.stages))
     check_student_config(cfg.student)
     check_layer_map_config(cfg.layer_map)
     topk = [loss for stage in cfg.stages for loss in stage.losses if loss.name in CACHE_LOSSES]
@@ -186,6 +186,9 @@ def check_lm_distill(cfg: LMDistillConfig) -> None:
     if cfg.eval.teacher_nll_prompts and cfg.data.format == "text":
         raise ConfigError("eval.teacher_nll_prompts scores the student's completions of held-out prompts: it needs "
                           "data.format prompt_completion or chat")
+    if cfg.train.sharding == "fsdp2" and cfg.on_policy.lmbda > 0:
+        raise ConfigError("on_policy with train.sharding: fsdp2: processes sample completions of different lengths, "
+                          "and a sharded student needs every process in each forward pass; use sharding: none")
     check_on_policy(cfg)
     check_cross_tokenizer(cfg)
 

@@ -25,7 +25,7 @@ def check_distill(cfg: DistillConfig) -> None:
     """Every config-only check of a distillation, whichever method it runs."""
     check_generations(cfg)
     check_stages(cfg.stages, peers=len(cfg.mutual.peers))
-    check_train(cfg.train, teacher_options=True)
+    check_train(cfg.train, teacher_options=True, stages=len(cfg.stages))
     check_logit_cache(cfg)
     normalised_teacher_weights(cfg)
     check_layer_map_config(cfg.layer_map)

@@ -1,16 +1,16 @@
 """The Accelerate launch configs in recipes/accelerate/, read by Accelerate's own launcher code (no GPU needed):
-every key is one Accelerate knows, and FSDP / DeepSpeed files turn into the intended plugin settings."""
+every key is one Accelerate knows, and the DeepSpeed file turns into the intended plugin settings."""
 from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin, patch_environment
-from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+from accelerate.utils import DeepSpeedPlugin, DistributedType, patch_environment
+from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
 EXPECTED = {"cpu": DistributedType.NO, "cpu_2proc": DistributedType.MULTI_GPU,
-            "multi_gpu": DistributedType.MULTI_GPU, "fsdp": DistributedType.FSDP,
+            "multi_gpu": DistributedType.MULTI_GPU,
             "deepspeed_zero2": DistributedType.DEEPSPEED}
 
 
@@ -36,17 +36,6 @@ def test_config_loads_with_known_keys(name):
             assert key in options, f"{name}.yaml: {section}.{key} is not an accelerate launch option"
     args, _ = launch_args(name)
     assert args.num_processes == (1 if name == "cpu" else 2)
-
-
-def test_fsdp_config_shards_fully_by_transformer_layer():
-    args, _ = launch_args("fsdp")
-    assert args.use_fsdp
-    env = {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith("FSDP_")}
-    with patch_environment(**env):
-        plugin = FullyShardedDataParallelPlugin()
-    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward
-    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
-    assert plugin.transformer_cls_names_to_wrap == ["BertLayer"]
 
 
 def test_deepspeed_config_is_zero_stage_2():

@@ -1,28 +1,14 @@
 """Data-parallel runs: a real two-process CPU (gloo) launch of the distillation recipe, and launches refused."""
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from distill.core import run as core_run
 from distill.core.config import LossConfig, StageConfig, StudentConfig
 from distill.core.errors import ConfigError
 from distill.methods import job as run
 from distill.methods.config import DistillConfig
-from tests.conftest import data_cfg, train_cfg
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import REPO, data_cfg, launch_two_processes, train_cfg
 
 
 def test_two_processes_share_the_data_and_end_with_the_same_student(sentiment_csv, tiny_teacher_dir, tmp_path):
@@ -37,13 +23,8 @@ def test_two_processes_share_the_data_and_end_with_the_same_student(sentiment_cs
                     "losses": [{"name": "kl", "temperature": 2.0}, {"name": "ce"}]}],
         "train": {"batch_size": 8, "eval_batch_size": 32, "log_steps": 2, "save_steps": 3, "max_steps_per_stage": 4},
     }))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "DISTILL_RANK_TRACE": str(trace)}
-    command = [sys.executable, "-m", "accelerate.commands.launch",
-               "--config_file", str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"),
-               "--main_process_port", str(free_port()),
-               str(REPO / "recipes" / "distill_student.py"), "--config", str(config)]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    done = launch_two_processes(REPO / "recipes" / "distill_student.py", ["--config", str(config)], tmp_path,
+                                {"DISTILL_RANK_TRACE": str(trace)})
     assert done.returncode == 0, done.stderr[-3000:]
 
     ranks = [json.loads((trace / f"rank-{i}.json").read_text()) for i in (0, 1)]
@@ -73,13 +54,15 @@ def test_a_launch_overriding_gradient_accumulation_is_refused(tiny_teacher_dir, 
         run.distill(small_cfg(tiny_teacher_dir, sentiment_csv, tmp_path))
 
 
-@pytest.mark.parametrize("setting, message", [("is_deepspeed_zero3_enabled", "zero3_init_flag: false"),
-                                              ("is_fsdp_enabled", "fsdp_cpu_ram_efficient_loading")])
-def test_launches_that_would_load_the_teacher_partitioned_are_refused(tiny_teacher_dir, sentiment_csv, tmp_path,
-                                                                      monkeypatch, setting, message):
-    monkeypatch.setattr(core_run, setting, lambda: True)  # transformers' own test of these launch settings
+@pytest.mark.parametrize("variable, value, message", [
+    ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3", "ZeRO-3 .* train.sharding: fsdp2"),
+    ("ACCELERATE_USE_FSDP", "true", "Accelerate's FSDP launch .* train.sharding: fsdp2")])
+def test_launches_that_would_shard_where_the_trainer_cannot_are_refused(tiny_teacher_dir, sentiment_csv, tmp_path,
+                                                                         monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)  # what accelerate launch sets from a ZeRO-3 or an FSDP config
     with pytest.raises(ConfigError, match=message):
         run.distill(small_cfg(tiny_teacher_dir, sentiment_csv, tmp_path))
+    assert not (tmp_path / "out").exists()
 
 
 def small_cfg(teacher, csv, tmp_path) -> DistillConfig:
