@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+from accelerate import PartialState
 from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -82,52 +83,80 @@ class CacheKey:
 
 
 # ----- building ---------------------------------------------------------------------------------------------------
+ShardRows = Callable[[int, list[Sequence[int]], tqdm], tuple[torch.Tensor, torch.Tensor]]
+"""(shard number, the shard's examples, progress bar) -> the shard's rows: (tokens, slots) log-probabilities and ids."""
+
+
 def build_cache(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Examples, folder: str | Path,
                 k: int, temperature: float = 1.0, shard_examples: int = 1024, batch_size: int = 8,
-                on_shard: OnShard = None, samples: int = 0, sample_seed: int = 0) -> Path:
+                on_shard: OnShard = None, samples: int = 0, sample_seed: int = 0,
+                processes: Optional[PartialState] = None) -> Path:
     """Run `teacher` (on its device, in eval mode, without gradients) over `examples` (lists of token ids, such as
     a tokenized dataset's `input_ids` column) and write the cache to `folder`: per token its top `k` and `samples`
     draws from the rest (the module docstring). A complete cache with the same key already there is kept as it
-    is; a different one is replaced. `on_shard(i)` is called after shard i is written."""
+    is; a different one is replaced. `on_shard(i)` is called after shard i is written. With `processes` (a launch of
+    several), each process computes every n-th shard."""
     check_settings(k, temperature, shard_examples, batch_size, samples)
     vocab_size = teacher.config.get_text_config().vocab_size
-    lengths = [len(ids) for ids in examples]
-    check_corpus_and_k(k, vocab_size, lengths, samples)
+    check_corpus_and_k(k, vocab_size, [len(ids) for ids in examples], samples)
     key = CacheKey.of(teacher, tokenizer, examples, k, samples, temperature)
+    teacher.eval()
+
+    def rows(index: int, part: list[Sequence[int]], bar: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
+        draws = Draws(samples, sample_seed, index, teacher.device)
+        return shard_rows(teacher, part, k, temperature, draws, batch_size, bar)
+
+    source = {"teacher": {"name": teacher.name_or_path, "vocab_size": vocab_size}}
+    return write_cache(folder, key, examples, vocab_size, rows, source, tokenizer, shard_examples, on_shard,
+                       processes, sample_seed=sample_seed)
+
+
+def write_cache(folder: str | Path, key: CacheKey, examples: Examples, vocab_size: int, rows: ShardRows,
+                source: dict, tokenizer: PreTrainedTokenizerBase, shard_examples: int, on_shard: OnShard = None,
+                processes: Optional[PartialState] = None, **plan_extra) -> Path:
+    """Write the cache of `examples` whose shards `rows` computes into `folder`, through `<folder>.tmp`, resuming the
+    shards an interrupted build of the same plan left there. Process i of n computes shards i, i + n, ...; the main
+    process then writes the manifest and renames the folder, so the result does not depend on n."""
     folder = Path(folder)
+    processes = processes or PartialState()
     if complete_cache_matches(folder, key):
         return folder
     # token ids below 65536 fit 2 bytes instead of 4: a third of each row's bytes
     plan = {"format_version": FORMAT_VERSION, "key": asdict(key),
             "indices_dtype": "uint16" if vocab_size <= 1 << 16 else "int32",
-            "shard_examples": shard_examples, "examples": len(lengths), "sample_seed": sample_seed}
+            "shard_examples": shard_examples, "examples": len(examples), **plan_extra}
     tmp = folder.with_name(folder.name + ".tmp")
-    shards = finished_shards(tmp, plan)
-    teacher.eval()
-    write_remaining_shards(teacher, examples, plan, shards, tmp, batch_size, on_shard)
-    write_json_atomic(manifest(plan, shards, teacher, tokenizer, vocab_size), tmp / MANIFEST)
-    (tmp / PROGRESS).unlink()
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
-
-
-def write_remaining_shards(teacher: PreTrainedModel, examples: Examples, plan: dict, shards: list[dict], tmp: Path,
-                           batch_size: int, on_shard: OnShard) -> None:
-    """Compute and write the shards after those in `shards` (appending to it), recording each in `progress.json`."""
-    size, total = plan["shard_examples"], plan["examples"]
-    index_dtype = getattr(torch, plan["indices_dtype"])
-    key = plan["key"]
-    with tqdm(total=total, initial=sum(shard["examples"] for shard in shards), desc="teacher cache") as bar:
-        for index in range(len(shards), math.ceil(total / size)):
-            part = [examples[i] for i in range(index * size, min((index + 1) * size, total))]
-            draws = Draws(key["samples"], plan["sample_seed"], index, teacher.device)
-            logprobs, indices = shard_rows(teacher, part, key["k"], key["temperature"], draws, batch_size, bar)
-            shards.append(write_shard(tmp, index, [len(ids) for ids in part], logprobs, indices.to(index_dtype)))
-            write_json_atomic({**plan, "shards": shards}, tmp / PROGRESS)
+    if processes.is_main_process:
+        start_build(tmp, plan)
+    processes.wait_for_everyone()
+    count = math.ceil(len(examples) / shard_examples)
+    mine = range(processes.process_index, count, processes.num_processes)
+    done = finished_shards(tmp, mine)
+    with tqdm(total=sum(min(shard_examples, len(examples) - i * shard_examples) for i in mine),
+              initial=sum(record["examples"] for record in done.values()), desc="teacher cache",
+              disable=not processes.is_local_main_process) as bar:
+        for index in mine:
+            if index in done:
+                continue
+            part = [examples[i] for i in range(index * shard_examples, min((index + 1) * shard_examples,
+                                                                             len(examples)))]
+            logprobs, indices = rows(index, part, bar)
+            write_shard(tmp, index, [len(ids) for ids in part], logprobs,
+                        indices.to(getattr(torch, plan["indices_dtype"])))
             if on_shard:
                 on_shard(index)
+    processes.wait_for_everyone()
+    if processes.is_main_process:
+        shards = [json.loads((tmp / shard_record(index)).read_text()) for index in range(count)]
+        write_json_atomic(manifest(plan, shards, source, tokenizer), tmp / MANIFEST)
+        for index in range(count):
+            (tmp / shard_record(index)).unlink()
+        (tmp / PROGRESS).unlink()
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    processes.wait_for_everyone()
+    return folder
 
 
 def check_settings(k: int, temperature: float, shard_examples: int, batch_size: int, samples: int) -> None:
@@ -153,22 +182,32 @@ def check_corpus_and_k(k: int, vocab_size: int, lengths: list[int], samples: int
         raise ConfigError(f"example {lengths.index(0)} of the corpus has no tokens")
 
 
-def finished_shards(tmp: Path, plan: dict) -> list[dict]:
-    """The shards an interrupted build of the same plan left in `tmp` (those whose files are intact, up to the first
-    that is not); anything else there is cleared away."""
+def start_build(tmp: Path, plan: dict) -> None:
+    """Keep `tmp` if an interrupted build of the same plan left it, else start it afresh with the plan recorded."""
     progress = tmp / PROGRESS
-    recorded = json.loads(progress.read_text()) if progress.is_file() else {}
-    if {name: value for name, value in recorded.items() if name != "shards"} != plan:
+    recorded = json.loads(progress.read_text()) if progress.is_file() else None
+    if recorded != plan:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        return []
-    kept = []
-    for shard in recorded["shards"]:
-        path = tmp / shard["file"]
-        if not path.is_file() or file_sha256(path) != shard["sha256"]:
-            break
-        kept.append(shard)
-    return kept
+        write_json_atomic(plan, progress)
+
+
+def shard_record(index: int) -> str:
+    return f"shard-{index:05d}.json"
+
+
+def finished_shards(tmp: Path, indices: Sequence[int]) -> dict[int, dict]:
+    """Of shards `indices`, those an interrupted build finished: their record is written (after the shard) and the
+    shard file still has the recorded SHA-256."""
+    done = {}
+    for index in indices:
+        record = tmp / shard_record(index)
+        if record.is_file():
+            shard = json.loads(record.read_text())
+            path = tmp / shard["file"]
+            if path.is_file() and file_sha256(path) == shard["sha256"]:
+                done[index] = shard
+    return done
 
 
 class Draws:
@@ -231,19 +270,19 @@ def write_shard(folder: Path, index: int, lengths: list[int], logprobs: torch.Te
     path = folder / f"shard-{index:05d}.safetensors"
     offsets = torch.tensor([0, *accumulate(lengths)], dtype=torch.int64)
     save_file_atomic({"logprobs": logprobs, "indices": indices, "offsets": offsets}, path)
-    return {"file": path.name, "examples": len(lengths), "tokens": sum(lengths), "bytes": path.stat().st_size,
-            "sha256": file_sha256(path)}
+    record = {"file": path.name, "examples": len(lengths), "tokens": sum(lengths), "bytes": path.stat().st_size,
+              "sha256": file_sha256(path)}
+    write_json_atomic(record, folder / shard_record(index))
+    return record
 
 
-def manifest(plan: dict, shards: list[dict], teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-             vocab_size: int) -> dict:
+def manifest(plan: dict, shards: list[dict], source: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
     tokens = sum(shard["tokens"] for shard in shards)
     total = sum(shard["bytes"] for shard in shards)
     index_bytes = getattr(torch, plan["indices_dtype"]).itemsize
     slots = plan["key"]["k"] + plan["key"]["samples"]
     return {
-        "format": "distill.teacher_cache", **plan, "alignment": ALIGNMENT,
-        "teacher": {"name": teacher.name_or_path, "vocab_size": vocab_size},
+        "format": "distill.teacher_cache", **plan, "alignment": ALIGNMENT, **source,
         "tokenizer": {"name": tokenizer.name_or_path},
         "logprobs_dtype": str(LOGPROB_DTYPE).removeprefix("torch."), "tokens": tokens, "shards": shards,
         "bytes": {"total": total, "per_token": total / tokens,
@@ -395,9 +434,10 @@ def build_from_config(cfg: CacheConfig) -> TeacherCache:
     check_cache_config(cfg)
     tokenizer = load_tokenizer(cfg.teacher)
     examples = corpus_token_ids(cfg.data, tokenizer)
-    teacher = load_causal_lm(cfg.teacher).to("cuda" if torch.cuda.is_available() else "cpu")
+    processes = PartialState()  # several under `accelerate launch`: each builds every n-th shard
+    teacher = load_causal_lm(cfg.teacher).to(processes.device)
     folder = build_cache(teacher, tokenizer, examples, cfg.output_dir, cfg.k, cfg.temperature, cfg.shard_examples,
-                         cfg.batch_size, samples=cfg.samples, sample_seed=cfg.sample_seed)
+                         cfg.batch_size, samples=cfg.samples, sample_seed=cfg.sample_seed, processes=processes)
     return TeacherCache.open(folder)
 
 

@@ -15,7 +15,16 @@ from distill.core.sources import ensure_pad_token
 from distill.lm.cache import CachedTeacherCollator, CacheKey, TeacherCache, build_cache
 from distill.lm.config import CacheConfig
 from recipes.build_teacher_cache import main as build_recipe
-from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, make_sentences, make_tokenizer, tiny_causal_lm
+from tests.conftest import (
+    NEGATIVE,
+    NEUTRAL,
+    POSITIVE,
+    REPO,
+    launch_two_processes,
+    make_sentences,
+    make_tokenizer,
+    tiny_causal_lm,
+)
 
 WORDS = POSITIVE + NEGATIVE + NEUTRAL
 
@@ -235,6 +244,23 @@ def test_recipe_builds_a_cache_from_a_text_file_and_reports_its_size(teacher, to
     assert len(cache) == report["examples"] == 5
     assert report["tokens"] == sum(min(6, len(ids)) for ids in tokenizer(texts[:5])["input_ids"])
     assert report["payload_per_token"] == (3 + 2) * 4 and report["per_token"] > 20
+
+
+def test_two_processes_build_the_one_process_cache_byte_for_byte(teacher, tokenizer, tmp_path, capsys):
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "corpus.txt").write_text("\n".join(text for text, _ in make_sentences(11)) + "\n")
+    args = [f"teacher={tmp_path / 'teacher'}", f"data.source={tmp_path / 'corpus.txt'}", "data.max_length=12", "k=3",
+            "samples=2", "shard_examples=2", "batch_size=2"]
+    build_recipe([*args, f"output_dir={tmp_path / 'one'}"])
+    done = launch_two_processes(REPO / "recipes" / "build_teacher_cache.py", [*args, f"output_dir={tmp_path / 'two'}"],
+                                tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == 7  # six shards of 2, 2, 2, 2, 2 and 1
+    for a, b in zip(one, two):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    assert not (tmp_path / "two.tmp").exists()
 
 
 def test_config_errors_come_before_any_loading(tmp_path):
