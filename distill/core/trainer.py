@@ -256,6 +256,7 @@ class Trainer:
         # the latest stage's student and losses, with what the losses learned (projections, exit heads)
         self.objective: Optional[Objective] = None
         self.trace = RankTrace.from_env(accelerator.process_index)
+        self.memory_per_process: dict[str, int] = {}
 
     # ----- public -----------------------------------------------------------------------------------------
     def fit(self, stages: list[StageConfig], setup: LossSetup) -> PreTrainedModel:
@@ -359,7 +360,7 @@ class Trainer:
                 state.global_step += 1
                 bar.update(1)
                 if state.global_step == 1:
-                    self._log_memory(objective, optimizer)
+                    self._measure_memory(objective, optimizer)
                 if state.global_step % cfg.log_steps == 0:
                     record = self._log_running(running, index, state, scheduler.get_last_lr()[0],
                                                unwrapped.scheduled_values())
@@ -450,15 +451,15 @@ class Trainer:
             sharding.load_sharded(str(self.checkpoint_dir / SHARDED_STATE), objective, optimizer.optimizer)
             scheduler.scheduler.load_state_dict(json.loads((self.checkpoint_dir / SCHEDULER_STATE).read_text()))
 
-    def _log_memory(self, objective: nn.Module, optimizer) -> None:
-        """Once per stage, after the first optimizer step: the bytes of weights, gradients and optimizer state that
-        each process holds (the largest over processes), the trained module's and the teacher's."""
+    def _measure_memory(self, objective: nn.Module, optimizer) -> None:
+        """After a stage's first optimizer step: the bytes of weights, gradients and optimizer state that each process
+        holds (the largest over processes), the trained module's and the teacher's, kept in `memory_per_process`."""
         held = sharding.state_bytes(objective, optimizer)
         if self.teacher is not None:
             held["teacher"] = sharding.local_bytes(self.teacher.parameters())
         values = self.accelerator.reduce(torch.tensor(list(held.values()), device=self.accelerator.device), "max")
         held = dict(zip(held, values.tolist()))
-        self.log({"memory_per_process_bytes": {**held, "total": sum(held.values())}})
+        self.memory_per_process = {**held, "total": sum(held.values())}
 
     def _save_checkpoint(self, state: TrainState) -> None:
         """Write the checkpoint beside the old one, then swap, so a kill never leaves a half-written one."""

@@ -8,6 +8,25 @@ from distill.core.config import CorpusConfig, LayerMapConfig, LossConfig, StageC
 
 
 @dataclass
+class EndpointConfig:
+    """A served teacher: an OpenAI-compatible completions endpoint that echoes the prompt's top log-probabilities
+    (`echo` with `logprobs`), such as llama-cpp-python's server (`distill.lm.served`)."""
+    url: str = ""
+    """The API's base URL, up to and including `/v1`, e.g. `http://127.0.0.1:8080/v1`."""
+    model: Optional[str] = None
+    """The served model's name, sent with each request and checked against `GET /models`; None: the server's own."""
+    api_key_env: Optional[str] = "DISTILL_TEACHER_API_KEY"
+    """The environment variable holding the endpoint's token, sent as a bearer token (never logged or written);
+    unset or empty: no token."""
+    timeout: float = 120.0
+    """Seconds to wait for one answer."""
+    retries: int = 4
+    """Further attempts after a failed request (connection errors, HTTP 429 and 5xx), waiting backoff, 2 x backoff,
+    4 x backoff, ... seconds between them."""
+    backoff: float = 1.0
+
+
+@dataclass
 class CacheConfig:
     """Run a causal-LM teacher once over a corpus and keep its top-k log-probabilities at every token
     (`distill.lm.cache`), for distillation that never loads the teacher."""
@@ -32,6 +51,10 @@ class CacheConfig:
     """Examples per teacher forward pass (batched by similar length within a shard)."""
     shard_examples: int = 1024
     """Examples per shard file: the unit of resume after a kill."""
+    endpoint: Optional[EndpointConfig] = None
+    """Read the teacher's log-probabilities from a server instead of running `teacher` here; `teacher` still names
+    the tokenizer (which the endpoint must share: checked before the build) and the config. Needs `samples: 0` and
+    `temperature: 1.0`."""
 
 
 @dataclass

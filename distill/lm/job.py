@@ -105,6 +105,7 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
     layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher_config.num_hidden_layers)
     student = trainer.fit(cfg.stages, LossSetup(student.config, teacher_config, layer_map, vocab_size, shared_vocab))
     extra = {"splits": ranges, "vocab_size": vocab_size, "dropped_examples": corpus.dropped,
+             "memory_per_process_bytes": trainer.memory_per_process,
              **({"shared_vocabulary": shared_vocab.summary()} if shared_vocab is not None else {}),
              **({"on_policy": on_policy.counts} if cfg.on_policy.lmbda > 0 else {})}
     generations = greedy_generations(student, tokenizer, cfg.eval, chat=uses_chat_template(cfg.data))

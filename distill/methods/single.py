@@ -99,7 +99,7 @@ def distill_single(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
     student = trainer.fit(cfg.stages, setup)
     student.set_attn_implementation("sdpa")
     return finish_run(run.accelerator, run.run_dir, student, run.task, cfg.train.eval_batch_size,
-                      files=trainer.saved_files())
+                      files=trainer.saved_files(), extra={"memory_per_process_bytes": trainer.memory_per_process})
 
 
 def teacher_for_training(cfg: DistillConfig, teachers: nn.Module, task: Task, accelerator: Accelerator,

@@ -82,8 +82,7 @@ def assert_close_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
 
 
 def memory(run) -> dict:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return next(r["memory_per_process_bytes"] for r in records if "memory_per_process_bytes" in r)
+    return json.loads((run / "metrics.json").read_text())["memory_per_process_bytes"]
 
 
 def test_sharded_causal_lm_run_matches_one_process_with_half_the_state_per_process(lm_setup, tmp_path):
