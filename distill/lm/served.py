@@ -42,7 +42,11 @@ logger = logging.getLogger(__name__)
 
 
 class EndpointError(RuntimeError):
-    """A request that still failed after every retry."""
+    """A request that still failed after every retry, or was refused (`status`: the HTTP status, if any)."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
 
 
 class Endpoint:
@@ -67,7 +71,7 @@ class Endpoint:
             except urllib.error.HTTPError as err:
                 reason = f"HTTP {err.code}: {err.read()[:300].decode(errors='replace')}"
                 if err.code < 500 and err.code != 429:  # the request itself is wrong: retrying will not help
-                    raise EndpointError(f"{self.url}{path} answered {reason}") from None
+                    raise EndpointError(f"{self.url}{path} answered {reason}", err.code) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 reason = str(getattr(err, "reason", err))
             if attempt < retries:
@@ -87,6 +91,9 @@ class Endpoint:
         try:
             models = self.request("/models", retries=min(self.cfg.retries, 2))
         except EndpointError as err:
+            if err.status in (401, 403):
+                raise ConfigError(f"endpoint.api_key_env: the teacher endpoint refused the token in "
+                                  f"${self.cfg.api_key_env} ({err})") from None
             raise ConfigError(f"endpoint.url: the teacher endpoint is unreachable: {err}") from None
         names = [entry.get("id") for entry in models.get("data", [])]
         if self.cfg.model and self.cfg.model not in names:
