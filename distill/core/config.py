@@ -209,8 +209,9 @@ class TrainConfig:
     """Keep the weights of the epoch with the best validation metric rather than the last."""
     teacher_dtype: str = "float32"
     """Distillation: the dtype the teacher runs in, `float32`, `bfloat16` or `float16`. Half precision runs the
-    teacher's forward faster (measured in docs/benchmarks.md) and moves its outputs a little: the run logs how far
-    on the validation split (`teacher_dtype_drift`: largest logit change, prediction agreement)."""
+    teacher's forward faster (measured in docs/benchmarks.md), halves its memory, and moves its outputs a little: a
+    classifier run logs how far on the validation split (`teacher_dtype_drift`: largest logit change, prediction
+    agreement). Causal-LM runs read it too (the student is built from the float32 weights first)."""
     cache_teacher_logits: bool = False
     """Classifier distillation whose losses read only the teacher's logits (`kl`, `logit_mse`): run the teacher once
     over the training split before training (in every process of a data-parallel launch), keep its logits per

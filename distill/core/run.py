@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 import datasets
 import yaml
@@ -33,6 +33,7 @@ from distill.core.trainer import TrainState, remove_resume_state
 OnStep = Optional[Callable[[TrainState], None]]
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+TEACHER_OPTIONS = ("teacher_dtype", "cache_teacher_logits")
 TRUNCATION_WARNING = 0.05
 """Share of a split's examples cut at max_length above which a run warns."""
 
@@ -69,10 +70,10 @@ class Task:
 
 
 # ----- checks, before anything loads ------------------------------------------------------------------------------
-def check_train(train: TrainConfig, teacher_options: bool = False, stages: int = 1) -> None:
-    """Config-only checks of `train`. `teacher_options`: whether the job reads `train.teacher_dtype` and
-    `train.cache_teacher_logits` (classifier distillation); other jobs refuse them away from their defaults. `stages`:
-    how many the run trains."""
+def check_train(train: TrainConfig, teacher_options: Sequence[str] = (), stages: int = 1) -> None:
+    """Config-only checks of `train`. `teacher_options`: which of `teacher_dtype` and `cache_teacher_logits` the job
+    reads (classifier distillation both, causal-LM distillation the dtype); it refuses the others away from their
+    defaults. `stages`: how many the run trains."""
     if train.mixed_precision not in MIXED_PRECISIONS:
         raise ConfigError(f"train.mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}; got "
                           f"'{train.mixed_precision}'")
@@ -95,10 +96,10 @@ def check_train(train: TrainConfig, teacher_options: bool = False, stages: int =
         raise ConfigError("train.sharding: fsdp2 with train.mixed_precision: fp16 would need a sharded gradient "
                           "scaler; use bf16")
     changed = [f"train.{key}" for key, default in (("teacher_dtype", "float32"), ("cache_teacher_logits", False))
-               if getattr(train, key) != default]
-    if changed and not teacher_options:
-        raise ConfigError(f"{' and '.join(changed)}: only classifier distillation (recipes/distill_student.py) "
-                          "supports this; leave it at its default")
+               if getattr(train, key) != default and key not in teacher_options]
+    if changed:
+        raise ConfigError(f"{' and '.join(changed)}: this job does not read it (classifier distillation, "
+                          "recipes/distill_student.py, does); leave it at its default")
     check_trackers(train.report_to)
 
 

@@ -97,6 +97,8 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
         collate = CachedTeacherCollator(cache, collate, TEACHER_INPUTS[1] if cfg.student_tokenizer else
                                         "attention_mask")
     teacher = teacher if needs_teacher(cfg) else None
+    if teacher is not None:  # after the student is built from its float32 weights
+        teacher.to(getattr(torch, cfg.train.teacher_dtype))
     on_policy = OnPolicyBatches(cfg.on_policy, tokenizer, cfg.seed, accelerator.process_index)
     trainer = Trainer(accelerator, student, teacher, splits, collate, cfg.train, cfg.seed, run_dir, on_step,
                       metric=PERPLEXITY, batch_transform=on_policy if cfg.on_policy.lmbda > 0 else None)
@@ -156,7 +158,7 @@ def score_completions(student: PreTrainedModel, teacher: PreTrainedModel, tokeni
 def check_lm_distill(cfg: LMDistillConfig) -> None:
     """Config-only checks, before anything is loaded."""
     check_stages(cfg.stages)
-    check_train(cfg.train, stages=len(cfg.stages))
+    check_train(cfg.train, teacher_options=("teacher_dtype",), stages=len(cfg.stages))
     check_student_config(cfg.student)
     check_layer_map_config(cfg.layer_map)
     topk = [loss for stage in cfg.stages for loss in stage.losses if loss.name in CACHE_LOSSES]

@@ -20,7 +20,7 @@ from distill.core.io import save_model
 from distill.core.jobs import Job, register_job
 from distill.core.losses import LossSetup, check_stages, model_inputs
 from distill.core.mapping import build_layer_map, check_layer_map_config
-from distill.core.run import OnStep, RunResult, check_train, end_run, start_run
+from distill.core.run import TEACHER_OPTIONS, OnStep, RunResult, check_train, end_run, start_run
 from distill.core.sources import load_tokenizer, resolve_model
 from distill.core.student import build_student, check_student_config
 from distill.core.trainer import Trainer
@@ -35,7 +35,7 @@ GENERAL_LOSSES = ("hidden_mse", "hidden_cosine", "attention_mse", "attention_kl"
 
 def check_general(cfg: GeneralDistillConfig) -> None:
     check_stages(cfg.stages)
-    check_train(cfg.train, teacher_options=True)
+    check_train(cfg.train, teacher_options=TEACHER_OPTIONS)
     if cfg.train.cache_teacher_logits:
         raise ConfigError("train.cache_teacher_logits: a base encoder has no logits; general distillation reads its "
                           "hidden states and attention maps as it runs")

@@ -9,7 +9,7 @@ from distill.core.errors import ConfigError
 from distill.core.jobs import Job, register_job
 from distill.core.losses import check_stages
 from distill.core.mapping import check_layer_map_config
-from distill.core.run import OnStep, RunResult, check_train
+from distill.core.run import TEACHER_OPTIONS, OnStep, RunResult, check_train
 from distill.core.student import check_student_config
 from distill.methods.augment import check_augment
 from distill.methods.born_again import born_again, check_generations
@@ -25,7 +25,7 @@ def check_distill(cfg: DistillConfig) -> None:
     """Every config-only check of a distillation, whichever method it runs."""
     check_generations(cfg)
     check_stages(cfg.stages, peers=len(cfg.mutual.peers))
-    check_train(cfg.train, teacher_options=True, stages=len(cfg.stages))
+    check_train(cfg.train, teacher_options=TEACHER_OPTIONS, stages=len(cfg.stages))
     check_logit_cache(cfg)
     normalised_teacher_weights(cfg)
     check_layer_map_config(cfg.layer_map)

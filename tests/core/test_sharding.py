@@ -110,6 +110,17 @@ def test_sharded_causal_lm_run_matches_one_process_with_half_the_state_per_proce
     assert fsdp["total"] <= 0.6 * ddp["total"]
 
 
+def test_a_bfloat16_teacher_halves_the_teachers_share(lm_setup, tmp_path):
+    teacher, corpus = lm_setup
+    launch(LM_RECIPE, write_config(tmp_path, lm_values(tmp_path, teacher, corpus, "bf16", 4, sharding="fsdp2",
+                                                       teacher_dtype="bfloat16"), "bf16"), tmp_path)
+    launch(LM_RECIPE, write_config(tmp_path, lm_values(tmp_path, teacher, corpus, "fp32", 4, sharding="fsdp2"),
+                                   "fp32"), tmp_path)
+    bf16, fp32 = memory(tmp_path / "bf16"), memory(tmp_path / "fp32")
+    assert bf16["teacher"] * 2 == fp32["teacher"] and bf16["weights"] == fp32["weights"]
+    assert_close_weights(saved_weights(tmp_path / "bf16"), saved_weights(tmp_path / "fp32"), atol=1e-2)
+
+
 def test_sharded_run_killed_mid_training_resumes_to_the_same_weights(lm_setup, tmp_path):
     teacher, corpus = lm_setup
     whole = write_config(tmp_path, lm_values(tmp_path, teacher, corpus, "whole", 4, **SHARDED), "whole")
