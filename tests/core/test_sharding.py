@@ -54,8 +54,9 @@ def lm_values(tmp_path, teacher, corpus, name: str, batch_size: int, **train) ->
             "stages": [{"epochs": 1, "learning_rate": 1e-2,
                         "losses": [{"name": "forward_kl", "weight": 0.5}, {"name": "next_token_ce", "weight": 0.5}]}],
             "eval": {"prompts": ["the film was"], "max_new_tokens": 4},
+            # clipping at every step: the norm must be the whole model's, not a shard's
             "train": {"batch_size": batch_size, "eval_batch_size": 8, "max_steps_per_stage": 6, "save_steps": 2,
-                      "log_steps": 1, "group_by_length": False, **train}}
+                      "log_steps": 1, "group_by_length": False, "max_grad_norm": 0.05, **train}}
 
 
 def write_config(tmp_path, values: dict, name: str):
