@@ -244,8 +244,8 @@ class Trainer:
         self.train_loader = accelerator.prepare(train_loader)
         self.eval_loader = self.eval_loader_for(datasets["validation"])
         if teacher is not None:
-            # Never `prepare`d: under DDP, FSDP and DeepSpeed ZeRO-1/2 each process keeps a full frozen copy outside
-            # the wrapped module and its optimizer (launches that would load it partitioned: run.check_launch).
+            # Never `prepare`d: each process keeps a full frozen copy outside the wrapped module and its optimizer,
+            # or with teacher_placement: shard, its shard (launches that would load it partitioned: run.check_launch).
             teacher.eval().requires_grad_(False)
             self.teacher = teacher.to(accelerator.device)
             if train_cfg.teacher_placement == "shard":
@@ -257,6 +257,7 @@ class Trainer:
         self.objective: Optional[Objective] = None
         self.trace = RankTrace.from_env(accelerator.process_index)
         self.memory_per_process: dict[str, int] = {}
+        self._stage_parts: tuple = ()  # the stage's objective, optimizer and schedule, for sharded checkpoints
 
     # ----- public -----------------------------------------------------------------------------------------
     def fit(self, stages: list[StageConfig], setup: LossSetup) -> PreTrainedModel:
