@@ -478,8 +478,8 @@ def build_served_cache(endpoint: Endpoint, tokenizer: PreTrainedTokenizerBase, c
     folder = write_cache(folder, key, examples, vocab_size, lambda index, part, bar: served.shard_rows(part, bar),
                          source, tokenizer, shard_examples, on_shard, processes)
     if served.entries:
-        logger.info("served teacher: %d of %d top-k entries named no single token id (left out)", served.dropped,
-                    served.entries)
+        logger.warning("served teacher: %d of %d top-k entries named no single token id (left out); %d rows kept none",
+                       served.dropped, served.entries, served.empty_rows)
     return folder
 
 

@@ -9,7 +9,8 @@ What the endpoint returns, and how it becomes cache rows (row t: the distributio
   token alone and whose one generated token's entry is that distribution;
 - the text keys are mapped back to ids through the student's tokenizer. Ids whose text is not unique (byte pieces of
   a character, control tokens that render empty) cannot be told apart and are left out: a row then holds fewer than
-  k tokens, padded with the row's first id at probability 0, and the mass left out joins the rest bucket;
+  k tokens, padded with the row's first id at probability 0, and the mass left out joins the rest bucket (a row
+  inside a character, all of whose entries are byte pieces, keeps nothing: the whole mass is the rest);
 - the endpoint tokenizes the text itself: each example's echoed tokens must be the student's, or the build stops;
 - log-probabilities are at temperature 1, with no draws from the rest of the distribution (the endpoint returns
   only its top tokens).
@@ -112,6 +113,7 @@ class ServedTeacher:
         self.ids = {text: i for i, text in enumerate(self.surfaces) if seen[text] == 1 and "\ufffd" not in text}
         self.dropped = 0  # top-k entries whose text names no single id
         self.entries = 0
+        self.empty_rows = 0  # rows none of whose entries names a single id
 
     def check_tokenizer(self, examples: Sequence[Sequence[int]]) -> None:
         """Refuse (ConfigError) an endpoint that tokenizes the probe text or the first examples otherwise."""
@@ -160,8 +162,9 @@ class ServedTeacher:
                        reverse=True)[:self.k]
         self.entries += min(len(entry), self.k)
         self.dropped += min(len(entry), self.k) - len(pairs)
-        if not pairs:
-            raise ConfigError(f"endpoint: no entry of a row names a token of {self.tokenizer.name_or_path}: {entry}")
+        if not pairs:  # every entry names byte pieces (inside a character): all its mass goes to the rest bucket
+            self.empty_rows += 1
+            pairs = [(PAD_LOGPROB, 0)]
         pairs += [(PAD_LOGPROB, pairs[0][1])] * (self.k - len(pairs))
         return [p[0] for p in pairs], [p[1] for p in pairs]
 

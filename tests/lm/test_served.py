@@ -23,7 +23,7 @@ from distill.core.fingerprint import config_sha256, token_ids_sha256, tokenizer_
 from distill.core.sources import corpus_token_ids, load_causal_lm, resolve_model
 from distill.lm.cache import CacheKey, TeacherCache, build_from_config, build_served_cache
 from distill.lm.config import CacheConfig, EndpointConfig
-from distill.lm.served import PAD_LOGPROB, Endpoint, EndpointError
+from distill.lm.served import PAD_LOGPROB, Endpoint, EndpointError, ServedTeacher
 from tests.conftest import free_port
 from tests.lm.test_lm_distill import WORDS, save_lm
 
@@ -199,3 +199,14 @@ def test_failed_requests_are_retried_with_exponential_backoff(monkeypatch):
             Endpoint(EndpointConfig(url=url, api_key_env="SERVED_TOKEN", retries=1)).request("/completions", {})
     finally:
         httpd.shutdown()
+
+
+def test_entries_are_mapped_to_ids_by_their_text_and_unknown_ones_left_out():
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(TEACHER))
+    served = ServedTeacher(None, tokenizer, k=3)
+    the, film = (tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in (" the", " film"))
+    # llama.cpp renders byte pieces of a character as "": one key for many ids, none of them known
+    values, ids = served.row({" film": -2.0, "": -0.5, " the": -1.0})
+    assert ids == [the, film, the] and values == [-1.0, -2.0, PAD_LOGPROB]
+    assert served.row({"": -0.1}) == ([PAD_LOGPROB] * 3, [0] * 3) and served.empty_rows == 1
+    assert served.dropped == 2 and served.entries == 4
