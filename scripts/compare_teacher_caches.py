@@ -2,7 +2,8 @@
 how often their most likely next token agrees, how much their top k overlap, and the KL from the first cache's rows
 (top k plus the rest of the mass as one bucket, as `topk_kl` reads them) to the in-process teacher's full
 distribution, next to the same KL of the second cache's rows (0 when that cache is the teacher's own top k: the
-bucketed KL of a distribution's own top k is 0).
+bucketed KL of a distribution's own top k is 0), and how many of the first cache's slots are padding (a served
+cache's entries that named no single token id).
 
     python scripts/compare_teacher_caches.py --config recipes/cache_teacher_served.yaml \
         --first runs/teacher-cache-served --second runs/teacher-cache-local
@@ -20,6 +21,7 @@ from distill.core.config import parse_args
 from distill.core.sources import corpus_token_ids, load_causal_lm, load_tokenizer
 from distill.lm.cache import TeacherCache
 from distill.lm.config import CacheConfig
+from distill.lm.served import PAD_LOGPROB
 from distill.losses.causal.divergences import topk_kl
 
 
@@ -31,7 +33,7 @@ def compare(config: str, first: str, second: str, limit: int | None = None) -> d
     caches = TeacherCache.open(first), TeacherCache.open(second)
     teacher = load_causal_lm(cfg.teacher).eval()
     count = min(len(examples), limit or len(examples))
-    rows = agree = 0
+    rows = agree = padded = empty = 0
     overlap = kl_first = kl_second = covered_first = covered_second = 0.0
     for i in tqdm(range(count), desc="rows"):
         (lp_a, id_a), (lp_b, id_b) = caches[0][i], caches[1][i]
@@ -42,11 +44,15 @@ def compare(config: str, first: str, second: str, limit: int | None = None) -> d
         kl_first += topk_kl(logits, lp_a, id_a, 1.0, tail=True).sum().item()
         kl_second += topk_kl(logits, lp_b, id_b, 1.0, tail=True).sum().item()
         covered_first += lp_a.exp().sum(-1).sum().item()
+        missing = lp_a < PAD_LOGPROB / 2  # slots a served cache could not fill
+        padded += missing.sum().item()
+        empty += missing.all(-1).sum().item()
         covered_second += lp_b.exp().sum(-1).sum().item()
         rows += len(examples[i])
     return {"examples": count, "rows": rows, "top1_agreement": agree / rows, "topk_overlap": overlap / rows,
             "kl_to_teacher_first": kl_first / rows, "kl_to_teacher_second": kl_second / rows,
-            "mass_in_slots_first": covered_first / rows, "mass_in_slots_second": covered_second / rows}
+            "mass_in_slots_first": covered_first / rows, "mass_in_slots_second": covered_second / rows,
+            "padded_slots_first": padded / (rows * caches[0].k), "rows_without_tokens_first": empty}
 
 
 def main(argv: list[str]) -> None:
