@@ -247,9 +247,12 @@ class Trainer:
             # Never `prepare`d: each process keeps a full frozen copy outside the wrapped module and its optimizer,
             # or with teacher_placement: shard, its shard (launches that would load it partitioned: run.check_launch).
             teacher.eval().requires_grad_(False)
-            self.teacher = teacher.to(accelerator.device)
             if train_cfg.teacher_placement == "shard":
-                sharding.shard_model(self.teacher)
+                # fully_shard moves each unit to the device as it shards it: the device never holds the whole teacher
+                sharding.shard_model(teacher)
+                self.teacher = teacher
+            else:
+                self.teacher = teacher.to(accelerator.device)
         self.sharded = train_cfg.sharding == "fsdp2"
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
         self.best_path = self.run_dir / BEST_FILE
