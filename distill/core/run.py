@@ -14,9 +14,9 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import datasets
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DistributedType, LoggerType, set_seed
+from accelerate.utils import DistributedType, LoggerType, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
@@ -145,12 +145,25 @@ def check_launch(accelerator: Accelerator, train: TrainConfig) -> None:
             f"DeepSpeed config), train.gradient_accumulation_steps is {train.gradient_accumulation_steps}: "
             "make them equal"
         )
+    check_joined(accelerator.num_processes)
+
+
+def check_joined(joined: int) -> None:
+    """Refuse a launch whose processes Accelerate did not join: each would run alone and write the same output."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
+    if launched != joined:
         raise ConfigError(
-            f"the launcher started {launched} processes but Accelerate joined {accelerator.num_processes}: "
+            f"the launcher started {launched} processes but Accelerate joined {joined}: "
             "without GPUs, launch with ACCELERATE_USE_CPU=1 (see recipes/accelerate/cpu_2proc.yaml)"
         )
+
+
+def joined_processes() -> PartialState:
+    """The processes of this launch (one without a launcher) for jobs that do not train: CPU processes are joined as
+    an Accelerator joins them (ACCELERATE_USE_CPU=1); a launch they do not form is refused."""
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_joined(processes.num_processes)
+    return processes
 
 
 def check_class_count(num_labels: int, labels: list[str], who: str = "model") -> None:

@@ -48,6 +48,7 @@ from distill.core.errors import ConfigError
 from distill.core.fingerprint import config_sha256, file_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
 from distill.core.io import save_file_atomic, write_json_atomic
 from distill.core.jobs import Job, register_job
+from distill.core.run import joined_processes
 from distill.core.sources import corpus_token_ids, load_causal_lm, load_tokenizer, resolve_model
 from distill.lm.config import CacheConfig
 from distill.lm.served import Endpoint, ServedTeacher
@@ -121,7 +122,7 @@ def write_cache(folder: str | Path, key: CacheKey, examples: Examples, vocab_siz
     shards an interrupted build of the same plan left there. Process i of n computes shards i, i + n, ...; the main
     process then writes the manifest and renames the folder, so the result does not depend on n."""
     folder = Path(folder)
-    processes = processes or PartialState()
+    processes = processes or joined_processes()
     if complete_cache_matches(folder, key):
         return folder
     # token ids below 65536 fit 2 bytes instead of 4: a third of each row's bytes
@@ -446,7 +447,7 @@ def build_from_config(cfg: CacheConfig) -> TeacherCache:
     """recipes/build_teacher_cache.py: tokenize the corpus with the teacher's tokenizer, run the teacher (on the GPU
     when there is one) or ask the endpoint, and write the cache to `cfg.output_dir`."""
     check_cache_config(cfg)
-    processes = PartialState()  # several under `accelerate launch`: each builds every n-th shard
+    processes = joined_processes()  # several under `accelerate launch`: each builds every n-th shard
     tokenizer = load_tokenizer(cfg.teacher)
     if cfg.endpoint is not None:
         endpoint = Endpoint(cfg.endpoint)

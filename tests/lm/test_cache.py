@@ -273,3 +273,14 @@ def test_config_errors_come_before_any_loading(tmp_path):
                          ({"data": CorpusConfig(limit=0)}, "data.max_length and data.limit must be at least 1")]:
         with pytest.raises(ConfigError, match=message):
             build_from_config(CacheConfig(teacher=str(tmp_path / "absent"), **bad))
+
+
+def test_a_launch_whose_processes_accelerate_did_not_join_is_refused(teacher, tokenizer, tmp_path, monkeypatch):
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "corpus.txt").write_text("the film was good\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's; without ACCELERATE_USE_CPU=1 each would build alone
+    with pytest.raises(ConfigError, match="started 2 processes but Accelerate joined 1.*ACCELERATE_USE_CPU=1"):
+        build_recipe([f"teacher={tmp_path / 'teacher'}", f"output_dir={tmp_path / 'cache'}", "--debug",
+                      f"data.source={tmp_path / 'corpus.txt'}", "k=3"])
+    assert not (tmp_path / "cache.tmp").exists()

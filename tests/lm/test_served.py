@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoConfig, AutoTokenizer
 
 from distill.core.config import CorpusConfig
@@ -24,7 +25,7 @@ from distill.core.sources import corpus_token_ids, load_causal_lm, resolve_model
 from distill.lm.cache import CacheKey, TeacherCache, build_from_config, build_served_cache
 from distill.lm.config import CacheConfig, EndpointConfig
 from distill.lm.served import PAD_LOGPROB, Endpoint, EndpointError, ServedTeacher
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port, launch_two_processes
 from tests.lm.test_lm_distill import WORDS, save_lm
 
 TOKEN = "sk-test-3f9a27c1"
@@ -124,6 +125,23 @@ def test_a_killed_served_build_resumes_to_the_same_bytes(server, corpus, tmp_pat
     assert done == [1]
     for name in ("manifest.json", "shard-00000.safetensors", "shard-00001.safetensors"):
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_two_processes_build_the_one_process_served_cache(server, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_TEACHER_API_KEY", TOKEN)  # the launched processes read it from the environment
+    build_from_config(served_cfg(tmp_path, corpus, server, name="one"))
+    config = tmp_path / "served.yaml"
+    config.write_text(yaml.safe_dump({
+        "teacher": TEACHER, "output_dir": str(tmp_path / "two"), "data": {"source": corpus.source, "max_length": 16},
+        "k": 4, "samples": 0, "shard_examples": 2, "endpoint": {"url": server}}))
+    done = launch_two_processes(REPO / "recipes" / "build_teacher_cache.py", ["--config", str(config)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert TOKEN not in done.stdout + done.stderr
+    one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
+    assert [p.name for p in one] == [p.name for p in two] == ["manifest.json", "shard-00000.safetensors",
+                                                               "shard-00001.safetensors"]
+    for a, b in zip(one, two):
+        assert a.read_bytes() == b.read_bytes(), a.name
 
 
 def test_an_endpoint_whose_tokenizer_differs_is_refused_before_the_build(server, corpus, tmp_path, monkeypatch):
