@@ -16,12 +16,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from accelerate import PartialState
-
 from distill.core.config import config_yaml
 from distill.core.errors import ConfigError
 from distill.core.io import write_json_atomic
-from distill.core.run import OnStep, RunResult, same_config
+from distill.core.run import OnStep, RunResult, joined_processes, same_config
 from distill.core.sources import load_classifier
 from distill.methods.config import DistillConfig
 from distill.methods.single import distill_single
@@ -31,7 +29,7 @@ def born_again(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
     """Run (or finish) every generation, then summarise the chain in `output_dir/metrics.json`."""
     chain = [generation_config(cfg, g) for g in range(1, cfg.generations + 1)]
     done = [is_finished(generation) for generation in chain]
-    root, main = Path(cfg.output_dir), PartialState().is_main_process
+    root, main = Path(cfg.output_dir), joined_processes().is_main_process
     if main:
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.yaml").write_text(config_yaml(cfg))
