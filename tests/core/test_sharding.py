@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from distill.core.config import CorpusConfig, LossConfig, StageConfig, StudentConfig, parse_args
 from distill.core.errors import ConfigError
-from distill.lm.config import OnPolicyConfig
+from distill.lm.config import LMDistillConfig, OnPolicyConfig
 from distill.lm.job import distill_lm
 from distill.methods import job as encoder_job
 from distill.methods.config import DistillConfig
@@ -88,7 +88,6 @@ def memory(run) -> dict:
 
 def test_sharded_causal_lm_run_matches_one_process_with_half_the_state_per_process(lm_setup, tmp_path):
     teacher, corpus = lm_setup
-    from distill.lm.config import LMDistillConfig
     one = lm_values(tmp_path, teacher, corpus, "one", 8)
     distill_lm(parse_args(LMDistillConfig, ["--config", str(write_config(tmp_path, one, "one"))]))
     launch(LM_RECIPE, write_config(tmp_path, lm_values(tmp_path, teacher, corpus, "ddp", 4), "ddp"), tmp_path)
@@ -109,6 +108,15 @@ def test_sharded_causal_lm_run_matches_one_process_with_half_the_state_per_proce
     for part in ("weights", "gradients", "optimizer", "teacher"):
         assert fsdp[part] <= 0.55 * ddp[part], part
     assert fsdp["total"] <= 0.6 * ddp["total"]
+
+
+def test_sharded_gradient_accumulation_matches_one_process(lm_setup, tmp_path):
+    teacher, corpus = lm_setup  # 2 processes x 2 batches of 2 per step: the one-process batch of 8, in four parts
+    one = lm_values(tmp_path, teacher, corpus, "one", 8)
+    distill_lm(parse_args(LMDistillConfig, ["--config", str(write_config(tmp_path, one, "one"))]))
+    accumulated = lm_values(tmp_path, teacher, corpus, "accumulated", 2, gradient_accumulation_steps=2, **SHARDED)
+    launch(LM_RECIPE, write_config(tmp_path, accumulated, "accumulated"), tmp_path)
+    assert_close_weights(saved_weights(tmp_path / "accumulated"), saved_weights(tmp_path / "one"))
 
 
 def test_a_bfloat16_teacher_halves_the_teachers_share(lm_setup, tmp_path):
