@@ -167,6 +167,12 @@ def test_an_unreachable_endpoint_or_a_wrong_token_is_refused_and_the_token_never
     assert not (tmp_path / "served.tmp").exists()
 
 
+def test_a_model_the_endpoint_does_not_serve_is_refused(server, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_TEACHER_API_KEY", TOKEN)
+    with pytest.raises(ConfigError, match="endpoint.model: .* serves .*SmolLM2-135M-Instruct.Q4_1.gguf.*not 'llama-70b'"):
+        build_from_config(served_cfg(tmp_path, corpus, server, model="llama-70b"))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"samples": 8}, "nothing to draw samples from: set samples: 0"),
     ({"temperature": 2.0}, "at temperature 1; got temperature: 2.0"),
