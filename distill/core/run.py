@@ -19,7 +19,7 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedType, LoggerType, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from distill.core.config import DataConfig, TrainConfig, config_yaml, flat_dict, to_dict
 from distill.core.errors import ConfigError, did_you_mean
@@ -129,7 +129,7 @@ def check_launch(accelerator: Accelerator, train: TrainConfig) -> None:
     if is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise ConfigError("DeepSpeed ZeRO-3 (zero_stage: 3) is not supported: use a multi-process launch with "
                           "train.sharding: fsdp2, which shards weights, gradients and optimizer state alike")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or is_fsdp_enabled():
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
         raise ConfigError("Accelerate's FSDP launch (distributed_type: FSDP) is not supported: launch with "
                           "recipes/accelerate/multi_gpu.yaml (or cpu_2proc.yaml) and set train.sharding: fsdp2")
     if train.sharding == "fsdp2" and accelerator.num_processes < 2:

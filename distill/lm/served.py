@@ -25,6 +25,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from typing import Optional, Sequence
 
 import torch
@@ -107,9 +108,7 @@ class ServedTeacher:
     def __init__(self, endpoint: Endpoint, tokenizer: PreTrainedTokenizerBase, k: int):
         self.endpoint, self.tokenizer, self.k = endpoint, tokenizer, k
         self.surfaces = [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in range(len(tokenizer))]
-        seen: dict[str, int] = {}
-        for i, text in enumerate(self.surfaces):
-            seen[text] = seen.get(text, 0) + 1
+        seen = Counter(self.surfaces)
         self.ids = {text: i for i, text in enumerate(self.surfaces) if seen[text] == 1 and "\ufffd" not in text}
         self.dropped = 0  # top-k entries whose text names no single id
         self.entries = 0
