@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -101,13 +102,28 @@ def free_port() -> int:
 
 
 def launch_two_processes(script: Path, args: list[str], cwd: Path, env: dict[str, str] | None = None,
-                         timeout: int = 300) -> subprocess.CompletedProcess:
+                         timeout: int = 240) -> subprocess.CompletedProcess:
     """`accelerate launch` of `script` with two CPU processes (gloo), as recipes/accelerate/cpu_2proc.yaml says."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     command = [sys.executable, "-m", "accelerate.commands.launch",
                "--config_file", str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"),
                "--main_process_port", str(free_port()), str(script), *args]
-    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return run_bounded(command, timeout, env=env, cwd=cwd)
+
+
+def run_bounded(command: list[str], timeout: float, **options) -> subprocess.CompletedProcess:
+    """`subprocess.run` whose hang fails the test with the output so far, the launcher's workers killed with it (a
+    plain timeout kills the launcher alone and leaves its workers running)."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **options) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{' '.join(map(str, command[:6]))} ... hung for {timeout} s; its output:\n"
+                        f"{stdout[-2000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 from distill.core.config import parse_args
 from distill.core.errors import ConfigError
 from distill.core.jobs import Job
+from distill.core.run import launch_teardown
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "DISTILL_DEBUG"
@@ -37,14 +38,15 @@ def config_errors(debug: bool):
 
 def run_recipe(job: Job, argv: Optional[list[str]] = None, adjust: Optional[Callable[[Any], Any]] = None) -> Any:
     """Parse, check and run `job`, then print its summary. `adjust` may change the parsed config (flags a recipe
-    adds, such as `--push-to-hub`)."""
+    adds, such as `--push-to-hub`). In a launch of several processes, each ends through `launch_teardown`."""
     debug, argv = split_debug(sys.argv[1:] if argv is None else argv)
     with config_errors(debug):
         cfg = parse_args(job.config_class, argv)
         if adjust is not None:
             cfg = adjust(cfg)
         job.check(cfg)
-        result = job.run(cfg)
+        with launch_teardown():
+            result = job.run(cfg)
     summary = job.summary(cfg, result)
     print(summary if isinstance(summary, str) else json.dumps(summary, indent=2), end="" if isinstance(summary, str)
           else "\n")

@@ -6,13 +6,16 @@ A run folder holds `config.yaml` (the resolved config), `metrics.jsonl` (progres
 tokenizer) and `metrics.json` (final numbers)."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
 import datasets
+import torch
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.tracking import get_available_trackers
@@ -166,6 +169,32 @@ def joined_processes() -> PartialState:
     return processes
 
 
+@contextmanager
+def launch_teardown():
+    """Where every process of a launch ends, once, after all the jobs it ran (a pipeline's stages, a born-again
+    chain's generations): the processes wait for each other, then release the process group while the interpreter is
+    whole. A process group left to interpreter exit is torn down with its gloo threads still holding work, and the
+    process aborts ("terminate called without an active exception") after its outputs are written.
+
+    A process that fails leaves at once, with no collective that its peers would never join; it releases its own end
+    so that it exits with its error's status, and the launcher stops the others."""
+    try:
+        yield
+    except BaseException:
+        release_process_group(wait=False)
+        raise
+    release_process_group(wait=True)
+
+
+def release_process_group(wait: bool) -> None:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if wait:
+        torch.distributed.barrier()
+    gc.collect()  # sharded models left in reference cycles hold the group through their device mesh
+    torch.distributed.destroy_process_group()
+
+
 def check_class_count(num_labels: int, labels: list[str], who: str = "model") -> None:
     """A classifier must predict as many classes as the data has."""
     if num_labels != len(labels):
@@ -257,11 +286,13 @@ def finish_run(accelerator: Accelerator, run_dir: Path, model: PreTrainedModel, 
 
 
 def end_run(accelerator: Accelerator, run_dir: Path, metrics: dict) -> None:
-    """Write metrics.json and log it, then (all outputs written) remove the resume state and close the trackers."""
+    """Write metrics.json and log it, then (all outputs written) remove the resume state and close the trackers. The
+    process group stays for the jobs after this one; `launch_teardown` releases it."""
     if accelerator.is_main_process:
         write_json_atomic(metrics, run_dir / "metrics.json")
     log_record(accelerator, run_dir, {"final": metrics})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         remove_resume_state(run_dir)
-    accelerator.end_training()
+    for tracker in accelerator.trackers:
+        tracker.finish()
