@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.core.errors import ConfigError
+from distill.core.intact import damage_blamed
 
 CACHE_ENV = "DISTILL_COMPRESS_CACHE"
 
@@ -59,7 +60,8 @@ def gguf_converter(folder: str, gguf_file: str) -> Convert:
         if importlib.util.find_spec("gguf") is None:
             raise ConfigError(f"converting {gguf_file} needs the gguf package: pip install 'gguf>=0.10'")
         start = time.perf_counter()
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        with damage_blamed(Path(folder, gguf_file)):
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
         config = loaded.config
         # save_pretrained refuses a model loaded from GGUF: rebuild it as a plain model of the same config
         del config.quantization_config

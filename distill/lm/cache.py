@@ -46,6 +46,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrain
 from distill.core.collate import IndexedRowsCollator
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import config_sha256, file_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
+from distill.core.intact import check_intact
 from distill.core.io import save_file_atomic, write_json_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.run import joined_processes
@@ -382,6 +383,7 @@ def check_shards(folder: Path, shards: list[dict], verify: bool) -> None:
         if path.stat().st_size != shard["bytes"]:
             raise ConfigError(f"teacher cache {folder}: shard {shard['file']} has {path.stat().st_size} bytes, the "
                               f"manifest says {shard['bytes']}")
+        check_intact(path)  # a garbled header of the right size would fail mid-training otherwise
         if verify and file_sha256(path) != shard["sha256"]:
             raise ConfigError(f"teacher cache {folder}: shard {shard['file']} is corrupt (its SHA-256 differs from the "
                               "manifest's)")
