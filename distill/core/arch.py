@@ -5,6 +5,8 @@ Paths are relative: `layers` inside the base model (`model.base_model`), the oth
 that copies, prunes or quantizes parts of a model asks this module instead of hard-coding module names."""
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -62,6 +64,50 @@ ARCHS = {
     "llama": DECODER, "mistral": DECODER, "qwen2": DECODER, "qwen3": DECODER, "gemma2": DECODER,
     "gemma3_text": DECODER, "phi3": FUSED_DECODER,
 }
+
+
+PER_LAYER_FIELDS = ("layer_types",)
+"""Config fields with one entry per layer: each decoder layer's attention kind, sliding window or full (Gemma2/3,
+Qwen2/3 and others)."""
+LAYER_COUNT_FIELDS = ("max_window_layers",)
+"""Config fields that count layers from the bottom: Qwen2/3's layers below it attend fully, those above through the
+sliding window (the rule that makes `layer_types` when a config does not list them)."""
+COMPRESSION_PATHS = ("linear_shapes", "low_rank")
+"""Entries of a compressed checkpoint's `config.compression` keyed by module path, layers' modules among them
+(per-layer head counts and FFN widths): see prune/saving.py."""
+
+
+def config_for_layers(config: PretrainedConfig, layers: list[int]) -> PretrainedConfig:
+    """A copy of `config` for a model whose layer i stands for layer `layers[i]` of `config`'s model: its layer count
+    and every per-layer field follow those layers."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = len(layers)
+    for key in PER_LAYER_FIELDS:
+        if getattr(config, key, None) is not None:
+            setattr(config, key, [getattr(config, key)[i] for i in layers])
+    for key in LAYER_COUNT_FIELDS:
+        if getattr(config, key, None) is not None:
+            setattr(config, key, sum(i < getattr(config, key) for i in layers))
+    spec = getattr(config, "compression", None)
+    if spec:
+        config.compression = {**spec, **{key: renumbered_paths(spec[key], arch_of(config).layers, layers)
+                                         for key in COMPRESSION_PATHS if key in spec}}
+    return config
+
+
+def renumbered_paths(values: dict, layers_path: str, layers: list[int]) -> dict:
+    """`values` keyed by module path, with the paths inside layer `layers[i]` moved to layer i and those of other
+    layers left out."""
+    new_index = {old: new for new, old in enumerate(layers)}
+    pattern = re.compile(re.escape(layers_path) + r"\.(\d+)\.")
+    moved = {}
+    for path, value in values.items():
+        match = pattern.match(path)
+        if match is None:
+            moved[path] = value
+        elif int(match.group(1)) in new_index:
+            moved[f"{layers_path}.{new_index[int(match.group(1))]}.{path[match.end():]}"] = value
+    return moved
 
 
 def arch_of(model_or_config: PreTrainedModel | PretrainedConfig, purpose: str = "this operation") -> Arch:

@@ -2,13 +2,11 @@
 fresh narrower config of its family with random weights, or the given pretrained model as it is."""
 from __future__ import annotations
 
-import copy
-import re
 from typing import Callable, Optional
 
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
-from distill.core.arch import layer_list_path
+from distill.core.arch import config_for_layers, layer_list_path, renumbered_paths
 from distill.core.config import StudentConfig
 from distill.core.errors import ConfigError
 from distill.core.sources import load_classifier
@@ -72,7 +70,7 @@ def student_layer_indices(cfg: StudentConfig, teacher_layers: int) -> list[int]:
         n = cfg.num_layers or teacher_layers // 2
         if not 1 <= n <= teacher_layers:
             raise ConfigError(f"student.num_layers must be in 1..{teacher_layers}, got {n}")
-        layers = [round((j + 1) * teacher_layers / n) - 1 for j in range(n)]
+        layers = evenly_spaced(n, teacher_layers)
     bad = [i for i in layers if not 0 <= i < teacher_layers]
     if bad or not layers:
         raise ConfigError(f"student.layers {bad or layers} out of range: teacher layers are 0..{teacher_layers - 1}")
@@ -81,23 +79,17 @@ def student_layer_indices(cfg: StudentConfig, teacher_layers: int) -> list[int]:
     return layers
 
 
+def evenly_spaced(n: int, total: int) -> list[int]:
+    """`n` of `total` layers evenly spaced, ending at the top one (the layers that the uniform layer map pairs with a
+    student of `n` layers); some repeat when n > total."""
+    return [max(0, round((j + 1) * total / n) - 1) for j in range(n)]
+
+
 def copy_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     """A student whose layer i is a copy of teacher layer layers[i]; embeddings, pooler and head are copied too."""
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
-    if getattr(config, "layer_types", None) is not None:  # decoders' per-layer attention kinds (sliding, full)
-        config.layer_types = [config.layer_types[i] for i in layers]
-    student = type(teacher)(config)
-    prefix = re.escape(layer_list_path(teacher)) + r"\.(\d+)\."
-    new_index = {old: new for new, old in enumerate(layers)}
-    state = {}
-    for key, value in teacher.state_dict().items():
-        match = re.match(prefix, key)
-        if match is None:
-            state[key] = value.clone()
-        elif int(match.group(1)) in new_index:
-            state[f"{layer_list_path(teacher)}.{new_index[int(match.group(1))]}.{key[match.end():]}"] = value.clone()
-    student.load_state_dict(state, strict=True)
+    student = type(teacher)(checked(config_for_layers(teacher.config, layers)))
+    state = renumbered_paths(teacher.state_dict(), layer_list_path(teacher), layers)
+    student.load_state_dict({key: value.clone() for key, value in state.items()}, strict=True)
     return student
 
 
@@ -105,19 +97,29 @@ def fresh_student(cfg: StudentConfig, teacher: PreTrainedModel) -> PreTrainedMod
     """Randomly initialised model of the teacher's family and vocabulary with smaller dimensions."""
     if cfg.layers is not None:
         raise ConfigError("student.layers is only used with init 'copy_layers'")
-    config = copy.deepcopy(teacher.config)
-    overrides = {
-        "num_hidden_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
-    }
-    for key, value in overrides.items():
-        if value is not None:
-            if value < 1:
-                raise ConfigError(f"student.{key} must be positive, got {value}")
-            setattr(config, key, value)
+    for size in SIZES:
+        if getattr(cfg, size) is not None and getattr(cfg, size) < 1:
+            raise ConfigError(f"student.{size} must be positive, got {getattr(cfg, size)}")
+    teacher_layers = teacher.config.num_hidden_layers
+    # each layer's attention kind (sliding window or full) is that of the teacher layer it is mapped to
+    config = config_for_layers(teacher.config, evenly_spaced(cfg.num_layers or teacher_layers, teacher_layers))
+    if hasattr(config, "compression"):  # a compressed teacher's module shapes; a fresh student has stock ones
+        del config.compression
+    for size in SIZES[1:]:
+        if getattr(cfg, size) is not None:
+            setattr(config, size, getattr(cfg, size))
     if config.hidden_size % config.num_attention_heads:
         raise ConfigError(
             f"student hidden_size {config.hidden_size} is not divisible by num_attention_heads "
             f"{config.num_attention_heads}"
         )
-    return type(teacher)(config)
+    return type(teacher)(checked(config))
+
+
+def checked(config: PretrainedConfig) -> PretrainedConfig:
+    """`config`, refused now if its family's validation fails, rather than when the trained student is saved."""
+    try:
+        config.validate()
+    except Exception as err:  # transformers raises its own validation errors
+        raise ConfigError(f"the student's {config.model_type} config is invalid: {err.__cause__ or err}") from None
+    return config

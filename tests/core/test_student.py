@@ -1,11 +1,16 @@
 import pytest
 import torch
-from transformers import BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+from transformers import AutoModelForCausalLM, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
 from distill.core.config import StudentConfig
 from distill.core.errors import ConfigError
+from distill.core.sources import load_causal_lm
 from distill.core.student import build_student, check_student_config, student_layer_indices
-from tests.conftest import tiny_bert_config
+from prune.config import LMPruneConfig, WidthConfig
+from prune.lm import Sizes, prune_model
+from prune.saving import save_compressed
+from tests.conftest import make_tokenizer, tiny_bert_config
+from tests.helpers.student_families import FULL, SLIDING, WORDS, family_config, save_family_lm
 
 
 @pytest.fixture
@@ -98,3 +103,36 @@ def test_widths_with_copied_layers_are_refused_not_ignored():
     with pytest.raises(ConfigError, match="student.hidden_size is not used with init 'copy_layers'"):
         check_student_config(StudentConfig(num_layers=2, hidden_size=64))
     check_student_config(StudentConfig(num_layers=2))
+
+
+@pytest.mark.parametrize("student_cfg, stands_for", [
+    (StudentConfig(layers=[0, 4]), [0, 4]),
+    (StudentConfig(init="fresh", num_layers=2), [2, 5]),  # the layers the uniform layer map pairs it with
+])
+def test_qwens_window_bound_follows_the_students_layers(student_cfg, stands_for):
+    teacher = AutoModelForCausalLM.from_config(family_config("qwen2"))  # layers 0-2 attend fully, 3-5 in a window
+    config = build_student(student_cfg, teacher).config
+    assert config.layer_types == [teacher.config.layer_types[i] for i in stands_for] == [FULL, SLIDING]
+    # the family's own rule, from the bound alone, gives the same kinds (what readers of the bound will see)
+    assert type(config).from_dict({**config.to_dict(), "layer_types": None}).layer_types == config.layer_types
+
+
+def test_copied_layers_of_a_compressed_model_keep_their_own_shapes(tmp_path):
+    """A model pruned to different FFN widths per layer records them in `config.compression` by layer; a student
+    copying some of its layers has theirs, and reloads (through the saved modeling code) to the same logits."""
+    teacher = AutoModelForCausalLM.from_pretrained(save_family_lm("llama", tmp_path / "teacher"))
+    ids = torch.randint(5, teacher.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    prune_model(teacher, LMPruneConfig(importance="activation", width=WidthConfig(uniform=False)),
+                Sizes(hidden_size=None, intermediate_size=16, key_value_heads=None, remove_layers=0),
+                [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}])
+    save_compressed(teacher, make_tokenizer(WORDS), tmp_path / "pruned")
+    base = load_causal_lm(str(tmp_path / "pruned"))
+    widths = [layer.mlp.down_proj.in_features for layer in base.model.layers]
+    assert len(set(widths)) > 1  # the test needs layers of different widths
+    layers = [widths.index(min(widths)), widths.index(max(widths))]
+    student = build_student(StudentConfig(layers=layers, model=str(tmp_path / "pruned")), None, load_causal_lm)
+    assert [layer.mlp.down_proj.in_features for layer in student.model.layers] == [min(widths), max(widths)]
+    student.save_pretrained(tmp_path / "student")
+    with torch.no_grad():
+        assert torch.equal(load_causal_lm(str(tmp_path / "student"))(input_ids=ids).logits,
+                           student.eval()(input_ids=ids).logits)

@@ -1,0 +1,60 @@
+"""Tiny causal LMs of every decoder family the framework supports, each with layers of both attention kinds (sliding
+window and full) where the family has them, so that a student that takes the wrong layers' kinds shows it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, make_tokenizer
+
+WORDS = POSITIVE + NEGATIVE + NEUTRAL
+TEACHER_LAYERS = 6
+WIDTHS = dict(hidden_size=16, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+              max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+SLIDING, FULL = "sliding_attention", "full_attention"
+MIXED = [SLIDING, FULL, SLIDING, SLIDING, FULL, SLIDING]
+"""The Gemmas' attention kinds, listed: neither their alternation nor Gemma3's five-to-one rule, nor any prefix of
+them, gives the kinds of every subset of layers."""
+WINDOWED_ABOVE_3 = dict(use_sliding_window=True, sliding_window=4, max_window_layers=3)
+"""Qwen's rule: layers 0-2 attend fully, the layers above through a 4-token window."""
+FAMILIES = {
+    "llama": (LlamaConfig, {}),
+    "mistral": (MistralConfig, dict(sliding_window=4)),
+    "qwen2": (Qwen2Config, WINDOWED_ABOVE_3),
+    "qwen3": (Qwen3Config, WINDOWED_ABOVE_3),
+    "gemma2": (Gemma2Config, dict(sliding_window=4, layer_types=MIXED)),
+    "gemma3_text": (Gemma3TextConfig, dict(sliding_window=4, layer_types=MIXED)),
+    "phi3": (Phi3Config, {}),  # fused qkv_proj and gate_up_proj
+}
+
+
+def family_config(family: str, layers: int = TEACHER_LAYERS) -> PretrainedConfig:
+    cls, extra = FAMILIES[family]
+    if "layer_types" in extra:
+        extra = {**extra, "layer_types": extra["layer_types"][:layers]}
+    return cls(vocab_size=len(WORDS) + 5, num_hidden_layers=layers, **WIDTHS, **extra)
+
+
+def save_family_lm(family: str, folder: Path, layers: int = TEACHER_LAYERS, seed: int = 0) -> Path:
+    """A random model of `family` with the word-level tokenizer of tests.conftest."""
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(family_config(family, layers)).save_pretrained(folder)
+    make_tokenizer(WORDS).save_pretrained(folder)
+    return folder
+
+
+def layer_types(config: PretrainedConfig) -> list[str] | None:
+    """Each layer's attention kind; None for families whose layers are all alike."""
+    return getattr(config, "layer_types", None)
