@@ -214,14 +214,15 @@ def check_cross_tokenizer(cfg: LMDistillConfig) -> None:
         raise ConfigError(f"student_tokenizer: loss '{other[0]}' compares the two models position by position and "
                           f"id by id; with two tokenizers use {' or '.join(CROSS_TOKENIZER_LOSSES)} (and "
                           "next_token_ce)")
+    # before the format check: on-policy needs prompts, which that check refuses, so its own reason would never show
+    if cfg.on_policy.lmbda:
+        raise ConfigError("student_tokenizer: on-policy batches need the teacher to read the student's tokens")
     if cfg.data.format != "text":
         raise ConfigError("student_tokenizer: texts are aligned character by character, which needs data.format "
                           "text (a chat template renders a different text for each tokenizer)")
     if cfg.student.init == "copy_layers":
         raise ConfigError("student_tokenizer: a student copied from the teacher's layers keeps the teacher's "
                           "vocabulary; use student.init fresh (or pretrained with that tokenizer)")
-    if cfg.on_policy.lmbda:
-        raise ConfigError("student_tokenizer: on-policy batches need the teacher to read the student's tokens")
 
 
 def check_on_policy(cfg: LMDistillConfig) -> None:

@@ -62,8 +62,8 @@ def one_step_cfg(tmp_path, teacher_dir, student: StudentConfig) -> LMDistillConf
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(text for text, _ in make_sentences(12)) + "\n")
     return LMDistillConfig(
-        teacher=str(teacher_dir), output_dir=str(tmp_path / "run"), data=CorpusConfig(source=str(corpus), max_length=16),
-        validation_examples=2, test_examples=2, student=student,
+        teacher=str(teacher_dir), output_dir=str(tmp_path / "run"), student=student,
+        data=CorpusConfig(source=str(corpus), max_length=16), validation_examples=2, test_examples=2,
         stages=[StageConfig(epochs=1, learning_rate=1e-3, losses=[LossConfig(name="forward_kl", weight=0.5),
                                                                   LossConfig(name="next_token_ce", weight=0.5)])],
         eval=LMEvalConfig(prompts=["the film"], max_new_tokens=1),

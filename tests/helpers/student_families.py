@@ -40,11 +40,11 @@ FAMILIES = {
 }
 
 
-def family_config(family: str, layers: int = TEACHER_LAYERS) -> PretrainedConfig:
+def family_config(family: str, layers: int = TEACHER_LAYERS, vocab_size: int = len(WORDS) + 5) -> PretrainedConfig:
     cls, extra = FAMILIES[family]
     if "layer_types" in extra:
         extra = {**extra, "layer_types": extra["layer_types"][:layers]}
-    return cls(vocab_size=len(WORDS) + 5, num_hidden_layers=layers, **WIDTHS, **extra)
+    return cls(vocab_size=vocab_size, num_hidden_layers=layers, **WIDTHS, **extra)
 
 
 def save_family_lm(family: str, folder: Path, layers: int = TEACHER_LAYERS, seed: int = 0) -> Path:

@@ -1,8 +1,10 @@
 """A student with its own tokenizer: the batch carries the teacher's tokenization and the aligned pairs (each pair's
-next tokens begin at the same character), a fresh student takes the student tokenizer's vocabulary, `aligned_kl` and
-`uld` train it from the live teacher, the loss equals the pure function on the aligned rows, and the settings that
-cannot work are refused before work."""
+next tokens begin at the same character), a fresh student takes the student tokenizer's vocabulary (and, of a Gemma3
+teacher, the attention kinds of the teacher layers it stands for), `aligned_kl` and `uld` train it from the live
+teacher, the loss equals the pure function on the aligned rows, and the settings that cannot work are refused before
+work, each for its own reason on a config otherwise valid."""
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -16,12 +18,14 @@ from distill.lm.align import cross_tokenized, shared_vocabulary
 from distill.lm.cache import build_from_config
 from distill.lm.config import CacheConfig, LMEvalConfig, OnPolicyConfig
 from distill.lm.data import CrossTokenizerCollator
-from distill.lm.job import check_lm_distill, distill_lm
+from distill.lm.job import check_lm_distill, check_on_policy, distill_lm
 from distill.losses.causal.cross_tokenizer import ALIGNED_KEYS, aligned_kl, aligned_topk_kl, topk_bucket_probs
 from tests.conftest import make_sentences, make_tokenizer, save_smollm2_tokenizer_lm, tiny_causal_lm
+from tests.helpers.student_families import family_config
 from tests.lm.test_lm_distill import WORDS, lm_cfg
 
 CROSS = [LossConfig(name="aligned_kl", weight=1.0), LossConfig(name="next_token_ce", weight=1.0)]
+CACHED_CROSS = [LossConfig(name="aligned_topk_kl"), LossConfig(name="next_token_ce")]
 TEXTS = ["the film was good", "a very dull plot and flat acting"]
 
 
@@ -106,27 +110,52 @@ def test_a_student_with_its_own_tokenizer_trains_from_the_teacher(tmp_path, teac
     assert AutoTokenizer.from_pretrained(tmp_path / "run" / "model").get_vocab() == make_tokenizer(WORDS).get_vocab()
 
 
+def test_the_refused_settings_below_change_valid_configs(tmp_path, teacher_dir, student_tokenizer_dir, corpus):
+    check_lm_distill(cross_cfg(tmp_path, teacher_dir, student_tokenizer_dir, corpus))
+    check_lm_distill(cross_cfg(tmp_path, teacher_dir, student_tokenizer_dir, corpus, CACHED_CROSS, cache="c"))
+
+
+def test_a_fresh_student_of_a_gemma3_teacher_reads_its_own_tokenizer(tmp_path, teacher_dir, student_tokenizer_dir,
+                                                                     corpus):
+    """Such a student once failed at save: it kept the teacher's list of attention kinds, one per teacher layer."""
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    torch.manual_seed(0)
+    gemma = AutoModelForCausalLM.from_config(family_config("gemma3_text", vocab_size=len(tokenizer)))
+    gemma.save_pretrained(tmp_path / "gemma3")
+    tokenizer.save_pretrained(tmp_path / "gemma3")
+    result = distill_lm(cross_cfg(tmp_path, tmp_path / "gemma3", student_tokenizer_dir, corpus,
+                                  student=StudentConfig(init="fresh", num_layers=3)))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    assert reloaded.config.layer_types == [gemma.config.layer_types[i] for i in (1, 3, 5)]  # the uniform map's
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
+    assert torch.equal(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("change, message", [
-    ({"student_tokenizer": None}, "is for a student whose tokenizer differs from the teacher's"),
-    ({"stages": [StageConfig(losses=[LossConfig(name="forward_kl")])]}, "loss 'forward_kl' compares the two models"),
-    ({"stages": [StageConfig(losses=[LossConfig(name="topk_kl"), *CROSS])], "cache": "c"},
-     "loss 'topk_kl' compares"),
-    ({"cache": "c", "stages": [StageConfig(losses=[*CROSS, LossConfig(name="hidden_mse")])]}, "hidden_mse"),
-    ({"cache": "c", "stages": [StageConfig(losses=[*CROSS, LossConfig(name="aligned_topk_kl")])]}, "one or the other"),
-    ({"stages": [StageConfig(losses=[LossConfig(name="aligned_topk_kl")])]}, "reads a teacher cache"),
-    ({"data": CorpusConfig(format="prompt_completion")}, "needs data.format text"),
-    ({"student": StudentConfig(layers=[1])}, "use student.init fresh"),
+    ({"student_tokenizer": None}, "loss 'aligned_kl' is for a student whose tokenizer differs from the teacher's"),
+    ({"losses": [LossConfig(name="forward_kl")]}, "student_tokenizer: loss 'forward_kl' compares the two models"),
+    ({"losses": [*CROSS, LossConfig(name="hidden_mse")]}, "student_tokenizer: loss 'hidden_mse' compares"),
+    ({"losses": [LossConfig(name="topk_kl"), *CACHED_CROSS], "cache": "c"},
+     "student_tokenizer: loss 'topk_kl' compares"),
+    ({"losses": [*CACHED_CROSS, LossConfig(name="aligned_kl")], "cache": "c"},
+     "'aligned_topk_kl' reads a teacher cache and 'aligned_kl' / 'uld' the live teacher: use one or the other"),
+    ({"losses": CACHED_CROSS}, "loss 'aligned_topk_kl' reads a teacher cache: set `cache`"),
+    ({"data": {"format": "prompt_completion"}}, "student_tokenizer: texts are aligned .* which needs data.format text"),
+    ({"student": StudentConfig(layers=[1])}, "student_tokenizer: a student copied .* use student.init fresh"),
 ])
 def test_cross_tokenizer_settings_are_refused_before_work(tmp_path, teacher_dir, student_tokenizer_dir, corpus,
                                                           change, message):
+    change = {**change, "data": replace(corpus, **change.get("data", {}))}
     with pytest.raises(ConfigError, match=message):
         check_lm_distill(cross_cfg(tmp_path, teacher_dir, student_tokenizer_dir, corpus, **change))
 
 
 def test_on_policy_with_another_tokenizer_is_refused(tmp_path, teacher_dir, student_tokenizer_dir, corpus):
-    cfg = cross_cfg(tmp_path, teacher_dir, student_tokenizer_dir, corpus, losses=[LossConfig(name="aligned_kl")],
-                    data=CorpusConfig(format="chat"), on_policy=OnPolicyConfig(lmbda=0.5))
-    with pytest.raises(ConfigError):
+    cfg = cross_cfg(tmp_path, teacher_dir, student_tokenizer_dir, replace(corpus, format="chat"),
+                    [LossConfig(name="aligned_kl")], on_policy=OnPolicyConfig(lmbda=0.5))
+    check_on_policy(cfg)  # prompts to complete and a live teacher's token loss: on-policy as such is set up
+    with pytest.raises(ConfigError, match="student_tokenizer: on-policy batches need the teacher to read the "
+                                          "student's tokens"):
         check_lm_distill(cfg)
 
 
