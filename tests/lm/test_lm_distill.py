@@ -1,7 +1,8 @@
 """Causal-LM distillation on a tiny random Llama teacher and a small text file: the online run trains, saves a
 student that reloads to the same logits, and writes its generations; perplexity is exp of the mean NLL over real
 tokens; a cached run reads the cache and never runs the teacher, and refuses a cache of anything else; vocabularies
-that differ are refused; a layer-subset student holds the chosen layers; the offline conversion is atomic."""
+that differ are refused; a layer-subset student holds the chosen layers; metrics.json reports the share of each slice
+that max_length cut; the offline conversion is atomic."""
 import json
 import math
 
@@ -200,6 +201,21 @@ def test_a_cache_of_anything_else_is_refused(tmp_path, teacher_dir, corpus, chan
 def test_config_errors_before_anything_loads(tmp_path, corpus, change, message):
     with pytest.raises(ConfigError, match=message):
         check_lm_distill(lm_cfg(tmp_path, tmp_path / "absent", corpus, **change))
+
+
+def test_metrics_report_the_share_of_each_slice_that_max_length_cut(tmp_path, teacher_dir):
+    """Each word is one token and the tokenizer adds two: at max_length 8, a text of 7 words loses 1 token, one of 6
+    words none."""
+    words = {"train": [3, 6, 7, 4, 10, 5, 6, 9], "validation": [6, 6, 3, 4], "test": [7, 3, 10, 5]}
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(" ".join(["film"] * count) + "\n" for counts in words.values() for count in counts))
+    cfg = lm_cfg(tmp_path, teacher_dir, CorpusConfig(source=str(path), max_length=8), validation_examples=4,
+                 test_examples=4, train=train_cfg(batch_size=8, eval_batch_size=8, max_steps_per_stage=1))
+    distill_lm(cfg)
+    truncation = json.loads((tmp_path / "run" / "metrics.json").read_text())["truncation"]
+    assert truncation == {"train": {"examples": 3 / 8, "tokens": (1 + 4 + 3) / 66},  # of 5, 8, 9, 6, 12, 7, 8, 11
+                          "validation": {"examples": 0.0, "tokens": 0.0},  # 8, 8, 5, 6: at most max_length
+                          "test": {"examples": 2 / 4, "tokens": (1 + 4) / 33}}  # of 9, 5, 12, 7
 
 
 def test_too_small_a_corpus_for_the_held_out_slices_is_refused(tmp_path, teacher_dir, corpus):
