@@ -45,6 +45,9 @@ FORBIDDEN = {
     "distill.losses": ("distill.methods", "distill.lm", "distill.pipeline"),
     "distill.methods": ("distill.lm", "distill.pipeline"),
     "distill.lm": ("distill.methods", "distill.pipeline"),
+    # siblings: a pruned model reaches quantization as a saved folder, never through an import
+    "prune": ("quant",),
+    "quant": ("prune",),
 }
 
 
@@ -91,6 +94,8 @@ def test_no_import_circles():
     ("distill.core.trainer", "distill.losses.causal.registered", False),
     ("distill.methods.job", "distill.core.run", True),
     ("prune.run", "distill.pipeline.plan", True),  # allowed by the layers; only *.pipeline_kinds may (test above)
+    ("quant.lm", "prune.saving", False),
+    ("prune.lm", "quant.gguf", False),
 ])
 def test_the_rules_read_the_layers_as_intended(importer, target, expected):
     """The rules' own check: an upward import from core is caught; downward ones are allowed."""
