@@ -64,6 +64,8 @@ def test_fresh_student_is_narrower_and_checks_heads(teacher):
     assert teacher.config.hidden_size == 32  # the teacher's config is untouched
     with pytest.raises(ConfigError, match="hidden_size 18 is not divisible by num_attention_heads 4"):
         build_student(StudentConfig(init="fresh", hidden_size=18), teacher)
+    with pytest.raises(ConfigError, match="student.num_layers must be positive, got 0"):
+        build_student(StudentConfig(init="fresh", num_layers=0), teacher)
 
 
 def test_unsupported_architecture_is_named():
@@ -117,9 +119,10 @@ def test_qwens_window_bound_follows_the_students_layers(student_cfg, stands_for)
     assert type(config).from_dict({**config.to_dict(), "layer_types": None}).layer_types == config.layer_types
 
 
-def test_copied_layers_of_a_compressed_model_keep_their_own_shapes(tmp_path):
+def test_students_of_a_compressed_model_take_the_shapes_of_their_layers(tmp_path):
     """A model pruned to different FFN widths per layer records them in `config.compression` by layer; a student
-    copying some of its layers has theirs, and reloads (through the saved modeling code) to the same logits."""
+    copying some of its layers has theirs, and reloads (through the saved modeling code) to the same logits; a fresh
+    one has the family's stock shapes."""
     teacher = AutoModelForCausalLM.from_pretrained(save_family_lm("llama", tmp_path / "teacher"))
     ids = torch.randint(5, teacher.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     prune_model(teacher, LMPruneConfig(importance="activation", width=WidthConfig(uniform=False)),
@@ -136,3 +139,6 @@ def test_copied_layers_of_a_compressed_model_keep_their_own_shapes(tmp_path):
     with torch.no_grad():
         assert torch.equal(load_causal_lm(str(tmp_path / "student"))(input_ids=ids).logits,
                            student.eval()(input_ids=ids).logits)
+    fresh = build_student(StudentConfig(init="fresh", num_layers=3, model=str(tmp_path / "pruned")), None,
+                          load_causal_lm)
+    assert [layer.mlp.down_proj.in_features for layer in fresh.model.layers] == [base.config.intermediate_size] * 3
