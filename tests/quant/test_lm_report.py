@@ -1,0 +1,123 @@
+"""The causal-LM report (`quant.lm_report`): candidates in order (teacher first, the served model last unless a
+stage saved it), each measured on the same held-out texts with next-token agreement against the teacher's, the
+table and its speed-up column from hand-made rows, the prompt of real text, the files written, and the settings that
+cannot work refused."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+import quant.lm_report as lm_report
+from distill.core.config import CorpusConfig
+from distill.core.errors import ConfigError
+from quant.config import LMReportConfig, SpeedConfig
+from quant.lm_report import (
+    LMCandidate,
+    agreement,
+    check_lm_report,
+    lm_candidates,
+    markdown_table,
+    measure_candidates,
+    speed_prompt,
+    write_lm_report,
+)
+from tests.conftest import make_sentences, make_tokenizer, tiny_causal_lm
+from tests.lm.test_lm_distill import WORDS
+
+SPEED = {"prefill_tokens_per_s": 400.0, "decode_tokens_per_s": 20.0, "peak_rss_mb": 300.0, "load_s": 0.1}
+
+
+def row(model: str, decode: float, parameters=None, path="m", ppl=10.0) -> dict:
+    return {"model": model, "stage": "-", "kind": "quantize_lm", "path": path, "validation_perplexity": ppl,
+            "test_perplexity": ppl * 1.1, "next_token_agreement": 0.875, "parameters": parameters, "disk_mb": 12.25,
+            **SPEED, "decode_tokens_per_s": decode}
+
+
+def test_the_table_shows_each_model_with_its_speed_up_over_the_first():
+    table = markdown_table([row("teacher", 20.0, parameters=135_000_000), row("q4", 50.0, path="model-q4.gguf")],
+                           prompt_tokens=64, new_tokens=16)
+    lines = table.splitlines()
+    assert "prefill tok/s (64)" in lines[0] and "decode tok/s (16)" in lines[0] and len(lines) == 4
+    assert lines[2] == ("| teacher | quantize_lm | 10.00 | 11.00 | 87.50% | 135.0M | 12.2 | 300 | 400 | 20.0 | "
+                        "1.00x |")
+    assert lines[3].startswith("| q4 | quantize_lm | 10.00 | 11.00 | 87.50% | - |")
+    assert lines[3].endswith("| 50.0 | 2.50x |")
+
+
+def test_agreement_is_the_share_of_positions_with_the_same_token():
+    reference = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
+    assert agreement([torch.tensor([1, 0, 3]), torch.tensor([4, 0])], reference) == 3 / 5
+    assert agreement(reference, reference) == 1.0
+
+
+def test_the_speed_prompt_is_the_test_texts_repeated_and_cut():
+    assert speed_prompt([[1, 2], [3]], 7) == [1, 2, 3, 1, 2, 3, 1]
+    assert speed_prompt([[1, 2, 3, 4]], 2) == [1, 2]
+
+
+def test_candidates_start_with_the_teacher_and_end_with_the_served_model_once(tmp_path):
+    teacher = tmp_path / "teacher"
+    tiny_causal_lm(len(WORDS) + 5, tied=True).save_pretrained(teacher)
+    stages = [SimpleNamespace(name="prune", kind_name="prune_lm", models={"model": tmp_path / "pruned"}),
+              SimpleNamespace(name="quant", kind_name="quantize_lm",
+                              models={"int8": tmp_path / "int8", "q4": tmp_path / "model-q4.gguf"})]
+    cfg = LMReportConfig(teacher=str(teacher), model=str(tmp_path / "served"))
+    found = lm_candidates(cfg, stages)
+    assert [(c.label, c.stage, c.kind) for c in found] == [
+        ("teacher", "-", "-"), ("prune", "prune", "prune_lm"), ("quant/int8", "quant", "quantize_lm"),
+        ("quant/q4", "quant", "quantize_lm"), ("served", "-", "-")]
+    assert [c.gguf for c in found] == [False, False, False, True, False]
+    cfg.model = str(tmp_path / "int8")  # a stage saved it: not listed twice
+    assert [c.label for c in lm_candidates(cfg, stages)][-1] == "quant/q4"
+
+
+def test_each_candidate_is_measured_on_the_same_texts_against_the_teacher(tmp_path, monkeypatch):
+    tokenizer = make_tokenizer(WORDS)
+    folders = {}
+    config = tiny_causal_lm(len(tokenizer), tied=True, initializer_range=1.0).config
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folders[seed] = tmp_path / f"lm{seed}"
+        LlamaForCausalLM(config).save_pretrained(folders[seed])
+        tokenizer.save_pretrained(folders[seed])
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(text for text, _ in make_sentences(20)) + "\n")
+    cfg = LMReportConfig(teacher=str(folders[0]), data=CorpusConfig(source=str(corpus), max_length=16),
+                         validation_examples=4, test_examples=4, speed=SpeedConfig(prompt_tokens=8, new_tokens=2))
+    prompts = []
+    monkeypatch.setattr(lm_report, "speed", lambda path, prompt, *args: prompts.append(prompt) or SPEED)
+    teacher, other = measure_candidates(cfg, [LMCandidate("teacher", "-", "-", folders[0]),
+                                              LMCandidate("other", "s", "k", folders[1])])
+    assert teacher["next_token_agreement"] == 1.0 and other["next_token_agreement"] < 1.0
+    assert teacher["test_perplexity"] != other["test_perplexity"] and teacher["test_perplexity"] > 1
+    weights = (folders[0] / "model.safetensors").stat().st_size / 1e6
+    assert teacher["disk_mb"] == weights and teacher["parameters"] == other["parameters"] > 0
+    assert "predictions" not in teacher and {**teacher, **SPEED} == teacher
+    assert len(prompts) == 2 and prompts[0] == prompts[1] and len(prompts[0]) == 8
+
+
+def test_the_report_files_are_written(tmp_path):
+    rows = [row("teacher", 20.0, parameters=1000), row("q4", 40.0, path="model-q4.gguf", ppl=12.0)]
+    table = write_lm_report(rows, tmp_path, {"texts": 4}, SpeedConfig(prompt_tokens=8, new_tokens=2))
+    assert (tmp_path / "lm_report.md").read_text() == f"# LM compression report\n\n{table}\n"
+    report = json.loads((tmp_path / "lm_report.json").read_text())
+    assert report["reference"] == "teacher" and report["texts"] == 4 and report["rows"] == rows
+    assert (tmp_path / "lm_report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"test_examples": 0}, "test_examples must be at least 1"),
+    ({"speed": SpeedConfig(new_tokens=0)}, "speed.prompt_tokens, speed.new_tokens and speed.repeats"),
+])
+def test_settings_that_cannot_work_are_refused(change, message):
+    with pytest.raises(ConfigError, match=message):
+        check_lm_report(LMReportConfig(**change))
+    check_lm_report(LMReportConfig())
+
+
+def test_a_gguf_candidate_is_told_by_its_suffix():
+    assert LMCandidate("q", "s", "k", Path("x/model-q4_k_m.gguf")).gguf
+    assert not LMCandidate("q", "s", "k", Path("x/model")).gguf
