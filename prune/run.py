@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 import distill.losses  # noqa: F401  (registers the losses recovery names)
-from distill.core.arch import kv_group_size
+from distill.core.arch import arch_of, kv_group_size
 from distill.core.config import LayerMapConfig
 from distill.core.errors import ConfigError
 from distill.core.evaluate import accuracy, count_parameters
@@ -44,6 +44,7 @@ from distill.core.trainer import Trainer
 from .budget import budget_plan
 from .config import PruneConfig, VocabConfig
 from .embeddings import check_rank, compress_word_embedding, word_embedding_path
+from .family import model_config
 from .ffn import prune_ffn
 from .heads import expand_groups, group_scores, prune_heads
 from .importance import Scores, require_criterion, score
@@ -66,6 +67,7 @@ class Progress:
 
 def prune(cfg: PruneConfig, on_step: OnStep = None) -> RunResult:
     check_prune_config(cfg)
+    arch_of(model_config(cfg.model), "pruning")  # the family, from config.json: refused before any weights load
     accelerator, run_dir = start_run(cfg)
     task = load_task(cfg.data, cfg.model)
     attention = attention_implementation([cfg.recovery])

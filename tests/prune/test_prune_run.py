@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, PreTrainedModel
 
 from distill.core.config import LossConfig, StageConfig
 from distill.core.errors import ConfigError
@@ -12,7 +12,18 @@ from distill.core.sources import load_classifier
 from prune.config import ImportanceConfig, LayerDropConfig, LowRankConfig, PruneConfig, SparsityConfig, UnitPruneConfig
 from prune.run import check_targets, prune
 from prune.saving import layer_shapes
-from tests.conftest import Interrupt, assert_same_weights, data_cfg, logits_of, never_train, train_cfg
+from tests.conftest import (
+    NEGATIVE,
+    NEUTRAL,
+    POSITIVE,
+    Interrupt,
+    assert_same_weights,
+    data_cfg,
+    logits_of,
+    make_tokenizer,
+    never_train,
+    train_cfg,
+)
 from tests.prune.test_structured_pruning import tiny_llama
 
 RECOVERY = StageConfig(name="recover", epochs=1, learning_rate=1e-3,
@@ -99,6 +110,22 @@ def test_bad_pruning_configs_fail_before_any_work(trained_teacher, sentiment_csv
     for message, overrides in cases.items():
         with pytest.raises(ConfigError, match=message):
             prune(prune_cfg(sentiment_csv, teacher_dir, tmp_path / "bad", **overrides), on_step=never_train)
+
+
+def test_an_unsupported_family_is_refused_from_its_config_before_any_weights_load(sentiment_csv, tmp_path,
+                                                                                monkeypatch):
+    tokenizer = make_tokenizer(POSITIVE + NEGATIVE + NEUTRAL)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=2, n_head=2, num_labels=2, pad_token_id=0)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the family check")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_weights))
+    with pytest.raises(ConfigError, match="^architecture 'gpt2' is not supported for pruning; supported: bert, "):
+        prune(prune_cfg(sentiment_csv, tmp_path / "gpt2", tmp_path / "run"), on_step=never_train)
+    assert not (tmp_path / "run").exists()
 
 
 def test_head_counts_must_be_whole_key_value_groups():
