@@ -9,12 +9,14 @@ Outputs in `output_dir`: `config.yaml`, `model/` (the pruned model and tokenizer
 model in memory) and `metrics.json` (sizes, kept layers, parameters and validation perplexity before and after)."""
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
@@ -34,6 +36,7 @@ from distill.lm.data import LMCollator, held_out_splits
 from distill.lm.metrics import perplexity
 
 from .config import LMPruneConfig
+from .family import model_config
 from .ffn import prune_ffn
 from .heads import expand_groups, group_scores, prune_heads
 from .hidden import prune_hidden
@@ -52,7 +55,7 @@ noise."""
 DATA_DRIVEN = ("activation", "activation_squared", "taylor", "fisher")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sizes:
     """What the pruned model keeps: uniform widths (None: unchanged) and the layers removed."""
     hidden_size: Optional[int]
@@ -67,8 +70,8 @@ class Sizes:
 
 # ----- checks -----------------------------------------------------------------------------------------------------
 def check_prune_lm(cfg: LMPruneConfig) -> None:
-    """Config-only checks; what needs the model's config (sizes it cannot reach) is checked by `plan_sizes` right
-    after the config is read, before any weights load."""
+    """Config-only checks; what needs the model's config (its family, sizes it cannot reach) is checked by
+    `plan_sizes` on config.json, before any weights load."""
     CRITERIA.require(cfg.importance, "importance: ")
     if cfg.depth.strategy not in DEPTH_STRATEGIES:
         raise ConfigError(f"depth.strategy must be one of {', '.join(DEPTH_STRATEGIES)}; got '{cfg.depth.strategy}'")
@@ -134,7 +137,7 @@ def plan_sizes(cfg: LMPruneConfig, config: PretrainedConfig) -> Sizes:
 
 
 def check_sizes(sizes: Sizes, config: PretrainedConfig, explicit: Optional[list[int]]) -> None:
-    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads, kv = config.num_attention_heads, key_value_heads(config)
     checks = [("hidden_size", sizes.hidden_size, config.hidden_size),
               ("intermediate_size", sizes.intermediate_size, config.intermediate_size),
               ("key_value_heads", sizes.key_value_heads, kv)]
@@ -151,10 +154,15 @@ def check_sizes(sizes: Sizes, config: PretrainedConfig, explicit: Optional[list[
 
 
 def target_sizes(cfg: LMPruneConfig, config: PretrainedConfig) -> Sizes:
-    """The largest sizes (one common shrink factor over `target_axes`) whose model has at most `target_parameters`
-    parameters, counted exactly on a model built on the meta device."""
+    """Sizes whose model has at most `target_parameters` parameters, counted exactly on a model built on the meta
+    device: the largest common shrink factor over `target_axes` that fits (each axis rounded down to its step), then
+    grown towards the target (`grow`). `depth` alone removes the fewest layers that fit."""
     target, step = cfg.target_parameters, cfg.width.multiple_of
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    full = parameters_of(config, Sizes(None, None, None, 0))
+    if target >= full:
+        raise ConfigError(f"target_parameters={target:,} is not below the model's own {full:,} parameters: "
+                          "nothing to prune")
+    kv = key_value_heads(config)
     given = Sizes(cfg.width.hidden_size, cfg.width.intermediate_size, cfg.width.key_value_heads, 0)
     if cfg.target_axes == ["depth"]:
         for remove in range(config.num_hidden_layers):
@@ -169,12 +177,11 @@ def target_sizes(cfg: LMPruneConfig, config: PretrainedConfig) -> Sizes:
     def at(factor: float) -> Sizes:
         """The target axes scaled by `factor`; the other axes as `width` / `depth` give them."""
         groups = max(1, math.floor(kv * factor)) if "heads" in cfg.target_axes else cfg.width.key_value_heads
-        # families validate hidden_size as a multiple of the query heads, so the hidden step is a multiple of both
-        hidden_step = math.lcm(step, (groups or kv) * kv_group_size(config))
 
         def width(full: int, multiple: int) -> int:
             return max(multiple, math.floor(full * factor / multiple) * multiple) if full >= multiple else full
-        return Sizes(width(config.hidden_size, hidden_step) if "hidden" in cfg.target_axes else cfg.width.hidden_size,
+        return Sizes(width(config.hidden_size, hidden_step(config, step, groups or kv))
+                     if "hidden" in cfg.target_axes else cfg.width.hidden_size,
                      width(config.intermediate_size, step) if "ffn" in cfg.target_axes else
                      cfg.width.intermediate_size, groups, removed)
 
@@ -182,25 +189,92 @@ def target_sizes(cfg: LMPruneConfig, config: PretrainedConfig) -> Sizes:
     if smallest > target:
         raise ConfigError(f"target_parameters={target:,} is out of reach by shrinking {', '.join(cfg.target_axes)}: "
                           f"the smallest such model has {smallest:,}")
+    budget = Budget(config, target, cfg.target_axes, step, parameters_counter(config))
     low, high = 0.0, 1.0
     for _ in range(30):
         middle = (low + high) / 2
-        if parameters_of(config, at(middle)) <= target:
+        if budget.fits(at(middle)):
             low = middle
         else:
             high = middle
-    return fill_ffn(config, at(low), target, step) if "ffn" in cfg.target_axes else at(low)
+    return grow(at(low), budget)
 
 
-def fill_ffn(config: PretrainedConfig, sizes: Sizes, target: int, step: int) -> Sizes:
-    """The coarse axes (heads, hidden, in steps of a head count) leave budget unused: the FFN, the finest axis,
-    grows into it, in steps of `step`."""
-    while sizes.intermediate_size + step <= config.intermediate_size:
-        wider = dataclasses.replace(sizes, intermediate_size=sizes.intermediate_size + step)
-        if parameters_of(config, wider) > target:
-            break
-        sizes = wider
-    return sizes
+@dataclass(frozen=True)
+class Budget:
+    """What `grow` works within: the model's config, the target and its axes, the width step, a parameter counter."""
+    config: PretrainedConfig
+    target: int
+    axes: list[str]
+    step: int
+    count: Callable[[Sizes], float]
+
+    def fits(self, sizes: Sizes) -> bool:
+        return self.count(sizes) <= self.target
+
+
+def parameters_counter(config: PretrainedConfig) -> Callable[[Sizes], float]:
+    """`parameters_of` for `config`, remembered (the search asks again), infinite for sizes that the family's config
+    validation refuses."""
+    @functools.cache
+    def count(sizes: Sizes) -> float:
+        try:
+            return parameters_of(config, sizes)
+        except ConfigError:
+            return math.inf
+    return count
+
+
+def grow(sizes: Sizes, budget: Budget) -> Sizes:
+    """The common factor and each axis' rounding leave budget unused: the FFN, the finest axis, widens as far as the
+    target allows; then one coarse axis (key/value groups or the hidden size) grows by one step, the FFN narrowing
+    again to fit, the step that brings the model closest to the target, while one does. Then the model is below the
+    target by less than one FFN step (without the FFN among the axes, one step of a coarse axis)."""
+    sizes = widest_ffn(sizes, budget)
+    while True:
+        options = [s for s in (widest_ffn(larger, budget) for larger in coarse_steps(sizes, budget)) if s is not None]
+        closest = max(options, key=budget.count, default=None)
+        if closest is None or budget.count(closest) <= budget.count(sizes):
+            return sizes
+        sizes = closest
+
+
+def widest_ffn(sizes: Sizes, budget: Budget) -> Optional[Sizes]:
+    """`sizes` with the widest FFN (among the target's FFN widths) that keeps the model within the target; None when
+    none does. Without the FFN among the target axes, `sizes` itself if it fits."""
+    if "ffn" not in budget.axes:
+        return sizes if budget.fits(sizes) else None
+    widths = ffn_widths(budget.config.intermediate_size, budget.step)
+    fitting = bisect.bisect_left(widths, True, key=lambda width: not budget.fits(
+        dataclasses.replace(sizes, intermediate_size=width)))  # the model grows with the FFN: a prefix fits
+    return dataclasses.replace(sizes, intermediate_size=widths[fitting - 1]) if fitting else None
+
+
+def ffn_widths(full: int, step: int) -> list[int]:
+    """The FFN widths a target picks from: the multiples of `step`, and the model's own width."""
+    return sorted({*range(step, full + 1, step), full})
+
+
+def coarse_steps(sizes: Sizes, budget: Budget) -> Iterator[Sizes]:
+    """`sizes` with one coarse target axis one step larger, within the model's own sizes: one more key/value group
+    (where the hidden size stays a whole number of hidden steps), or the next multiple of the hidden step."""
+    config, kv = budget.config, key_value_heads(budget.config)
+    groups, hidden = sizes.key_value_heads or kv, sizes.hidden_size or config.hidden_size
+    if "heads" in budget.axes and groups < kv and (
+            hidden == config.hidden_size or hidden % hidden_step(config, budget.step, groups + 1) == 0):
+        yield dataclasses.replace(sizes, key_value_heads=groups + 1)
+    if "hidden" in budget.axes and hidden < config.hidden_size:
+        multiple = hidden_step(config, budget.step, groups)
+        yield dataclasses.replace(sizes, hidden_size=min((hidden // multiple + 1) * multiple, config.hidden_size))
+
+
+def hidden_step(config: PretrainedConfig, step: int, groups: int) -> int:
+    """Families validate hidden_size as a multiple of the query heads, so the hidden step is a multiple of both."""
+    return math.lcm(step, groups * kv_group_size(config))
+
+
+def key_value_heads(config: PretrainedConfig) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def parameters_of(config: PretrainedConfig, sizes: Sizes) -> int:
@@ -237,13 +311,13 @@ def pruned_config(config: PretrainedConfig, sizes: Sizes) -> PretrainedConfig:
 def prune_lm(cfg: LMPruneConfig) -> RunResult:
     """Check, calibrate, score, prune, save, reload and compare, measure."""
     check_prune_lm(cfg)
+    sizes = plan_sizes(cfg, model_config(cfg.model))
     tokenizer = ensure_pad_token(load_tokenizer(cfg.model))
     tokenizer.padding_side = "right"
     splits, ranges = held_out_splits(corpus_tokens(cfg.data, tokenizer), cfg, with_cache_index=False)
     calibration_set = splits["train"].select(range(min(cfg.calibration.examples, len(splits["train"]))))
     check_calibration(cfg, sum(len(ids) for ids in calibration_set["input_ids"]))
     model = load_causal_lm(cfg.model, dtype=torch.float32)
-    sizes = plan_sizes(cfg, model.config)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_yaml(cfg))

@@ -4,57 +4,27 @@ one distillation step from the unpruned model trains it (hidden-state loss throu
 it reloads with plain `from_pretrained` to identical logits. The job end to end, its parameter target and the inputs
 it refuses before any work."""
 import json
+import math
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    Gemma3TextConfig,
-    LlamaConfig,
-    MistralConfig,
-    Phi3Config,
-    Qwen2Config,
-    Qwen3Config,
-)
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertModel, PreTrainedModel
 
+from distill.core.cli import run_recipe
 from distill.core.config import CorpusConfig, LayerMapConfig, LossConfig
 from distill.core.errors import ConfigError
 from distill.core.losses import LossSetup, build_losses
 from distill.core.mapping import build_layer_map
 from distill.core.trainer import Objective
 from prune.config import CalibrationConfig, DepthConfig, LMPruneConfig, WidthConfig
-from prune.lm import Sizes, check_prune_lm, parameters_of, plan_sizes, prune_lm, prune_model
+from prune.lm import PRUNE_LM, Sizes, check_prune_lm, parameters_of, plan_sizes, prune_lm, prune_model
 from prune.saving import save_compressed
-from tests.conftest import make_sentences, make_tokenizer, tiny_causal_lm
+from tests.conftest import make_sentences, make_tokenizer, tiny_bert_config, tiny_causal_lm
+from tests.helpers.families import FAMILIES, VOCAB, lm_batch, tiny_family_model
 from tests.lm.test_lm_distill import WORDS
 
-VOCAB = 64
-COMMON = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
-              intermediate_size=96, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-FAMILIES = {
-    "llama": (LlamaConfig, dict(head_dim=8)),
-    "mistral": (MistralConfig, dict(head_dim=8)),
-    "qwen2": (Qwen2Config, dict()),
-    "qwen3": (Qwen3Config, dict(head_dim=8)),
-    "gemma2": (Gemma2Config, dict(head_dim=8, sliding_window=16)),
-    "gemma3_text": (Gemma3TextConfig, dict(head_dim=8, sliding_window=16)),
-    "phi3": (Phi3Config, dict()),  # fused qkv_proj and gate_up_proj, head_dim derived from the config
-}
 SIZES = Sizes(hidden_size=36, intermediate_size=64, key_value_heads=1, remove_layers=1)  # 36: a multiple of 3 heads
-
-
-def tiny_family_model(family: str):
-    cls, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cls(**COMMON, **extra)).eval()
-
-
-def lm_batch(seed: int = 0) -> dict:
-    ids = torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[0, 9:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -136,7 +106,58 @@ def test_the_job_prunes_saves_a_stock_model_and_reports_it(tmp_path):
     assert len(metrics["kept_layers"]) == 1 and metrics["calibration_tokens"] >= 1024
     parameters = sum(p.numel() for p in result.model.parameters())
     assert metrics["parameters"] == parameters < metrics["unpruned"]["parameters"]
-    assert metrics["validation_perplexity"] > 0 and metrics["splits"]["train"] == [0, 130]
+    assert metrics["splits"]["train"] == [0, 130] and metrics["splits"]["validation"] == [130, 140]
+    validation = (tmp_path / "corpus.txt").read_text().splitlines()[130:140]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    unpruned = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
+    assert metrics["unpruned"]["validation_perplexity"] == pytest.approx(
+        perplexity_by_hand(unpruned, tokenizer, validation), rel=1e-5)
+    assert metrics["validation_perplexity"] == pytest.approx(
+        perplexity_by_hand(result.model, tokenizer, validation), rel=1e-5)
+
+
+@torch.no_grad()
+def perplexity_by_hand(model, tokenizer, texts: list[str]) -> float:
+    """exp of the mean negative log-likelihood of every next token of `texts` (cut to the job's 16 tokens), one text
+    at a time: no padding."""
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor(tokenizer(text, truncation=True, max_length=16)["input_ids"])
+        logits = model.eval()(input_ids=ids[None]).logits[0, :-1]
+        nll += F.cross_entropy(logits, ids[1:], reduction="sum").item()
+        count += len(ids) - 1
+    return math.exp(nll / count)
+
+
+def no_weights(*args, **kwargs):
+    raise AssertionError("weights loaded before the check")
+
+
+@pytest.mark.parametrize("target", [None, 999_999_999])  # None: exactly the model's own count
+def test_a_target_at_or_above_the_models_size_is_refused_before_any_weights_load(tmp_path, monkeypatch, target):
+    model_dir = save_tiny_lm(tmp_path / "lm")
+    full = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    target = target or full
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_weights))
+    cfg = job_cfg(tmp_path, model_dir, target_parameters=target, width=WidthConfig(), depth=DepthConfig())
+    with pytest.raises(ConfigError, match=rf"^target_parameters={target:,} is not below the model's own {full:,} "
+                                          r"parameters: nothing to prune$"):
+        prune_lm(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_encoder_is_refused_in_one_line_before_any_weights_load(tmp_path, monkeypatch, capfd):
+    tokenizer = make_tokenizer(WORDS)
+    BertModel(tiny_bert_config(len(tokenizer))).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_weights))
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        run_recipe(PRUNE_LM, [f"model={tmp_path / 'bert'}", f"output_dir={tmp_path / 'run'}",
+                              "width.intermediate_size=8"])
+    assert exit.value.code == 2
+    assert capfd.readouterr() == ("", "config error: causal-LM pruning supports the families llama, mistral, qwen2, "
+                                      "qwen3, gemma2, gemma3_text, phi3; 'bert' is not one of them\n")
 
 
 def test_a_parameter_target_picks_the_largest_sizes_under_it():
