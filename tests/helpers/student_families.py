@@ -5,46 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    Gemma3TextConfig,
-    LlamaConfig,
-    MistralConfig,
-    Phi3Config,
-    PretrainedConfig,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, make_tokenizer
+from tests.helpers import families
+from tests.helpers.families import FAMILIES, FULL, SLIDING
 
 WORDS = POSITIVE + NEGATIVE + NEUTRAL
 TEACHER_LAYERS = 6
 WIDTHS = dict(hidden_size=16, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
               max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-SLIDING, FULL = "sliding_attention", "full_attention"
 MIXED = [SLIDING, FULL, SLIDING, SLIDING, FULL, SLIDING]
 """The Gemmas' attention kinds, listed: neither their alternation nor Gemma3's five-to-one rule, nor any prefix of
 them, gives the kinds of every subset of layers."""
-WINDOWED_ABOVE_3 = dict(use_sliding_window=True, sliding_window=4, max_window_layers=3)
-"""Qwen's rule: layers 0-2 attend fully, the layers above through a 4-token window."""
-FAMILIES = {
-    "llama": (LlamaConfig, {}),
-    "mistral": (MistralConfig, dict(sliding_window=4)),
-    "qwen2": (Qwen2Config, WINDOWED_ABOVE_3),
-    "qwen3": (Qwen3Config, WINDOWED_ABOVE_3),
-    "gemma2": (Gemma2Config, dict(sliding_window=4, layer_types=MIXED)),
-    "gemma3_text": (Gemma3TextConfig, dict(sliding_window=4, layer_types=MIXED)),
-    "phi3": (Phi3Config, {}),  # fused qkv_proj and gate_up_proj
-}
+QWEN_WINDOW_ABOVE = 3
+"""Qwen's rule: layers 0-2 attend fully, the layers above through the 4-token window."""
 
 
 def family_config(family: str, layers: int = TEACHER_LAYERS, vocab_size: int = len(WORDS) + 5) -> PretrainedConfig:
-    cls, extra = FAMILIES[family]
-    if "layer_types" in extra:
-        extra = {**extra, "layer_types": extra["layer_types"][:layers]}
-    return cls(vocab_size=vocab_size, num_hidden_layers=layers, **WIDTHS, **extra)
+    """`families.family_config` at the students' widths, with more layers, both attention kinds among them."""
+    kinds = {"layer_types": MIXED[:layers]} if "layer_types" in FAMILIES[family][1] else {}
+    window = {"max_window_layers": QWEN_WINDOW_ABOVE} if "max_window_layers" in FAMILIES[family][1] else {}
+    return families.family_config(family, vocab_size=vocab_size, num_hidden_layers=layers, **WIDTHS, **kinds,
+                                  **window)
 
 
 def save_family_lm(family: str, folder: Path, layers: int = TEACHER_LAYERS, seed: int = 0) -> Path:
