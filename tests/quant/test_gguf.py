@@ -2,16 +2,22 @@
 the offline SmolLM2 tokenizer (a tokenizer llama.cpp's converter knows) exports to F16, Q8_0 and Q4_0; the F16 file
 continues every prompt greedily exactly as transformers does, tokenizes as transformers does, and has the same
 perplexity on the test texts; the quantized files run and stay close. Types llama.cpp does not know, models with
-per-layer widths and unsupported families are refused before any work."""
+per-layer widths and unsupported families are refused before any work. Every other family the exporter accepts is
+converted too, as a tiny model trained on the corpus, and runs in llama.cpp as in transformers."""
 import json
 
 import pytest
+import sentencepiece
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
+from distill.core.sources import resolve_model
 from quant.config import GgufConfig
-from quant.gguf import check_gguf, export_gguf
+from quant.gguf import GGUF_FAMILIES, check_gguf, export_gguf
 from tests.conftest import save_smollm2_tokenizer_lm, write_review_corpus
+from tests.helpers.lm_models import train_causal_lm
 
 pytest.importorskip("llama_cpp", reason="scripts/setup.sh builds llama.cpp's bindings")
 
@@ -70,3 +76,72 @@ def test_per_layer_widths_and_other_families_are_refused_before_any_work(tmp_pat
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ConfigError, match="GGUF export supports the families llama, .*; 'gpt2' is not one of them"):
         check_gguf(gguf_cfg(tiny_lm, model=str(gpt2)))
+
+
+FAMILIES = {
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 6},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 6, "num_hidden_layers": 6},
+    "phi3": {},
+}
+"""What each family (llama aside: the model above) needs beyond the shared tiny widths. The sliding windows are
+shorter than the test texts, so that they take part; Gemma 3 has the six layers of its sliding/full pattern (llama.cpp
+assumes the pattern, five sliding layers then a full one)."""
+SENTENCEPIECE = {"gemma2", "qwen2"}
+"""Families given a SentencePiece model (`tokenizer.model`) for the converter. Gemma 2's converter reads nothing else.
+Qwen 2's reads one first: transformers 5 loads the tokenizer of any qwen2 folder as Qwen2's (its pre-tokenizer over
+the folder's vocabulary), which llama.cpp's converter recognises only with Qwen 2's own vocabulary, not offline here;
+so transformers and llama.cpp tokenize a qwen2 folder differently, and only its model is compared."""
+PROMPTS = ["review 3: the film", "review 5: the acting"]
+"""Prompts the trained models continue confidently (the corpus sentence), so no greedy choice is a near-tie."""
+
+
+def family_tokenizer(family, folder, lines):
+    """SmolLM2's tokenizer, or for `SENTENCEPIECE` families, a SentencePiece model trained on `lines`."""
+    if family not in SENTENCEPIECE:
+        return AutoTokenizer.from_pretrained(resolve_model("offline:SmolLM2-135M-Instruct"))
+    folder.mkdir(parents=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", minloglevel=2)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def save_family_lm(folder, family, lines):
+    """A tiny model of `family` trained on `lines` (confident predictions, and every norm and bias moved away from its
+    initial value, so that a converter that drops, swaps or mis-shifts any tensor changes the answer)."""
+    tokenizer = family_tokenizer(family, folder, lines)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **{
+        "vocab_size": len(tokenizer), "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 256,
+        "tie_word_embeddings": True, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        **FAMILIES[family]})
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if family == "phi3":  # its converter reads a GPT-2 vocabulary only when the config names that class (as Phi-4's)
+        config_file = folder / "tokenizer_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "tokenizer_class": "GPT2Tokenizer"}))
+    tokenizer = AutoTokenizer.from_pretrained(folder)  # as the export loads it
+    train_causal_lm(model, [tokenizer(line)["input_ids"] for line in lines], steps=40).save_pretrained(folder)
+    return folder
+
+
+def test_every_family_the_exporter_accepts_is_tested():
+    assert {"llama", *FAMILIES} == set(GGUF_FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_runs_in_llama_cpp_as_in_transformers(tmp_path, tiny_lm, family):
+    # llama.cpp gives models named like Phi-3 (the folder's name) Phi-3's special tokens, which SmolLM2's lacks
+    model = save_family_lm(tmp_path / "lm", family, (tiny_lm / "corpus.txt").read_text().splitlines()[:16])
+    cfg = gguf_cfg(tiny_lm, model=str(model), output_dir=str(tmp_path / "out"), types=["f16"], prompts=PROMPTS,
+                   max_new_tokens=6)
+    rows = export_gguf(cfg).metrics["types"]
+    assert rows["f16"]["greedy_equal"] and (rows["f16"]["tokenizer_equal"] or family == "qwen2")
+    assert rows["f16"]["test_perplexity"] == pytest.approx(rows["transformers_fp32"]["test_perplexity"], rel=2e-3)
