@@ -88,8 +88,8 @@ def quantize_bnb(source: str, variant: str, cfg: BnbConfig, skip_modules: list[s
 
 def check_4bit_rows(model: torch.nn.Module, skip: list[str]) -> None:
     """bitsandbytes' CPU 4-bit quantization assumes each weight row holds whole blocks of `BLOCK_4BIT` values: a row
-    of another length comes back with several times the usual error (an FFN of 1440 neurons: 58% relative error in
-    its down projection where 9% is usual), so such a model is refused rather than silently broken."""
+    of another length comes back with several times the usual error (docs/llm-compression.md), so such a model is
+    refused rather than silently broken."""
     for name, linear in target_linears(model, skip).items():
         if linear.in_features % BLOCK_4BIT:
             raise ConfigError(f"bitsandbytes' CPU 4-bit kernels miscompute rows whose length is not a multiple of "

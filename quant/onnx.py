@@ -125,9 +125,7 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Pat
     inputs = graph_inputs(model, tokenizer)
     example = tokenizer(EXAMPLE_TEXTS, padding=True, return_tensors="pt")
     axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
-    # The TorchScript exporter: dynamo's exports every kind of checkpoint here with dynamic axes too, but it needs
-    # onnxscript, and its graph of the Rotten Tomatoes teacher ran slower in ONNX Runtime (1 thread, fp32: 14.2
-    # against 12.5 ms at batch 1, 439 against 372 ms at batch 32; int8: 232 against 167 ms at batch 32).
+    # The TorchScript exporter: dynamo's needs onnxscript and its graph ran slower (docs/quantization.md)
     with warnings.catch_warnings():
         # its deprecation notice; tracer warnings on shape-dependent Python branches (the parity check, over batches
         # of many shapes, shows whether the trace holds); its note that advanced indexing is wrong for negative
@@ -146,11 +144,10 @@ def quantize_int8(source: Path, target: Path) -> None:
     classifier are Gemms, left in fp32), activations quantized per batch."""
     quantization = require_package("onnxruntime.quantization", NEEDED_BY, ONNX_INSTALL)
     disabled = logging.root.manager.disable
-    # its advice to pre-process the graph first: on the Rotten Tomatoes teacher that changed neither accuracy nor speed
+    # its advice to pre-process the graph first changed neither accuracy nor speed (docs/quantization.md)
     logging.disable(logging.WARNING)
     try:
-        # on that teacher's test split, per-channel scales kept 98.4% of its predictions, per-tensor ones 95.0%;
-        # reduce_range (7-bit weights, against u8 x s8 saturation on CPUs without VNNI) cost 0.2 points on a VNNI CPU
+        # per-channel scales and no reduce_range: the choices that kept the most accuracy (docs/quantization.md)
         quantization.quantize_dynamic(source, target, weight_type=quantization.QuantType.QInt8, per_channel=True,
                                       reduce_range=False)
     finally:
