@@ -14,9 +14,6 @@ import argparse
 import logging
 import sys
 
-import distill.pipeline.kinds  # noqa: F401  (each import registers its package's stage kinds)
-import prune.pipeline_kinds  # noqa: F401
-import quant.pipeline_kinds  # noqa: F401
 from distill.core.cli import run_recipe
 from distill.pipeline.plan import PIPELINE, with_push
 

@@ -312,8 +312,6 @@ def pipeline_assets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pipeline(pipeline_assets, tmp_path_factory):
     """A finished run of `pipeline_cfg`; tests that change it work on a copy."""
-    import distill.pipeline.kinds  # noqa: F401  (registers the stage kinds)
-    import quant.pipeline_kinds  # noqa: F401
     from distill.pipeline.plan import run_pipeline
 
     cfg = pipeline_cfg(tmp_path_factory.mktemp("pipeline") / "run", *pipeline_assets)

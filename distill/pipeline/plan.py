@@ -2,8 +2,9 @@
 quantize -> report -> push), each stage's model feeding the next.
 
 Stage kinds are found by name in `STAGE_KINDS`. `distill.pipeline.kinds` registers finetune, distill and push,
-`prune.pipeline_kinds` prune, and `quant.pipeline_kinds` quantize, qlora and report, so that `distill` imports
-neither `prune` nor `quant`; a recipe imports the modules whose kinds it uses.
+`prune.pipeline_kinds` prune, and `quant.pipeline_kinds` quantize, qlora and report; the planner has them all
+registered first through `distill.core.jobs.load_jobs`, which imports them by name, so that `distill` imports
+neither `prune` nor `quant`.
 
 Every stage is resolved and checked before any runs: its kind, its config (a recipe YAML of the kind's config class,
 inline overrides over it), its input model, and that the order can work. Stage `i` runs in
@@ -27,7 +28,7 @@ from typing import Any, Callable, Optional
 from distill.core.config import CorpusConfig, DataConfig, from_dict, merge_values, read_config_file, to_dict
 from distill.core.errors import ConfigError
 from distill.core.io import write_json_atomic
-from distill.core.jobs import Job, register_job
+from distill.core.jobs import Job, load_jobs, register_job
 from distill.core.registry import Registry
 from distill.core.run import OnStep
 from distill.core.sources import resolve_model
@@ -196,11 +197,8 @@ def dotted_set(values: dict, dotted: str, value: Any) -> None:
 
 
 def stage_kind(name: str, where: str) -> StageKind:
-    try:
-        return STAGE_KINDS.require(name, f"{where}: ")
-    except ConfigError as err:
-        raise ConfigError(f"{err} (prune.pipeline_kinds and quant.pipeline_kinds register theirs when imported)"
-                          ) from err
+    load_jobs()
+    return STAGE_KINDS.require(name, f"{where}: ")
 
 
 def recipe_values(entry: StageEntry, where: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_recipes import SCRIPT_OF_JOB
+from distill.core.jobs import JOB_TABLE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ def run_script(script: str, *args: str, env: dict | None = None) -> subprocess.C
                           timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
-@pytest.mark.parametrize("script", sorted(set(SCRIPT_OF_JOB.values())))
+@pytest.mark.parametrize("script", sorted({entry.recipe for entry in JOB_TABLE.values() if entry.recipe}))
 def test_every_recipe_prints_one_line_and_exits_2_on_a_misspelt_key(script):
     done = run_script(script, "output_dirr=x")
     assert done.returncode == 2, done.stderr

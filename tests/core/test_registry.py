@@ -2,10 +2,9 @@
 registered one (losses, importance criteria, stage kinds, quantization variants, jobs)."""
 import pytest
 
-import distill.losses  # noqa: F401
-import distill.pipeline.kinds  # noqa: F401
+import distill.losses  # noqa: F401  (registers the losses)
 from distill.core.errors import ConfigError
-from distill.core.jobs import JOBS
+from distill.core.jobs import load_jobs
 from distill.core.losses import LOSSES
 from distill.core.registry import Registry
 from distill.pipeline.plan import STAGE_KINDS
@@ -26,7 +25,7 @@ def test_a_name_registered_twice_is_an_error():
     (CRITERIA, "taylr", "unknown importance criterion 'taylr'; did you mean 'taylor'?"),
     (STAGE_KINDS, "distil", "unknown stage kind 'distil'; did you mean 'distill'?"),
     (VARIANTS, "bnb_nf5", "unknown variant 'bnb_nf5'; did you mean 'bnb_nf4'?"),
-    (JOBS, "finetun", "unknown job 'finetun'; did you mean 'finetune'?"),
+    (load_jobs(), "finetun", "unknown job 'finetun'; did you mean 'finetune'?"),
 ])
 def test_every_registry_names_the_closest_known_name(registry, typo, expected):
     with pytest.raises(ConfigError) as caught:

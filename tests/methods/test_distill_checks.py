@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-import distill.pipeline.kinds  # noqa: F401  (registers the stage kinds)
 from distill.core.config import DataConfig, LossConfig, StageConfig, StudentConfig, TrainConfig
 from distill.core.errors import ConfigError
 from distill.methods.config import DistillConfig, MutualConfig

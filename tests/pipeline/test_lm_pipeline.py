@@ -11,9 +11,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import distill.pipeline.kinds  # noqa: F401  (each import registers its package's stage kinds)
-import prune.pipeline_kinds  # noqa: F401
-import quant.pipeline_kinds  # noqa: F401
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
 from distill.lm.data import evaluation_texts

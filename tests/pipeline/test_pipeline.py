@@ -11,9 +11,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import distill.pipeline.kinds  # noqa: F401  (register the stage kinds)
-import prune.pipeline_kinds  # noqa: F401
-import quant.pipeline_kinds  # noqa: F401
 from distill.core.config import parse_args
 from distill.core.errors import ConfigError
 from distill.pipeline.plan import MARKER, PipelineConfig, StageEntry, plan_pipeline, run_pipeline, with_push

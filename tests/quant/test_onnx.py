@@ -13,8 +13,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-import distill.pipeline.kinds  # noqa: F401  (registers the stage kinds)
-import quant.pipeline_kinds  # noqa: F401
 from distill.core.errors import ConfigError
 from distill.core.sources import load_classifier
 from distill.pipeline.plan import PipelineConfig, StageEntry, plan_pipeline, run_pipeline
