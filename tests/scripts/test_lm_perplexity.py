@@ -1,21 +1,18 @@
 """scripts/lm_perplexity.py ends a bad config as every recipe does: one line `config error: ...` on stderr and exit
 status 2, for a misspelt key and for a check that fails after parsing; `--debug` shows the traceback instead."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from distill.core.errors import ConfigError
+from tests.helpers.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("lm_perplexity", ROOT / "scripts" / "lm_perplexity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("lm_perplexity")
 
 
 @pytest.mark.parametrize("argv, line", [
