@@ -25,12 +25,11 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from distill.core.arch import head_dim, kv_group_size, layer_list
-from distill.core.config import config_yaml
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
-from distill.core.run import RunResult
+from distill.core.run import RunResult, open_run
 from distill.core.sources import corpus_tokens, ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.lm.data import LMCollator, held_out_splits
 from distill.lm.metrics import perplexity
@@ -317,10 +316,8 @@ def prune_lm(cfg: LMPruneConfig) -> RunResult:
     splits, ranges = held_out_splits(corpus_tokens(cfg.data, tokenizer), cfg, with_cache_index=False)
     calibration_set = splits["train"].select(range(min(cfg.calibration.examples, len(splits["train"]))))
     check_calibration(cfg, sum(len(ids) for ids in calibration_set["input_ids"]))
+    run_dir = open_run(cfg)
     model = load_causal_lm(cfg.model, dtype=torch.float32)
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_yaml(cfg))
     set_seed(cfg.seed)
     collate, accelerator = LMCollator(tokenizer), Accelerator(cpu=not torch.cuda.is_available())
     model.to(accelerator.device)

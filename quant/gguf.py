@@ -23,12 +23,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.core.config import config_yaml
 from distill.core.conversion_cache import cache_root
 from distill.core.errors import ConfigError, did_you_mean
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
-from distill.core.run import RunResult
+from distill.core.run import RunResult, open_run
 from distill.core.sources import is_compressed, load_causal_lm, load_tokenizer, resolve_model
 from distill.lm.data import evaluation_texts
 
@@ -212,9 +211,7 @@ def check_gguf(cfg: GgufConfig) -> None:
 def export_gguf(cfg: GgufConfig) -> RunResult:
     """Convert (and quantize) each type, then check every file in llama.cpp against the transformers model."""
     check_gguf(cfg)
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_yaml(cfg))
+    run_dir = open_run(cfg)
     threads = cfg.threads or torch.get_num_threads()
     model_dir = Path(resolve_model(cfg.model))
     files = write_files(cfg, model_dir, run_dir, threads)

@@ -13,12 +13,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from distill.core.config import config_yaml
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters, disk_size_mb
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
-from distill.core.run import RunResult
+from distill.core.run import RunResult, open_run
 from distill.core.sources import ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.lm.data import evaluation_texts
 
@@ -49,9 +48,7 @@ def check_causal_lm(name: str) -> None:
 def quantize_lm(cfg: LMQuantConfig) -> RunResult:
     check_lm_quant(cfg)
     check_causal_lm(cfg.model)
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_yaml(cfg))
+    run_dir = open_run(cfg)
     quiet_int8_cast_warning()
     tokenizer = ensure_pad_token(load_tokenizer(cfg.model))
     texts = evaluation_texts(cfg, tokenizer)

@@ -28,11 +28,10 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrain
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from distill.core.arch import ARCHS
-from distill.core.config import config_yaml
 from distill.core.errors import ConfigError
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
-from distill.core.run import RunResult, check_class_count
+from distill.core.run import RunResult, check_class_count, open_run
 from distill.core.sources import (
     collator,
     is_compressed,
@@ -255,9 +254,7 @@ def export_onnx(cfg: OnnxExportConfig) -> RunResult:
     """Export, quantize, check both files against the PyTorch model, then move `model/` into place."""
     check_onnx(cfg)
     config = exportable_config(cfg.model)
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_yaml(cfg))
+    run_dir = open_run(cfg)
     model = load_classifier(cfg.model, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(cfg.model)
     loader = split_loader(cfg, tokenizer, config.num_labels)

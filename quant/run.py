@@ -15,12 +15,11 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.core.config import config_yaml
 from distill.core.errors import ConfigError
 from distill.core.evaluate import alternating_latencies, latency_batch
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
-from distill.core.run import check_class_count
+from distill.core.run import check_class_count, open_run
 from distill.core.sources import collator, label_names, load_splits, load_tokenizer, tokenize
 
 from .config import QuantConfig, ReportConfig
@@ -52,9 +51,7 @@ def quantize(cfg: QuantConfig) -> QuantRun:
     check_quant_config(cfg)
     config = load_config(cfg.model)
     check_classifier(cfg.model, config)
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_yaml(cfg))
+    run_dir = open_run(cfg)
     quiet_int8_cast_warning()
     if cfg.latency.threads:
         torch.set_num_threads(cfg.latency.threads)

@@ -13,7 +13,8 @@ import sys
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from distill.core.config import parse_args_or_exit
+from distill.core.cli import config_errors, split_debug
+from distill.core.config import parse_args
 from distill.core.sources import corpus_tokens, ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.core.student import build_student
 from distill.lm.config import LMDistillConfig
@@ -41,17 +42,21 @@ def measure(cfg: LMDistillConfig, models: dict) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    """A bad config ends the program as a recipe's does: one line `config error: ...`, exit status 2."""
+    debug, argv = split_debug(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a saved causal LM to measure instead of the teacher and the initial student")
     args, config_args = parser.parse_known_args(argv)
-    cfg = parse_args_or_exit(LMDistillConfig, config_args)
-    check_lm_distill(cfg)
-    if args.model:
-        models = {args.model: load_causal_lm(args.model)}
-    else:
-        teacher = load_causal_lm(cfg.teacher)
-        models = {"teacher": teacher, "student_before_training": build_student(cfg.student, teacher, load_causal_lm)}
-    print(json.dumps(measure(cfg, models), indent=2))
+    with config_errors(debug):
+        cfg = parse_args(LMDistillConfig, config_args)
+        check_lm_distill(cfg)
+        if args.model:
+            models = {args.model: load_causal_lm(args.model)}
+        else:
+            teacher = load_causal_lm(cfg.teacher)
+            models = {"teacher": teacher,
+                      "student_before_training": build_student(cfg.student, teacher, load_causal_lm)}
+        print(json.dumps(measure(cfg, models), indent=2))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -315,14 +314,6 @@ def parse_args(cls: type, argv: list[str], defaults: dict[str, Any] | None = Non
     for key, raw in overrides:
         apply_override(values, key, raw)
     return from_dict(cls, values)
-
-
-def parse_args_or_exit(cls: type, argv: list[str]) -> Any:
-    """For command-line entry points: a config error ends the program with its message, not a traceback."""
-    try:
-        return parse_args(cls, argv)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The lifecycle every training job shares: check the training settings, start a run (Accelerator, seed, the
 resolved config recorded), load a classification task, and finish (evaluate validation and test, save the model
-atomically, write metrics.json, remove the resume state).
+atomically, write metrics.json, remove the resume state). Jobs that do not train (pruning a causal LM, quantization,
+exports) start with `open_run`: the same record of the config, the same refusal of another config's unfinished run.
 
 A run folder holds `config.yaml` (the resolved config), `metrics.jsonl` (progress), `model/` (save_pretrained +
 tokenizer) and `metrics.json` (final numbers)."""
@@ -27,11 +28,11 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from distill.core.config import DataConfig, TrainConfig, config_yaml, flat_dict, to_dict
 from distill.core.errors import ConfigError, did_you_mean
 from distill.core.evaluate import ACCURACY, ValidationMetric, count_parameters, disk_size_mb
-from distill.core.io import save_model, write_json_atomic
+from distill.core.io import save_model, write_json_atomic, write_text_atomic
 from distill.core.sharding import SHARDINGS, TEACHER_PLACEMENTS
 from distill.core.sources import collator, label_names, load_splits, load_tokenizer, tokenize_and_measure
 from distill.core.tracking import log_record
-from distill.core.trainer import TrainState, remove_resume_state
+from distill.core.trainer import CHECKPOINT_DIR, TrainState, remove_resume_state
 
 OnStep = Optional[Callable[[TrainState], None]]
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
@@ -204,14 +205,9 @@ def check_class_count(num_labels: int, labels: list[str], who: str = "model") ->
 # ----- start ------------------------------------------------------------------------------------------------------
 def start_run(cfg: RunConfig) -> tuple[Accelerator, Path]:
     """Create the Accelerator (with the configured trackers), seed everything, and record the resolved config in
-    `output_dir`. A folder holding an unfinished run of another config is refused."""
+    `output_dir`. A folder holding an unfinished run (its checkpoint) of another config is refused."""
     run_dir = Path(cfg.output_dir)
-    recorded = run_dir / "config.yaml"
-    if (run_dir / "checkpoint").exists() and recorded.is_file() and not same_config(recorded, cfg):
-        raise ConfigError(
-            f"{run_dir} holds an unfinished run with a different config ({recorded}); resume it with that config, "
-            "or choose another output_dir"
-        )
+    refuse_other_config(cfg, unfinished=(run_dir / CHECKPOINT_DIR).exists())
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=cfg.train.mixed_precision,
         log_with=cfg.train.report_to or None, project_dir=cfg.train.tracking_dir or str(run_dir / "tracking"),
@@ -219,11 +215,37 @@ def start_run(cfg: RunConfig) -> tuple[Accelerator, Path]:
     check_launch(accelerator, cfg.train)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        recorded.write_text(config_yaml(cfg))
+        record_config(cfg)
     accelerator.wait_for_everyone()
     accelerator.init_trackers(run_dir.name, config=flat_dict(to_dict(cfg)))
     return accelerator, run_dir
+
+
+def open_run(cfg) -> Path:
+    """The start of a job that does not train (one process, no Accelerator of its own): record the resolved config in
+    `output_dir`. Such a job writes metrics.json last, so a folder whose config.yaml has no metrics.json beside it
+    holds an unfinished run; one of another config is refused."""
+    run_dir = Path(cfg.output_dir)
+    refuse_other_config(cfg, unfinished=not (run_dir / "metrics.json").is_file())
+    record_config(cfg)
+    return run_dir
+
+
+def refuse_other_config(cfg, unfinished: bool) -> None:
+    """A rerun continues what an unfinished run left (its checkpoint, its files), so it must be that run's config."""
+    recorded = Path(cfg.output_dir) / "config.yaml"
+    if unfinished and recorded.is_file() and not same_config(recorded, cfg):
+        raise ConfigError(
+            f"{recorded.parent} holds an unfinished run with a different config ({recorded}); resume it with that "
+            "config, or choose another output_dir"
+        )
+
+
+def record_config(cfg) -> None:
+    """`output_dir/config.yaml`, the resolved config, written whole or not at all."""
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", config_yaml(cfg))
 
 
 def same_config(recorded: Path, cfg) -> bool:

@@ -16,10 +16,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from distill.core.config import config_yaml
 from distill.core.errors import ConfigError
 from distill.core.io import write_json_atomic
-from distill.core.run import OnStep, RunResult, joined_processes, same_config
+from distill.core.run import OnStep, RunResult, joined_processes, record_config, same_config
 from distill.core.sources import load_classifier
 from distill.methods.config import DistillConfig
 from distill.methods.single import distill_single
@@ -31,8 +30,7 @@ def born_again(cfg: DistillConfig, on_step: OnStep = None) -> RunResult:
     done = [is_finished(generation) for generation in chain]
     root, main = Path(cfg.output_dir), joined_processes().is_main_process
     if main:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "config.yaml").write_text(config_yaml(cfg))
+        record_config(cfg)
     result = None
     for generation, finished in zip(chain, done):
         if not finished:
