@@ -29,7 +29,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from distill.core.arch import ARCHS
 from distill.core.config import config_yaml
-from distill.core.errors import ConfigError
+from distill.core.errors import ConfigError, require_package
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.run import RunResult, check_class_count
@@ -44,7 +44,6 @@ from distill.core.sources import (
     tokenize,
 )
 
-from .bnb import require_package
 from .config import OnnxExportConfig
 from .run import SPLITS
 

@@ -32,7 +32,7 @@ from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from distill.benchmark import timed_steps
+from benchmarks.harness import timed_steps
 from distill.core.config import parse_args
 from distill.core.losses import model_inputs
 from distill.core.run import load_task

@@ -18,7 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from distill.benchmark import peak_mb, run_probe
+from benchmarks.harness import peak_mb
+from distill.core.probe import run_probe
 from distill.losses.causal.divergences import forward_kl
 from distill.losses.causal.fused import LogitSource, fused_means
 from distill.losses.causal.registered import cross_entropy_rows, scaled_divergence

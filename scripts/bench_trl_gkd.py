@@ -61,13 +61,13 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from bench_lm_step import run_variant  # sibling scripts: this script's folder is on sys.path
-from lm_perplexity import measure
 from transformers import TrainerCallback
 
-from distill.benchmark import StepClock, peer_environment, rotated_order, run_probe, summarise
+from benchmarks.harness import StepClock, peer_environment, rotated_order, summarise
+from benchmarks.lm import measure, run_variant
 from distill.core.config import parse_args
 from distill.core.errors import ConfigError
+from distill.core.probe import run_probe
 from distill.core.sources import corpus_tokens, ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.core.student import build_student
 from distill.core.trainer import train_sampler

@@ -2,7 +2,7 @@
 that configs meant to see the same batches agree."""
 import pytest
 
-from distill.benchmark import config_differences, rotated_order, summarise, timed_steps
+from benchmarks.harness import config_differences, rotated_order, summarise, timed_steps
 from distill.core.config import TrainConfig
 from distill.lm.config import LMDistillConfig
 
