@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import config_differences, rotated_order, summarise
+from benchmarks.harness import config_differences, ratio, rotated_order, summarise
 from benchmarks.lm import run_variant
 from distill.core.config import parse_args
 from distill.core.errors import ConfigError
@@ -61,7 +61,7 @@ def markdown(summary: dict[str, dict], configs: dict[str, LMDistillConfig], args
              "|---|---|---|---|---|---|---|"]
     for variant, row in summary.items():
         time_ratio = f"{row['seconds_per_step'] / base['seconds_per_step']:.2f}x" if base else "-"
-        memory_ratio = f"{row['peak_rss_growth_mb'] / base['peak_rss_growth_mb']:.2f}x" if base else "-"
+        memory_ratio = ratio(row['peak_rss_growth_mb'], base['peak_rss_growth_mb']) if base else "-"
         lines.append(f"| {variant} | {losses_text(configs[variant])} | {row['seconds_per_step']:.2f} | "
                      f"{row['steps_per_second']:.3f} | {time_ratio} | {row['peak_rss_growth_mb']:.0f} | "
                      f"{memory_ratio} |")

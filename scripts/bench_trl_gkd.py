@@ -63,7 +63,7 @@ from unittest import mock
 import torch
 from transformers import TrainerCallback
 
-from benchmarks.harness import StepClock, peer_environment, rotated_order, summarise
+from benchmarks.harness import StepClock, peer_environment, ratio, rotated_order, summarise
 from benchmarks.lm import measure, run_variant
 from distill.core.config import parse_args
 from distill.core.errors import ConfigError
@@ -273,7 +273,7 @@ def markdown(summary: dict[str, dict], losses: dict[str, list[float]], perplexit
         ppl = perplexities.get(side, {}).get("test")
         lines.append(f"| {side} | {row['seconds_per_step']:.2f} | {row['steps_per_second']:.3f} | "
                      f"{row['seconds_per_step'] / ours['seconds_per_step']:.2f}x | {row['peak_rss_growth_mb']:.0f} | "
-                     f"{row['peak_rss_growth_mb'] / ours['peak_rss_growth_mb']:.2f}x | {losses[side][0]:.4f} | "
+                     f"{ratio(row['peak_rss_growth_mb'], ours['peak_rss_growth_mb'])} | {losses[side][0]:.4f} | "
                      f"{losses[side][-1]:.4f} | {'-' if ppl is None else f'{ppl:.2f}'} |")
     note = (f"\nMedians of {args.repeats} run(s) per side, {args.steps} timed steps each after {args.warmup} "
             "warm-up steps; losses from the last run of each side.")

@@ -75,6 +75,12 @@ def summarise(runs: list[dict]) -> dict:
             "peak_rss_growth_mb": statistics.median(run["peak_rss_growth_mb"] for run in runs)}
 
 
+def ratio(value: float, base: float) -> str:
+    """`value / base` as `1.23x`, or `-` where `base` is 0: a run too small to lift the resident peak over the one
+    that imports left grows it by 0."""
+    return f"{value / base:.2f}x" if base else "-"
+
+
 def config_differences(configs: dict[str, Any], fields: Sequence[str]) -> list[str]:
     """`field: name=value, ...` for each dotted field (`train.batch_size`) whose value is not the same in all
     `configs` (dataclass configs, by name)."""
