@@ -17,13 +17,12 @@ pass; so a strict `load_state_dict` of a quantized model fails. `accept_frozen_q
 where the quantized weights are frozen (LoRA training, whose checkpoints hold the whole model)."""
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 import torch
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
-from distill.core.errors import ConfigError
+from distill.core.errors import ConfigError, require_package
 
 from .config import BnbConfig
 from .loading import empty_model, load_pretrained, skip_patterns, target_linears
@@ -34,14 +33,6 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 BLOCK_4BIT = 64
 """bitsandbytes' default 4-bit block size (values sharing one scale)."""
 INSTALL = 'pip install "bitsandbytes>=0.45"'
-
-
-def require_package(name: str, needed_by: str, install: str) -> ModuleType:
-    """Import `name`, or fail with a ConfigError saying what needs it and how to install it."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as err:
-        raise ConfigError(f"{needed_by} the {name} package: {install}") from err
 
 
 def require_bitsandbytes() -> ModuleType:

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from distill.core.errors import require_package
 from distill.core.evaluate import accuracy, alternating_latencies, disk_size_mb, examples_per_s
 
-from .bnb import require_package
 from .config import LatencyConfig
 from .onnx import OnnxClassifier, is_onnx, onnx_sizes
 from .report import weight_memory

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from distill.benchmark import run_probe
+from distill.core.probe import run_probe
 
 
 def measure(model: str, prompt: list[int], new_tokens: int, threads: int, repeats: int) -> dict:

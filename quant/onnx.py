@@ -28,7 +28,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrain
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from distill.core.arch import ARCHS
-from distill.core.errors import ConfigError
+from distill.core.errors import ConfigError, require_package
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.run import RunResult, check_class_count, open_run
@@ -43,7 +43,6 @@ from distill.core.sources import (
     tokenize,
 )
 
-from .bnb import require_package
 from .config import OnnxExportConfig
 from .run import SPLITS
 

@@ -35,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import distill.losses  # noqa: F401  (registers the losses a stage names)
 from distill.core.arch import arch_of
-from distill.core.errors import ConfigError
+from distill.core.errors import ConfigError, require_package
 from distill.core.evaluate import disk_size_mb
 from distill.core.io import save_model
 from distill.core.jobs import Job, register_job
@@ -52,7 +52,6 @@ from .bnb import (
     int8_row_scales,
     quantize_bnb,
     require_bitsandbytes,
-    require_package,
 )
 from .config import AdapterConfig, BnbConfig, QatConfig
 from .loading import empty_model, load_config, skip_patterns

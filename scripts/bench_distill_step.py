@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from distill.benchmark import timed_steps
+from benchmarks.harness import timed_steps
 from distill.core.config import parse_args
 from distill.core.losses import model_inputs
 from distill.core.run import load_task
@@ -147,7 +148,7 @@ def profile_one_step(args) -> None:
     print(profiler.key_averages().table(sort_by="cpu_time_total", row_limit=args.profile_rows))
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="runs/teacher/model")
     parser.add_argument("--rounds", type=int, default=5)
@@ -158,7 +159,7 @@ def main() -> None:
                         help="train.teacher_dtype of (b) and (c); (d) stays fp32")
     parser.add_argument("--profile", action="store_true", help="print a profile of one (c) step instead")
     parser.add_argument("--profile-rows", type=int, default=30)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.steps < WARMUP_STEPS + 2:
         parser.error(f"--steps must be at least {WARMUP_STEPS + 2}: the first {WARMUP_STEPS} are not timed")
     if args.profile:
@@ -168,4 +169,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -18,7 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from distill.benchmark import peak_mb, run_probe
+from benchmarks.harness import peak_mb, ratio
+from distill.core.probe import run_probe
 from distill.losses.causal.divergences import forward_kl
 from distill.losses.causal.fused import LogitSource, fused_means
 from distill.losses.causal.registered import cross_entropy_rows, scaled_divergence
@@ -99,12 +100,12 @@ def scaling_table(args) -> str:
             secs = {v: statistics.median(r["seconds"] for r in rows) for v, rows in runs.items()}
             logits_mb = args.batch * length * vocab * 4 / 2**20
             lines.append(f"| {length} | {vocab} | {logits_mb:.0f} | {peak['naive']:.0f} | {peak['chunked']:.0f} | "
-                         f"{peak['chunked'] / peak['naive']:.2f}x | {secs['naive']:.2f} | {secs['chunked']:.2f} | "
+                         f"{ratio(peak['chunked'], peak['naive'])} | {secs['naive']:.2f} | {secs['chunked']:.2f} | "
                          f"{secs['chunked'] / secs['naive']:.2f}x |")
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=512)
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--vocabs", type=int, nargs="+")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each variant per grid shape (medians)")
     parser.add_argument("--variant", choices=["naive", "chunked"], help="run one variant in this process")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
@@ -138,4 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

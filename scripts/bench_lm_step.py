@@ -26,21 +26,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from distill.benchmark import StepClock, config_differences, rotated_order, run_probe, summarise
+from benchmarks.harness import config_differences, ratio, rotated_order, summarise
+from benchmarks.lm import run_variant
 from distill.core.config import parse_args
 from distill.core.errors import ConfigError
+from distill.core.probe import run_probe
 from distill.lm.cache import TeacherCache
 from distill.lm.config import LMDistillConfig
-from distill.lm.job import check_lm_distill, distill_lm
+from distill.lm.job import check_lm_distill
 
 VARIANTS = ("ce", "online", "cached")
 SAME_BATCHES = ("teacher", "seed", "data", "student", "validation_examples", "test_examples", "train.batch_size",
                 "train.group_by_length", "train.gradient_accumulation_steps", "train.mixed_precision")
 """What decides the batches each step sees, the student's starting weights and the arithmetic's precision."""
-
-
-class StepsDone(Exception):
-    """Raised after the last timed step: what the run would do next (evaluate, save) is not measured."""
 
 
 def variant_config(args, variant: str, overrides: list[str], run_dir: str = "unused") -> LMDistillConfig:
@@ -53,25 +51,6 @@ def variant_config(args, variant: str, overrides: list[str], run_dir: str = "unu
     return cfg
 
 
-def run_variant(cfg: LMDistillConfig, total: int, warmup: int, keep_going: bool = False) -> dict:
-    """`distill_lm` on `cfg`, stopped at the end of step `total` (with `keep_going`, left to evaluate and save its
-    student): the clock's step times and peak."""
-    clock = StepClock(total, warmup)
-
-    def on_step(state) -> None:
-        if clock.tick() and not keep_going:
-            raise StepsDone
-
-    try:
-        distill_lm(cfg, on_step)
-    except StepsDone:
-        pass
-    if len(clock.ends) < total:
-        raise ConfigError(f"the run ended after {len(clock.ends)} of its {total} steps: its train slice is too "
-                          "small; raise data.limit or lower --steps")
-    return clock.result()
-
-
 def losses_text(cfg: LMDistillConfig) -> str:
     return " + ".join(f"{loss.weight:g} {loss.name}" for stage in cfg.stages for loss in stage.losses)
 
@@ -82,7 +61,7 @@ def markdown(summary: dict[str, dict], configs: dict[str, LMDistillConfig], args
              "|---|---|---|---|---|---|---|"]
     for variant, row in summary.items():
         time_ratio = f"{row['seconds_per_step'] / base['seconds_per_step']:.2f}x" if base else "-"
-        memory_ratio = f"{row['peak_rss_growth_mb'] / base['peak_rss_growth_mb']:.2f}x" if base else "-"
+        memory_ratio = ratio(row['peak_rss_growth_mb'], base['peak_rss_growth_mb']) if base else "-"
         lines.append(f"| {variant} | {losses_text(configs[variant])} | {row['seconds_per_step']:.2f} | "
                      f"{row['steps_per_second']:.3f} | {time_ratio} | {row['peak_rss_growth_mb']:.0f} | "
                      f"{memory_ratio} |")

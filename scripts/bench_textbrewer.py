@@ -44,7 +44,7 @@ from typing import Iterable, Optional
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from distill.benchmark import peak_rss_mb, peer_environment
+from benchmarks.harness import peak_rss_mb, peer_environment
 from distill.core.config import LossConfig, StageConfig, parse_args
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import text_sha256

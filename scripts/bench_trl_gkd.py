@@ -61,13 +61,13 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from bench_lm_step import run_variant  # sibling scripts: this script's folder is on sys.path
-from lm_perplexity import measure
 from transformers import TrainerCallback
 
-from distill.benchmark import StepClock, peer_environment, rotated_order, run_probe, summarise
+from benchmarks.harness import StepClock, peer_environment, ratio, rotated_order, summarise
+from benchmarks.lm import measure, run_variant
 from distill.core.config import parse_args
 from distill.core.errors import ConfigError
+from distill.core.probe import run_probe
 from distill.core.sources import corpus_tokens, ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.core.student import build_student
 from distill.core.trainer import train_sampler
@@ -273,7 +273,7 @@ def markdown(summary: dict[str, dict], losses: dict[str, list[float]], perplexit
         ppl = perplexities.get(side, {}).get("test")
         lines.append(f"| {side} | {row['seconds_per_step']:.2f} | {row['steps_per_second']:.3f} | "
                      f"{row['seconds_per_step'] / ours['seconds_per_step']:.2f}x | {row['peak_rss_growth_mb']:.0f} | "
-                     f"{row['peak_rss_growth_mb'] / ours['peak_rss_growth_mb']:.2f}x | {losses[side][0]:.4f} | "
+                     f"{ratio(row['peak_rss_growth_mb'], ours['peak_rss_growth_mb'])} | {losses[side][0]:.4f} | "
                      f"{losses[side][-1]:.4f} | {'-' if ppl is None else f'{ppl:.2f}'} |")
     note = (f"\nMedians of {args.repeats} run(s) per side, {args.steps} timed steps each after {args.warmup} "
             "warm-up steps; losses from the last run of each side.")

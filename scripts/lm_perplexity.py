@@ -10,35 +10,13 @@ import argparse
 import json
 import sys
 
-from accelerate import Accelerator
-from torch.utils.data import DataLoader
-
+from benchmarks.lm import measure
 from distill.core.cli import config_errors, split_debug
 from distill.core.config import parse_args
-from distill.core.sources import corpus_tokens, ensure_pad_token, load_causal_lm, load_tokenizer
+from distill.core.sources import load_causal_lm
 from distill.core.student import build_student
 from distill.lm.config import LMDistillConfig
-from distill.lm.data import LMCollator, held_out_splits
 from distill.lm.job import check_lm_distill
-from distill.lm.metrics import perplexity
-
-
-def held_out_perplexities(model, splits, collate, batch_size: int, accelerator: Accelerator) -> dict[str, float]:
-    model = accelerator.prepare(model.eval())
-    return {name: perplexity(model, accelerator.prepare(DataLoader(splits[name], batch_size, collate_fn=collate)),
-                             accelerator)
-            for name in ("validation", "test")}
-
-
-def measure(cfg: LMDistillConfig, models: dict) -> dict:
-    """The held-out slices' [start, end) ranges, and each model's validation and test perplexity on them."""
-    accelerator = Accelerator()
-    tokenizer = ensure_pad_token(load_tokenizer(cfg.teacher))
-    tokenizer.padding_side = "right"
-    splits, ranges = held_out_splits(corpus_tokens(cfg.data, tokenizer), cfg, with_cache_index=False)
-    collate, batch = LMCollator(tokenizer), cfg.train.eval_batch_size
-    return {"splits": ranges, **{name: held_out_perplexities(model, splits, collate, batch, accelerator)
-                                 for name, model in models.items()}}
 
 
 def main(argv: list[str]) -> None:

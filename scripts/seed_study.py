@@ -73,7 +73,7 @@ def markdown(summaries: list[dict], teacher: float) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", required=True, help="recipe YAMLs, each optionally @key=value...")
     parser.add_argument("--script", type=Path, default=ROOT / "recipes" / "distill_student.py")
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/seeds"))
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (CPU threads are split between them)")
     parser.add_argument("overrides", nargs="*", help="config overrides passed to every run, e.g. stages.0.epochs=4")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.teacher_metrics.is_file():
         parser.error(f"{args.teacher_metrics} not found: fine-tune the teacher first")
     teacher = json.loads(args.teacher_metrics.read_text())["test_accuracy"]
@@ -98,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

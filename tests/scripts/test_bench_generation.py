@@ -1,21 +1,16 @@
 """scripts/bench_generation.py on a tiny model and its GGUF: every model is measured in its own process, and the
 bandwidth figures follow from the measured copy bandwidth and the bytes of the weights."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+import bench_generation as bench
 from distill.core.config import CorpusConfig
 from quant.config import GgufConfig
 from quant.gguf import export_gguf
 from tests.conftest import save_smollm2_tokenizer_lm, write_review_corpus
 
 pytest.importorskip("llama_cpp", reason="scripts/setup.sh builds llama.cpp's bindings")
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("bench_generation", ROOT / "scripts" / "bench_generation.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
 
 
 def test_speed_rows_and_the_bandwidth_limit(tmp_path):

@@ -1,13 +1,13 @@
 """scripts/bench_inference.py on tiny random BERT classifiers: one row per requested device x batch x model x
 variant x dtype, throughput and speed consistent with the latencies, n/a rows for the combinations that do not
 exist, and bad requests (a missing folder, another vocabulary) refused before anything is measured."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import BertForSequenceClassification
 
+import bench_inference as bench
 from distill.core.errors import ConfigError
 from tests.conftest import (
     FOUR_BIT_WIDTHS,
@@ -20,19 +20,10 @@ from tests.conftest import (
     tiny_bert_config,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 TEXTS = [text for text, _ in make_sentences(3)]
 VARIANTS = ["full", "dynamic_int8", "bnb_int8", "bnb_nf4"]
 DTYPES = ["fp32", "bf16"]
 QUICK = dict(devices=["cpu"], max_length=16, rounds=1, warmup=0, repeats=1)
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "scripts" / "bench_inference.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 def save_student(folder: Path, words: list[str], layers: int = 2) -> str:
@@ -51,7 +42,7 @@ def models(tmp_path_factory):
             "student": save_student(root / "student", POSITIVE + NEGATIVE + NEUTRAL)}
 
 
-def test_every_requested_row_is_present_and_consistent(bench, models):
+def test_every_requested_row_is_present_and_consistent(models):
     rows = bench.measure(models, TEXTS, VARIANTS, DTYPES, [1, 2], **QUICK)
     keys = [(r["device"], r["batch"], r["model"], r["variant"], r["dtype"]) for r in rows]
     assert keys == [("cpu", b, m, v, d) for b in (1, 2) for m in models for v in VARIANTS for d in DTYPES]
@@ -75,7 +66,7 @@ def test_every_requested_row_is_present_and_consistent(bench, models):
     assert any(line.startswith("- n/a, bnb_int8 bf16 on cpu: LLM.int8 has no compute dtype") for line in table)
 
 
-def test_the_bench_builds_each_variant_it_names(bench, models):
+def test_the_bench_builds_each_variant_it_names(models):
     kinds = {("full", "bf16"): torch.bfloat16, ("bnb_nf4", "bf16"): torch.bfloat16, ("bnb_nf4", "fp32"): torch.float32}
     for (variant, dtype), expected in kinds.items():
         query = bench.build(models["teacher"], variant, dtype, "cpu").bert.encoder.layer[0].attention.self.query
@@ -85,7 +76,7 @@ def test_the_bench_builds_each_variant_it_names(bench, models):
     assert type(dynamic) is torch.ao.nn.quantized.dynamic.Linear
 
 
-def test_a_missing_model_folder_is_refused_before_anything_is_measured(bench, models, tmp_path, monkeypatch):
+def test_a_missing_model_folder_is_refused_before_anything_is_measured(models, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "build", lambda *args: pytest.fail("a model was built"))
     with pytest.raises(ConfigError, match=r"not a saved model folder \(no config.json\): pruned=.*absent"):
         bench.measure({**models, "pruned": str(tmp_path / "absent")}, TEXTS, VARIANTS, DTYPES, [1], **QUICK)
@@ -93,7 +84,7 @@ def test_a_missing_model_folder_is_refused_before_anything_is_measured(bench, mo
         bench.measure(models, TEXTS, ["bnb_nf4"], DTYPES, [1], **QUICK)
 
 
-def test_a_model_with_another_vocabulary_is_refused(bench, models, tmp_path):
+def test_a_model_with_another_vocabulary_is_refused(models, tmp_path):
     other = save_student(tmp_path / "other", ["good", "bad"])
     with pytest.raises(ConfigError, match="model 'other' has another vocabulary than 'teacher'"):
         bench.measure({"teacher": models["teacher"], "other": other}, TEXTS, ["full"], ["fp32"], [1], **QUICK)

@@ -1,26 +1,12 @@
 """scripts/bench_models.py on a tiny random BERT and its ONNX export: an export folder stands for its ONNX files,
 every model is timed at every batch size in the same alternation, and the table compares each with the first."""
-import importlib.util
-from pathlib import Path
-
-import pytest
-
+import bench_models as bench
 from quant.config import OnnxExportConfig
 from quant.onnx import EXPORT_ONNX
 from tests.conftest import data_cfg, save_tiny_teacher, write_sentiment_csv
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_models", ROOT / "scripts" / "bench_models.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
-def test_pytorch_and_onnx_rows_at_each_batch_size(bench, tmp_path):
+def test_pytorch_and_onnx_rows_at_each_batch_size(tmp_path):
     teacher = save_tiny_teacher(tmp_path / "teacher")
     csv = write_sentiment_csv(tmp_path / "sentiment.csv")
     export = EXPORT_ONNX.run(OnnxExportConfig(model=str(teacher), output_dir=str(tmp_path / "onnx"),

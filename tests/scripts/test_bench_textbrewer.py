@@ -1,16 +1,13 @@
 """The pure logic of scripts/bench_textbrewer.py (TextBrewer itself is never installed here)."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+import bench_textbrewer as bench
 from distill.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("bench_textbrewer", ROOT / "scripts" / "bench_textbrewer.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
 
 
 def run(side, step_seconds, accuracy, weights="w", batches="b"):

@@ -1,10 +1,10 @@
-"""What the benchmark scripts share: each variant runs in a fresh subprocess, so that its resident peak is its own;
+"""Each variant runs in a fresh subprocess (`distill.core.probe.run_probe`), so that its resident peak is its own;
 training steps are timed from the end of one optimizer step to the end of the next; variants take turns over the
-repeats (in rotated order, so that none always runs first), and each is summarised by medians."""
+repeats (in rotated order, so that none always runs first), and each is summarised by medians. Peer frameworks run
+from virtual environments of their own."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -12,15 +12,11 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from distill.core.config import to_dict
-
-# Every allocation mapped and unmapped on its own: otherwise glibc keeps freed blocks in its heap, and the resident
-# peak would count memory that torch has already released.
-PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def peak_rss_mb() -> float:
@@ -33,17 +29,6 @@ def peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return peak_rss_mb()
-
-
-def run_probe(command: list[str], env: Optional[dict[str, str]] = None) -> dict:
-    """Run `command` in a subprocess under `PROBE_ENV` (plus `env`); the JSON object on the last line of its stdout."""
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **PROBE_ENV, **(env or {})})
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    lines = done.stdout.strip().splitlines()
-    if not lines:
-        raise RuntimeError(f"{' '.join(command)} printed no result:\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1])
 
 
 def rotated_order(variants: list[str], repeats: int) -> list[str]:
@@ -88,6 +73,12 @@ def summarise(runs: list[dict]) -> dict:
     seconds = statistics.median(statistics.median(run["step_seconds"]) for run in runs)
     return {"seconds_per_step": seconds, "steps_per_second": 1 / seconds, "runs": len(runs),
             "peak_rss_growth_mb": statistics.median(run["peak_rss_growth_mb"] for run in runs)}
+
+
+def ratio(value: float, base: float) -> str:
+    """`value / base` as `1.23x`, or `-` where `base` is 0: a run too small to lift the resident peak over the one
+    that imports left grows it by 0."""
+    return f"{value / base:.2f}x" if base else "-"
 
 
 def config_differences(configs: dict[str, Any], fields: Sequence[str]) -> list[str]:

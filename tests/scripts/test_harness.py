@@ -1,8 +1,8 @@
 """The benchmark scripts' shared bookkeeping: rotated run order, step times from step ends, medians, and the check
-that configs meant to see the same batches agree."""
+that configs meant to see the same batches agree, and ratios in tables."""
 import pytest
 
-from distill.benchmark import config_differences, rotated_order, summarise, timed_steps
+from benchmarks.harness import config_differences, ratio, rotated_order, summarise, timed_steps
 from distill.core.config import TrainConfig
 from distill.lm.config import LMDistillConfig
 
@@ -37,3 +37,8 @@ def test_config_differences_name_each_field_that_differs_and_the_values():
                               ["seed", "train.batch_size", "data"]) == []
     assert config_differences({"a": same, "b": other}, ["seed", "train.batch_size", "data"]) == [
         "seed: a=0, b=1", "train.batch_size: a=8, b=4"]
+
+
+def test_a_ratio_to_nothing_is_a_dash():
+    assert ratio(3.0, 2.0) == "1.50x" and ratio(0.0, 2.0) == "0.00x"
+    assert ratio(5.0, 0.0) == "-"  # a tiny run's peak can grow by nothing
