@@ -129,7 +129,23 @@ class QatConfig:
 
 
 @dataclass
-class ReportConfig:
+class ModelCardConfig:
+    """The model card's metadata, which the report stages write."""
+    base_model: Optional[str] = None
+    """The card's `base_model` (a Hub id); None: the model the pipeline compressed, when it names a Hub model (a
+    classifier report's first stage's input model, a causal-LM report's teacher)."""
+    datasets: Optional[list[str]] = None
+    """The card's `datasets` (Hub ids); None: from `data.source` when it names a Hub dataset."""
+    license: Optional[str] = None
+    """The card's `license` (a Hub license id, e.g. `apache-2.0`); None: the card names none."""
+    tags: list[str] = field(default_factory=list)
+    """Card tags besides those of the stages that ran (distillation, pruning, quantization)."""
+    repo_id: Optional[str] = None
+    """The Hub id that the card's loading code names (the push stage's `repo_id`); None: a placeholder."""
+
+
+@dataclass
+class ReportConfig(ModelCardConfig):
     """The compression report of a pipeline: every model the earlier stages saved, measured side by side on one split
     and one latency batch; then the served model (`model`) is copied with its model card and the report."""
     model: str = ""
@@ -144,16 +160,6 @@ class ReportConfig:
     """Examples per batch when measuring accuracy."""
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     """How latency is measured."""
-    base_model: Optional[str] = None
-    """The card's `base_model` (a Hub id); None: the first stage's input model when it names a Hub model."""
-    datasets: Optional[list[str]] = None
-    """The card's `datasets` (Hub ids); None: from `data.source` when it names a Hub dataset."""
-    license: Optional[str] = None
-    """The card's `license` (a Hub license id, e.g. `apache-2.0`); None: the card names none."""
-    tags: list[str] = field(default_factory=list)
-    """Card tags besides those of the stages that ran (distillation, pruning, quantization)."""
-    repo_id: Optional[str] = None
-    """The Hub id that the card's loading code names (the push stage's `repo_id`); None: a placeholder."""
 
 
 DEFAULT_PROMPTS = ["This movie was", "I watched this film because", "The worst part of the story",
@@ -256,7 +262,7 @@ class SpeedConfig:
 
 
 @dataclass
-class LMReportConfig:
+class LMReportConfig(ModelCardConfig):
     """The report of a causal-LM pipeline: the teacher and every model the earlier stages saved (GGUF files included),
     side by side; then the served model is copied with its model card and the report."""
     model: str = ""
@@ -277,13 +283,3 @@ class LMReportConfig:
     """Texts per forward pass."""
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     """How generation speed is measured."""
-    base_model: Optional[str] = None
-    """The card's `base_model` (a Hub id); None: the teacher's, when it names a Hub model."""
-    datasets: Optional[list[str]] = None
-    """The card's `datasets` (Hub ids); None: from `data.source` when it names a Hub dataset."""
-    license: Optional[str] = None
-    """The card's `license` (a Hub license id); None: the card names none."""
-    tags: list[str] = field(default_factory=list)
-    """Card tags besides those of the stages that ran."""
-    repo_id: Optional[str] = None
-    """The Hub id that the card's loading code names; None: a placeholder."""

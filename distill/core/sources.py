@@ -29,7 +29,7 @@ from distill.core.chat import (
     tokenize_pairs,
     uses_chat_template,
 )
-from distill.core.config import CorpusConfig, DataConfig
+from distill.core.config import CorpusConfig, DataConfig, SourceConfig
 from distill.core.conversion_cache import converted_copy, gguf_converter
 from distill.core.errors import ConfigError
 from distill.core.intact import check_intact
@@ -161,7 +161,7 @@ def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_to
 
 def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
     """Raw train/validation/test splits with `text` (and `text_pair`) and integer `label` columns."""
-    raw = _load_raw(cfg)
+    raw = _load_raw(cfg, "data")
     _check_columns(raw, cfg)
     raw = _ensure_splits(raw, cfg)
     raw = _labels_to_ids(raw, cfg.label_column)
@@ -193,26 +193,39 @@ def corpus_tokens(corpus: CorpusConfig, tokenizer: PreTrainedTokenizerBase) -> T
 def load_texts(corpus: CorpusConfig) -> list[str]:
     """The non-blank texts of `corpus.split`, in order (or shuffled with `corpus.shuffle_seed`), the first
     `corpus.limit` of them."""
-    split = _corpus_split(corpus)
-    if corpus.text_column not in split.column_names:
-        hint = " (it has prompts: set data.format)" if {"prompt", "messages"} & set(split.column_names) else ""
-        raise ConfigError(f"data.text_column='{corpus.text_column}' is not a column of {corpus.source}{hint}; "
-                          f"columns: {', '.join(split.column_names)}")
-    return _shuffled_limited([text for text in split[corpus.text_column] if text and text.strip()], corpus)
+    _check_format(corpus)
+    return _shuffled_limited(source_texts(corpus, corpus.split, "data"), corpus)
+
+
+def source_texts(cfg: SourceConfig, split: str, where: str) -> list[str]:
+    """The non-blank texts of `cfg.text_column` in `split` of `cfg.source`, in order; `where` is the key path of
+    `cfg` (`data`, `transfer`, ...), which error messages name."""
+    rows = _read_split(cfg, split, where)
+    if cfg.text_column not in rows.column_names:
+        prompts = isinstance(cfg, CorpusConfig) and {"prompt", "messages"} & set(rows.column_names)
+        hint = f" (it has prompts: set {where}.format)" if prompts else ""
+        raise ConfigError(f"{where}.text_column='{cfg.text_column}' is not a column of {cfg.source}{hint}; "
+                          f"columns: {', '.join(rows.column_names)}")
+    return [text for text in rows[cfg.text_column] if text and text.strip()]
 
 
 def load_pairs(corpus: CorpusConfig) -> list[PromptCompletion]:
     """The prompt/completion examples of `corpus.split` in `corpus.format`, shuffled and limited as `load_texts`."""
-    return _shuffled_limited(pairs_from_rows(_corpus_split(corpus).to_dict(), corpus), corpus)
+    _check_format(corpus)
+    rows = _read_split(corpus, corpus.split, "data")
+    return _shuffled_limited(pairs_from_rows(rows.to_dict(), corpus), corpus)
 
 
-def _corpus_split(corpus: CorpusConfig) -> datasets.Dataset:
+def _check_format(corpus: CorpusConfig) -> None:
     if corpus.format not in FORMATS:
         raise ConfigError(f"data.format '{corpus.format}' is not one of {', '.join(FORMATS)}")
-    raw = _load_raw(corpus)
-    if corpus.split not in raw:
-        raise ConfigError(f"data.split='{corpus.split}' is not a split of {corpus.source}; splits: {', '.join(raw)}")
-    return raw[corpus.split]
+
+
+def _read_split(cfg: SourceConfig, split: str, where: str) -> datasets.Dataset:
+    raw = _load_raw(cfg, where)
+    if split not in raw:
+        raise ConfigError(f"{where}.split='{split}' is not a split of {cfg.source}; splits: {', '.join(raw)}")
+    return raw[split]
 
 
 def _shuffled_limited(items: list, corpus: CorpusConfig) -> list:
@@ -221,7 +234,7 @@ def _shuffled_limited(items: list, corpus: CorpusConfig) -> list:
     return items[:corpus.limit] if corpus.limit else items
 
 
-def _load_raw(cfg: DataConfig | CorpusConfig) -> datasets.DatasetDict:
+def _load_raw(cfg: SourceConfig, where: str) -> datasets.DatasetDict:
     source = cfg.source
     path = Path(source)
     if path.exists():
@@ -230,7 +243,7 @@ def _load_raw(cfg: DataConfig | CorpusConfig) -> datasets.DatasetDict:
             raise ConfigError(f"data file {path}: unsupported type; use one of {', '.join(DATA_FILE_TYPES)}")
         if kind == "parquet":
             return datasets.load_dataset(kind, data_files=str(path))
-        check_encoding(path, cfg.encoding)
+        check_encoding(path, cfg.encoding, where)
         return datasets.load_dataset(kind, data_files=str(path), encoding=cfg.encoding)
     if source.startswith("hub:"):
         return datasets.load_dataset(source[4:], cfg.hub_config)
@@ -264,30 +277,30 @@ def review_continuations(reviews: datasets.Dataset) -> datasets.Dataset:
                                        "completion": [rest for _, rest in kept]})
 
 
-def check_encoding(path: Path, encoding: str) -> None:
+def check_encoding(path: Path, encoding: str, where: str) -> None:
     """Refuse, in one line naming the file and the byte, a text file that `encoding` cannot decode (the datasets
-    library would end in a long traceback), before it is loaded."""
+    library would end in a long traceback), before it is loaded; `where.encoding` is the key that sets it."""
     try:
         decoder = codecs.getincrementaldecoder(encoding)()
     except LookupError:
-        raise ConfigError(f"data.encoding '{encoding}' is not an encoding Python knows") from None
+        raise ConfigError(f"{where}.encoding '{encoding}' is not an encoding Python knows") from None
     offset = 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             try:
                 decoder.decode(block)
             except UnicodeDecodeError as err:
-                where = offset + err.start
+                at = offset + err.start
                 line = 1 + block[:err.start].count(b"\n") + _newlines_before(path, offset)
                 raise ConfigError(f"data file {path} is not valid {encoding}: byte 0x{block[err.start]:02x} at "
-                                  f"offset {where} (line {line}); set data.encoding to the file's encoding, e.g. "
-                                  "data.encoding=latin-1") from None
+                                  f"offset {at} (line {line}); set {where}.encoding to the file's encoding, e.g. "
+                                  f"{where}.encoding=latin-1") from None
             offset += len(block)
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         raise ConfigError(f"data file {path} is not valid {encoding}: it ends inside a character; set "
-                          "data.encoding to the file's encoding") from None
+                          f"{where}.encoding to the file's encoding") from None
 
 
 def _newlines_before(path: Path, offset: int) -> int:

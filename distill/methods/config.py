@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from distill.core.config import DataConfig, LayerMapConfig, LossConfig, StageConfig, StudentConfig, TrainConfig
+from distill.core.config import (
+    DataConfig,
+    LayerMapConfig,
+    LossConfig,
+    SourceConfig,
+    StageConfig,
+    StudentConfig,
+    TrainConfig,
+)
 
 
 @dataclass
@@ -19,19 +27,10 @@ class MutualConfig:
 
 
 @dataclass
-class TextSetConfig:
+class TextSetConfig(SourceConfig):
     """Unlabelled text, as examples of a classifier's length: whole texts or their sentences."""
-    source: Optional[str] = None
-    """`offline:imdb` (or `offline:rotten_tomatoes`), a local .txt (one text per line), .csv/.json/.jsonl/.parquet
-    file, or a Hub id (optionally `hub:ID`); None: none."""
-    text_column: str = "text"
-    """The column that holds the texts (a .txt file's lines are in `text`)."""
-    hub_config: Optional[str] = None
-    """Dataset configuration name for Hub datasets that have several."""
     split: str = "train"
     """The split to read; local files and offline sources have only `train`."""
-    encoding: str = "utf-8"
-    """The text encoding of a local .txt/.csv/.json/.jsonl file."""
     sentences: bool = False
     """Cut each text into sentences (after `.`, `!` or `?`; HTML line breaks removed) and use those as examples."""
     min_words: int = 4

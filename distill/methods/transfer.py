@@ -15,11 +15,11 @@ from typing import Optional
 import datasets
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.core.config import CorpusConfig, DataConfig
+from distill.core.config import DataConfig
 from distill.core.errors import ConfigError
 from distill.core.losses import IGNORED_LABEL
 from distill.core.run import Task
-from distill.core.sources import load_splits, load_texts
+from distill.core.sources import load_splits, source_texts
 from distill.methods.augment import Augmenter
 from distill.methods.config import AugmentConfig, TextSetConfig, TransferConfig
 
@@ -48,12 +48,7 @@ def check_text_set(cfg: TextSetConfig, where: str) -> None:
 
 def text_set(cfg: TextSetConfig, where: str) -> list[str]:
     """The set's examples: texts (or their sentences), shuffled with `shuffle_seed`, the first `limit`."""
-    corpus = CorpusConfig(source=cfg.source, text_column=cfg.text_column, hub_config=cfg.hub_config,
-                          encoding=cfg.encoding, split=cfg.split)
-    try:
-        texts = load_texts(corpus)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {str(err).replace('data.', where + '.')}") from err
+    texts = source_texts(cfg, cfg.split, where)
     if cfg.sentences:
         texts = [s for text in texts for s in split_sentences(text) if len(s.split()) >= cfg.min_words]
     random.Random(cfg.shuffle_seed).shuffle(texts)

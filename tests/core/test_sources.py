@@ -93,6 +93,15 @@ def test_a_corpus_shuffle_is_seeded_and_comes_before_the_limit(tmp_path):
     assert load_texts(CorpusConfig(source=str(path), shuffle_seed=3, limit=5)) == shuffled[:5]
 
 
+def test_a_corpus_of_prompts_read_as_texts_is_told_to_set_its_format(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_texts(CorpusConfig(source=str(path)))
+    assert str(caught.value) == (f"data.text_column='text' is not a column of {path} (it has prompts: set "
+                                 "data.format); columns: prompt, completion")
+
+
 def test_a_file_that_is_not_utf8_is_one_line_naming_the_file_and_byte_and_data_encoding_reads_it(tmp_path):
     path = tmp_path / "latin1.csv"
     rows = ["text,label"] + [f"{text},{label}" for text, label in make_sentences(30)] + ["un film très bien,pos"]

@@ -72,8 +72,28 @@ def test_text_set_reads_a_jsonl_column_and_names_a_missing_one(tmp_path):
     path.write_text("\n".join(json.dumps({"body": f"text {i}", "n": i}) for i in range(5)) + "\n")
     assert sorted(text_set(TextSetConfig(source=str(path), text_column="body"), "transfer")) == [
         f"text {i}" for i in range(5)]
-    with pytest.raises(ConfigError, match="transfer.text_column='text' is not a column"):
+    with pytest.raises(ConfigError, match=r"^transfer\.text_column='text' is not a column"):
         text_set(TextSetConfig(source=str(path)), "transfer")
+
+
+@pytest.mark.parametrize("where", ["transfer", "corpus"])
+def test_text_set_errors_name_the_sets_own_keys(tmp_path, where):
+    """Not `data.`, which the loader names for a job's data, nor `format`, a key text sets lack."""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("un film très bien\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        text_set(TextSetConfig(source=str(latin1)), where)
+    assert f"(line 1); set {where}.encoding to the file's encoding, e.g. {where}.encoding=latin-1" in str(caught.value)
+    with pytest.raises(ConfigError, match=rf"^{where}\.encoding 'latin-2000' is not an encoding"):
+        text_set(TextSetConfig(source=str(latin1), encoding="latin-2000"), where)
+    with pytest.raises(ConfigError, match=rf"^{where}\.split='test' is not a split of .*; splits: train$"):
+        text_set(TextSetConfig(source=str(latin1), encoding="latin-1", split="test"), where)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    with pytest.raises(ConfigError) as caught:
+        text_set(TextSetConfig(source=str(prompts)), where)
+    assert str(caught.value) == (f"{where}.text_column='text' is not a column of {prompts}; "
+                                 "columns: prompt, completion")
 
 
 def test_hard_label_ce_skips_unlabelled_examples_and_is_zero_without_labels():
