@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 from distill.core.arch import arch_of, head_dim, kv_group_size, layer_list
 from distill.core.errors import ConfigError
 
-from .saving import layer_shapes
+from prune.saving import layer_shapes
 
 
 def unit_costs(model: PreTrainedModel) -> tuple[int, int]:

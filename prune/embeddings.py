@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 
 from distill.core.errors import ConfigError
 
-from .remote_modeling import (
+from prune.remote_modeling import (
     Int8Embedding,
     LowRankEmbedding,
     int8_embedding_like,

@@ -8,8 +8,8 @@ from transformers import PreTrainedModel
 from distill.core.arch import arch_of, layer_list
 from distill.core.errors import ConfigError
 
-from .saving import layer_shapes
-from .surgery import keep_inputs, keep_outputs
+from prune.saving import layer_shapes
+from prune.surgery import keep_inputs, keep_outputs
 
 
 def prune_ffn(model: PreTrainedModel, keep: dict[int, list[int]]) -> None:

@@ -8,8 +8,8 @@ from transformers import PreTrainedModel
 from distill.core.arch import arch_of, attention_row_slices, head_dim, kv_group_size, layer_list
 from distill.core.errors import ConfigError
 
-from .saving import layer_shapes
-from .surgery import keep_inputs, keep_outputs, unit_rows
+from prune.saving import layer_shapes
+from prune.surgery import keep_inputs, keep_outputs, unit_rows
 
 
 def prune_heads(model: PreTrainedModel, keep: dict[int, list[int]]) -> None:

@@ -27,7 +27,7 @@ from distill.core.arch import arch_of, ffn_in_weights, head_dim, kv_group_size, 
 from distill.core.errors import ConfigError
 from distill.core.registry import Registry
 
-from .saving import layer_shapes
+from prune.saving import layer_shapes
 
 
 @dataclass

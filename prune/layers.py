@@ -8,7 +8,7 @@ from transformers import PreTrainedModel
 from distill.core.arch import arch_of, layer_list
 from distill.core.errors import ConfigError
 
-from .remote_modeling import set_submodule
+from prune.remote_modeling import set_submodule
 
 LAYER_STRATEGIES = ("importance", "top", "alternate", "explicit")
 

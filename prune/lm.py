@@ -34,15 +34,15 @@ from distill.core.sources import corpus_tokens, ensure_pad_token, load_causal_lm
 from distill.lm.data import LMCollator, held_out_splits
 from distill.lm.metrics import perplexity
 
-from .config import LMPruneConfig
-from .family import model_config
-from .ffn import prune_ffn
-from .heads import expand_groups, group_scores, prune_heads
-from .hidden import prune_hidden
-from .importance import CRITERIA, Scores, activation_scores, score
-from .layers import drop_layers
-from .saving import compression_spec, layer_shapes, save_compressed, sync_config
-from .selection import select_kept
+from prune.config import LMPruneConfig
+from prune.family import model_config
+from prune.ffn import prune_ffn
+from prune.heads import expand_groups, group_scores, prune_heads
+from prune.hidden import prune_hidden
+from prune.importance import CRITERIA, Scores, activation_scores, score
+from prune.layers import drop_layers
+from prune.saving import compression_spec, layer_shapes, save_compressed, sync_config
+from prune.selection import select_kept
 
 PURPOSE = "causal-LM pruning"
 LM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")

@@ -15,8 +15,8 @@ from transformers import PreTrainedModel
 from distill.core.arch import arch_of, layer_list
 from distill.core.errors import ConfigError
 
-from .remote_modeling import low_rank_linear, set_submodule
-from .sparsity import effective_weight, filter_paths
+from prune.remote_modeling import low_rank_linear, set_submodule
+from prune.sparsity import effective_weight, filter_paths
 
 PURPOSE = "low-rank factorization"
 

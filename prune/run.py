@@ -24,7 +24,7 @@ from distill.core.errors import ConfigError
 from distill.core.evaluate import accuracy, count_parameters
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
-from distill.core.losses import LossSetup, attention_implementation, check_stages
+from distill.core.loss_interface import LossSetup, attention_implementation, check_stages
 from distill.core.mapping import build_layer_map
 from distill.core.run import (
     OnStep,
@@ -41,19 +41,19 @@ from distill.core.run import (
 from distill.core.sources import load_classifier, load_splits, tokenize_and_measure
 from distill.core.trainer import Trainer
 
-from .budget import budget_plan
-from .config import PruneConfig, VocabConfig
-from .embeddings import check_rank, compress_word_embedding, word_embedding_path
-from .family import model_config
-from .ffn import prune_ffn
-from .heads import expand_groups, group_scores, prune_heads
-from .importance import Scores, require_criterion, score
-from .layers import LAYER_STRATEGIES, drop_layers, layers_to_drop
-from .lowrank import factorize
-from .saving import layer_shapes, save_compressed
-from .selection import SCOPES, select_kept, units_to_remove
-from .sparsity import apply_masks, magnitude_masks, make_permanent, nm_masks, sparsity_report
-from .vocab import changed_fraction, prune_vocabulary, unknown_fraction, word_embedding, wordpiece_state
+from prune.budget import budget_plan
+from prune.config import PruneConfig, VocabConfig
+from prune.embeddings import check_rank, compress_word_embedding, word_embedding_path
+from prune.family import model_config
+from prune.ffn import prune_ffn
+from prune.heads import expand_groups, group_scores, prune_heads
+from prune.importance import Scores, require_criterion, score
+from prune.layers import LAYER_STRATEGIES, drop_layers, layers_to_drop
+from prune.lowrank import factorize
+from prune.saving import layer_shapes, save_compressed
+from prune.selection import SCOPES, select_kept, units_to_remove
+from prune.sparsity import apply_masks, magnitude_masks, make_permanent, nm_masks, sparsity_report
+from prune.vocab import changed_fraction, prune_vocabulary, unknown_fraction, word_embedding, wordpiece_state
 
 SPARSITY_KINDS = ("none", "unstructured", "n:m")
 

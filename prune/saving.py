@@ -18,8 +18,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distill.core.arch import arch_of, head_dim, layer_list
 from distill.core.io import save_model
 
-from .lowrank import is_low_rank_pair
-from .remote_modeling import Int8Embedding, LowRankEmbedding
+from prune.lowrank import is_low_rank_pair
+from prune.remote_modeling import Int8Embedding, LowRankEmbedding
 
 REMOTE_FILE = "modeling_compressed.py"
 COMPRESSION_KEYS = ("compression", "auto_map")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .remote_modeling import resized_linear, set_submodule
+from prune.remote_modeling import resized_linear, set_submodule
 
 
 def keep_outputs(root: nn.Module, path: str, index: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""Post-training quantization: bitsandbytes int8 / NF4 / FP4 (`bnb`), PyTorch dynamic int8 and half precision
-(`dynamic`), each variant saved and reloaded (`variants`), and compared on accuracy, memory, size on disk and
-latency (`report`, `run`). Quantization-aware distillation (`qat`): LoRA adapters on a 4-bit or 8-bit base,
-distilled from the full-precision teacher."""
+"""Quantization, one room per concern: the ways of quantizing weights (`schemes`), quantization-aware distillation
+(`qad`), exports checked in their serving runtime (`export`: GGUF, ONNX) and measurement (`measure`: reports,
+generation speed). The jobs are one module each (`quantize`, `quantize_lm`; the exporters' jobs live with them) and
+`stages` registers them as pipeline stage kinds."""

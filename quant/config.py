@@ -53,7 +53,7 @@ class QuantConfig:
     eval_batch_size: int = 128
     """Examples per batch when measuring accuracy."""
     variants: list[str] = field(default_factory=lambda: ["fp32", "bf16", "dynamic_int8", "bnb_int8", "bnb_nf4"])
-    """Any of `quant.variants.VARIANTS`: fp32, bf16, fp16, dynamic_int8, bnb_int8, bnb_nf4, bnb_fp4."""
+    """Any of `quant.schemes.variants.VARIANTS`: fp32, bf16, fp16, dynamic_int8, bnb_int8, bnb_nf4, bnb_fp4."""
     skip_modules: Optional[list[str]] = None
     """Modules kept in full precision by the bitsandbytes and dynamic-int8 variants, matched as transformers
     matches `llm_int8_skip_modules` (a path prefix, a regex, or a name suffix). None: the task heads, pooler and

@@ -10,7 +10,7 @@ A bad config ends with one line, `config error: ...` (exit 2); add --debug for t
 import sys
 
 from distill.core.cli import run_recipe
-from distill.methods.job import DISTILL
+from distill.encoder.job import DISTILL
 
 
 def main(argv: list[str]) -> None:

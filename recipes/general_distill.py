@@ -9,7 +9,7 @@ A bad config ends with one line, `config error: ...` (exit 2); add --debug for t
 import sys
 
 from distill.core.cli import run_recipe
-from distill.methods.general import GENERAL_DISTILL
+from distill.encoder.general import GENERAL_DISTILL
 
 
 def main(argv: list[str]) -> None:

@@ -10,7 +10,7 @@ A bad config ends with one line, `config error: ...` (exit 2); add --debug for t
 import sys
 
 from distill.core.cli import run_recipe
-from quant.qat import QLORA
+from quant.qad.qlora import QLORA
 
 
 def main(argv: list[str]) -> None:

@@ -1,6 +1,6 @@
 """Time of one distillation training step against its floor, on a real teacher and the default 3-layer student.
 
-Each variant is a real run through `distill.methods.job` (the project's `Objective` and `Trainer` loop, AdamW
+Each variant is a real run through `distill.encoder.job` (the project's `Objective` and `Trainer` loop, AdamW
 included), cut after `--steps` optimizer steps; a step's time is the gap between two `on_step` calls, so it holds
 everything the loop does per batch. Every variant sees the same batches (same seed, same sampler): Rotten Tomatoes sentences cut at
 `--max-length` tokens, padded per batch and grouped by length, as training does.
@@ -35,13 +35,13 @@ from transformers import PreTrainedModel
 
 from benchmarks.harness import timed_steps
 from distill.core.config import parse_args
-from distill.core.losses import model_inputs
+from distill.core.loss_interface import model_inputs
 from distill.core.run import load_task
 from distill.core.sources import collator
 from distill.core.trainer import TrainState, train_sampler
-from distill.methods.config import DistillConfig
-from distill.methods.job import distill
-from distill.methods.single import load_teacher
+from distill.encoder.config import DistillConfig
+from distill.encoder.job import distill
+from distill.encoder.single import load_teacher
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 VARIANT_RECIPES = {"floor": "distill_response.yaml", "response": "distill_response.yaml",

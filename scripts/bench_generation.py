@@ -1,5 +1,5 @@
 """CPU generation speed at batch 1, side by side in one run: prefill (one prompt) and decode (greedy new tokens) of
-transformers folders and GGUF files (in llama.cpp), each model in a fresh process (`quant.generation_speed`), the
+transformers folders and GGUF files (in llama.cpp), each model in a fresh process (`quant.measure.generation_speed`), the
 models taking turns over `--rounds` rounds (medians). Beside each GGUF file: how close its decode comes to the
 memory-bandwidth limit, tokens/s x bytes of weights read per token (every tensor of the file once: at batch 1 each
 new token reads every weight matrix, the tied embedding as the output head) over the machine's memory bandwidth,
@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 
 from distill.core.config import CorpusConfig
 from distill.core.sources import corpus_token_ids, resolve_model
-from quant.generation_speed import speed
+from quant.measure.generation_speed import speed
 
 
 def memory_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> dict[str, float]:

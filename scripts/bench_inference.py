@@ -1,7 +1,7 @@
 """Inference latency and throughput of saved classifiers and of their quantized variants, on the CPU (and on the GPU
 when CUDA is available), at several batch sizes of real sentences padded or truncated to one length.
 
-Every model folder becomes each requested variant in each dtype, in memory (`quant.variants.make_variant`; nothing
+Every model folder becomes each requested variant in each dtype, in memory (`quant.schemes.variants.make_variant`; nothing
 is saved):
   full          fp32: the saved weights; bf16: loaded in bfloat16
   dynamic_int8  PyTorch's dynamic int8 Linears (fp32 activations, CPU only)
@@ -32,8 +32,8 @@ from distill.core.errors import ConfigError
 from distill.core.evaluate import alternating_latencies, examples_per_s, latency_batch
 from distill.core.sources import load_splits, load_tokenizer, vocabulary_difference
 from quant.config import BnbConfig
-from quant.run import quiet_int8_cast_warning
-from quant.variants import check_variants, make_variant
+from quant.quantize import quiet_int8_cast_warning
+from quant.schemes.variants import check_variants, make_variant
 
 VARIANTS = ("full", "dynamic_int8", "bnb_int8", "bnb_nf4", "bnb_fp4")
 DTYPES = ("fp32", "bf16")

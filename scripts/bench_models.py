@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from distill.core.evaluate import alternating_latencies, count_parameters, disk_size_mb, latency_batch
 from distill.core.sources import load_classifier
-from quant.onnx import FILES, OnnxClassifier, is_onnx, onnx_sizes
+from quant.export.onnx import FILES, OnnxClassifier, is_onnx, onnx_sizes
 
 SAMPLE_TEXTS = [
     "a gripping , beautifully acted drama that stays with you long after the credits roll .",

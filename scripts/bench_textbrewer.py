@@ -6,7 +6,7 @@ the steps; with a check that both started from the same weights and saw the same
 
     python scripts/bench_textbrewer.py --steps 100 --repeats 3 --json runs/bench-textbrewer.json
 
-Each side runs in its own process: ours through `distill.methods.job.distill` (the recipe's real Trainer path) in this
+Each side runs in its own process: ours through `distill.encoder.job.distill` (the recipe's real Trainer path) in this
 environment; TextBrewer's BasicDistiller in `.bench-envs/textbrewer`, created on first use, which sees this
 environment's packages (torch, transformers, tensorboard) through a .pth file and gets only TextBrewer installed, so
 TextBrewer never becomes a dependency of the project. Repeats alternate which side runs first. `--ours KEY=VALUE`
@@ -48,7 +48,7 @@ from benchmarks.harness import peak_rss_mb, peer_environment
 from distill.core.config import LossConfig, StageConfig, parse_args
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import text_sha256
-from distill.methods.config import DistillConfig
+from distill.encoder.config import DistillConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_ENV = ROOT / ".bench-envs" / "textbrewer"
@@ -125,7 +125,7 @@ def parameters_sha256(parameters: Iterable[torch.Tensor]) -> str:
 
 
 def train_ours(cfg: DistillConfig) -> float:
-    from distill.methods.job import distill
+    from distill.encoder.job import distill
 
     return distill(cfg).metrics["test_accuracy"]
 
@@ -141,7 +141,7 @@ def train_textbrewer(cfg: DistillConfig) -> float:
     from distill.core.run import load_task
     from distill.core.sources import collator
     from distill.core.trainer import RankTrace, param_groups, planned_batches, train_sampler
-    from distill.methods.single import build_distill_student, load_teacher
+    from distill.encoder.single import build_distill_student, load_teacher
 
     stage, kl, ce = matched_losses(cfg)
     steps, train = cfg.train.max_steps_per_stage, cfg.train

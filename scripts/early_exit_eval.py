@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from distill.core.config import DataConfig, apply_override, from_dict
 from distill.core.errors import ConfigError
 from distill.core.sources import collator, label_names, load_splits, load_tokenizer, tokenize
-from distill.methods.early_exit import EarlyExitClassifier, evaluate_thresholds
+from distill.encoder.early_exit import EarlyExitClassifier, evaluate_thresholds
 
 
 def data_config(model_dir: Path, source: str | None, overrides: list[str]) -> DataConfig:

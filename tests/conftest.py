@@ -24,8 +24,8 @@ from transformers import (
 
 from distill.core.config import DataConfig, LossConfig, StageConfig, TrainConfig
 from distill.core.sources import resolve_model
-from distill.methods.config import FinetuneConfig
-from distill.methods.finetune import finetune
+from distill.encoder.config import FinetuneConfig
+from distill.encoder.finetune import finetune
 
 REPO = Path(__file__).resolve().parents[1]
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "moving"]

@@ -41,10 +41,10 @@ GRAPH = {module_name(path): imported_modules(path) for path in source_files(*PAC
 FORBIDDEN = {
     # importer prefix: prefixes it must not import
     "distill": ("prune", "quant"),
-    "distill.core": ("distill.losses", "distill.methods", "distill.lm", "distill.pipeline"),
-    "distill.losses": ("distill.methods", "distill.lm", "distill.pipeline"),
-    "distill.methods": ("distill.lm", "distill.pipeline"),
-    "distill.lm": ("distill.methods", "distill.pipeline"),
+    "distill.core": ("distill.losses", "distill.encoder", "distill.lm", "distill.pipeline"),
+    "distill.losses": ("distill.encoder", "distill.lm", "distill.pipeline"),
+    "distill.encoder": ("distill.lm", "distill.pipeline"),
+    "distill.lm": ("distill.encoder", "distill.pipeline"),
     # siblings: a pruned model reaches quantization as a saved folder, never through an import
     "prune": ("quant",),
     "quant": ("prune",),
@@ -63,7 +63,7 @@ def test_each_layer_imports_only_layers_below_it():
 
 def test_prune_and_quant_reach_the_pipeline_only_to_register_stage_kinds():
     wrong = [f"{module} imports {target}" for module, targets in GRAPH.items()
-             if module.split(".")[0] in ("prune", "quant") and not module.endswith(".pipeline_kinds")
+             if module.split(".")[0] in ("prune", "quant") and not module.endswith("stages")
              for target in targets if within(target, "distill.pipeline")]
     assert not wrong, "\n".join(wrong)
 
@@ -92,10 +92,10 @@ def test_no_import_circles():
 
 @pytest.mark.parametrize("importer, target, expected", [
     ("distill.core.trainer", "distill.losses.causal.registered", False),
-    ("distill.methods.job", "distill.core.run", True),
-    ("prune.run", "distill.pipeline.plan", True),  # allowed by the layers; only *.pipeline_kinds may (test above)
-    ("quant.lm", "prune.saving", False),
-    ("prune.lm", "quant.gguf", False),
+    ("distill.encoder.job", "distill.core.run", True),
+    ("prune.run", "distill.pipeline.plan", True),  # allowed by the layers; only *stages modules may (test above)
+    ("quant.quantize_lm", "prune.saving", False),
+    ("prune.lm", "quant.export.gguf", False),
 ])
 def test_the_rules_read_the_layers_as_intended(importer, target, expected):
     """The rules' own check: an upward import from core is caught; downward ones are allowed."""

@@ -11,9 +11,9 @@ from distill.core.config import DataConfig, LossConfig, StageConfig, StudentConf
 from distill.core.sources import load_classifier
 from distill.core.student import build_student
 from distill.losses.response import soft_kl
-from distill.methods.config import DistillConfig, FinetuneConfig
-from distill.methods.finetune import finetune
-from distill.methods.job import distill
+from distill.encoder.config import DistillConfig, FinetuneConfig
+from distill.encoder.finetune import finetune
+from distill.encoder.job import distill
 from prune.config import ImportanceConfig, PruneConfig, UnitPruneConfig
 from prune.run import prune
 

@@ -44,12 +44,12 @@ class JobEntry:
     """The module that registers the pipeline stage kind of the job's name; None: no stage runs it."""
 
 
-DISTILL_KINDS, PRUNE_KINDS, QUANT_KINDS = "distill.pipeline.kinds", "prune.pipeline_kinds", "quant.pipeline_kinds"
+DISTILL_KINDS, PRUNE_KINDS, QUANT_KINDS = "distill.pipeline.stages", "prune.stages", "quant.stages"
 
 JOB_TABLE: dict[str, JobEntry] = {
-    "finetune": JobEntry("distill.methods.finetune", "finetune_teacher.py", DISTILL_KINDS),
-    "distill": JobEntry("distill.methods.job", "distill_student.py", DISTILL_KINDS),
-    "general_distill": JobEntry("distill.methods.general", "general_distill.py", DISTILL_KINDS),
+    "finetune": JobEntry("distill.encoder.finetune", "finetune_teacher.py", DISTILL_KINDS),
+    "distill": JobEntry("distill.encoder.job", "distill_student.py", DISTILL_KINDS),
+    "general_distill": JobEntry("distill.encoder.general", "general_distill.py", DISTILL_KINDS),
     "distill_lm": JobEntry("distill.lm.job", "distill_lm.py", DISTILL_KINDS),
     "build_teacher_cache": JobEntry("distill.lm.cache", "build_teacher_cache.py"),
     "generate_teacher_data": JobEntry("distill.lm.generate", "generate_teacher_data.py"),
@@ -57,11 +57,11 @@ JOB_TABLE: dict[str, JobEntry] = {
     "push": JobEntry("distill.pipeline.hub", None, DISTILL_KINDS),
     "prune": JobEntry("prune.run", "prune_model.py", PRUNE_KINDS),
     "prune_lm": JobEntry("prune.lm", "prune_lm.py", PRUNE_KINDS),
-    "quantize": JobEntry("quant.run", "quantize_model.py", QUANT_KINDS),
-    "qlora": JobEntry("quant.qat", "qlora_distill.py", QUANT_KINDS),
-    "export_onnx": JobEntry("quant.onnx", "export_onnx.py", QUANT_KINDS),
-    "quantize_lm": JobEntry("quant.lm", "quantize_lm.py", QUANT_KINDS),
-    "export_gguf": JobEntry("quant.gguf", "export_gguf.py", QUANT_KINDS),
+    "quantize": JobEntry("quant.quantize", "quantize_model.py", QUANT_KINDS),
+    "qlora": JobEntry("quant.qad.qlora", "qlora_distill.py", QUANT_KINDS),
+    "export_onnx": JobEntry("quant.export.onnx", "export_onnx.py", QUANT_KINDS),
+    "quantize_lm": JobEntry("quant.quantize_lm", "quantize_lm.py", QUANT_KINDS),
+    "export_gguf": JobEntry("quant.export.gguf", "export_gguf.py", QUANT_KINDS),
 }
 
 

@@ -31,7 +31,7 @@ from distill.core.errors import ConfigError
 from distill.core.evaluate import ACCURACY, ValidationMetric
 from distill.core.fingerprint import weights_sha256
 from distill.core.io import save_file_atomic
-from distill.core.losses import (
+from distill.core.loss_interface import (
     TEACHER_LOGITS,
     DistillLoss,
     LossInputs,

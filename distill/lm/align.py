@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from distill.core.chat import TokenizedCorpus
-from distill.core.losses import TEACHER_INPUTS
+from distill.core.loss_interface import TEACHER_INPUTS
 from distill.losses.causal.cross_tokenizer import ALIGNED_KEYS
 
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")

@@ -22,7 +22,7 @@ from distill.core.evaluate import count_parameters
 from distill.core.fingerprint import config_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
 from distill.core.io import jsonl_text, write_text_atomic
 from distill.core.jobs import Job, register_job
-from distill.core.losses import LOSSES, TEACHER_INPUTS, LossSetup, check_stages
+from distill.core.loss_interface import LOSSES, TEACHER_INPUTS, LossSetup, check_stages
 from distill.core.mapping import build_layer_map, check_layer_map_config
 from distill.core.run import OnStep, RunResult, Task, check_train, finish_run, start_run, warn_truncation
 from distill.core.sources import (

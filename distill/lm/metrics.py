@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from distill.core.evaluate import ValidationMetric
-from distill.core.losses import model_inputs
+from distill.core.loss_interface import model_inputs
 from distill.lm.sampling import SamplingConfig, complete, pack_completions
 from distill.losses.causal.fused import LogitSource, next_tokens, target_positions
 

@@ -5,7 +5,7 @@ import torch
 
 from distill.core.config import LossConfig
 from distill.core.errors import ConfigError
-from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
+from distill.core.loss_interface import DistillLoss, LossInputs, LossSetup, register
 from distill.losses.hidden import masked_mean
 
 HEAD_MATCHES = ("exact", "group", "average")

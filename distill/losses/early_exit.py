@@ -1,6 +1,6 @@
 """Self-distillation into early exits ("Be Your Own Teacher"): heads on intermediate layers learn the model's own
 final prediction. No teacher is needed, so the loss also works when fine-tuning. The heads are saved in the model
-folder (`early_exit.safetensors`, `early_exit.json`, which `from_pretrained` ignores); `distill.methods.early_exit`
+folder (`early_exit.safetensors`, `early_exit.json`, which `from_pretrained` ignores); `distill.encoder.early_exit`
 runs a model with them."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from distill.core.config import LossConfig
 from distill.core.errors import ConfigError
-from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
+from distill.core.loss_interface import DistillLoss, LossInputs, LossSetup, register
 from distill.losses.pooling import check_pooling, pool
 from distill.losses.response import hard_label_ce, soft_kl
 

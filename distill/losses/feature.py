@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from distill.core.config import LossConfig
-from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
+from distill.core.loss_interface import DistillLoss, LossInputs, LossSetup, register
 from distill.losses.hidden import chosen_layers, hidden_mse
 
 

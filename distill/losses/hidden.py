@@ -6,7 +6,7 @@ from torch import nn
 
 from distill.core.config import LossConfig
 from distill.core.errors import ConfigError
-from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
+from distill.core.loss_interface import DistillLoss, LossInputs, LossSetup, register
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

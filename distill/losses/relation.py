@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.core.config import LossConfig
-from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
+from distill.core.loss_interface import DistillLoss, LossInputs, LossSetup, register
 from distill.losses.hidden import chosen_layers
 from distill.losses.pooling import check_pooling, pool
 

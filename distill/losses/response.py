@@ -1,6 +1,6 @@
 """Losses on the prediction layer: hard-label CE, temperature-softened KL, MSE on logits, and KL to peer students
 (mutual learning). With several teachers, `kl` targets the mixture of their softened distributions and
-`logit_mse` their weighted mean logits (`EnsembleOutput`, which `distill.methods.multi_teacher` produces)."""
+`logit_mse` their weighted mean logits (`EnsembleOutput`, which `distill.encoder.multi_teacher` produces)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
-from distill.core.losses import IGNORED_LABEL, DistillLoss, LossInputs, register
+from distill.core.loss_interface import IGNORED_LABEL, DistillLoss, LossInputs, register
 
 
 @dataclass

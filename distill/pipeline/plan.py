@@ -1,8 +1,8 @@
 """A staged pipeline from teacher to served model: stages run in order (for example finetune -> distill -> prune ->
 quantize -> report -> push), each stage's model feeding the next.
 
-Stage kinds are found by name in `STAGE_KINDS`. `distill.pipeline.kinds` registers finetune, distill and push,
-`prune.pipeline_kinds` prune, and `quant.pipeline_kinds` quantize, qlora and report; the planner has them all
+Stage kinds are found by name in `STAGE_KINDS`. `distill.pipeline.stages` registers finetune, distill and push,
+`prune.stages` prune, and `quant.stages` quantize, qlora and report; the planner has them all
 registered first through `distill.core.jobs.load_jobs`, which imports them by name, so that `distill` imports
 neither `prune` nor `quant`.
 

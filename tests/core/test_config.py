@@ -6,7 +6,7 @@ import pytest
 
 from distill.core.config import parse_args
 from distill.core.errors import ConfigError
-from distill.methods.config import DistillConfig, FinetuneConfig
+from distill.encoder.config import DistillConfig, FinetuneConfig
 
 
 def test_yaml_then_overrides(tmp_path):

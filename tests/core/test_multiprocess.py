@@ -8,8 +8,8 @@ import yaml
 
 from distill.core.config import LossConfig, StageConfig, StudentConfig
 from distill.core.errors import ConfigError
-from distill.methods import job as run
-from distill.methods.config import DistillConfig
+from distill.encoder import job as run
+from distill.encoder.config import DistillConfig
 from tests.conftest import REPO, data_cfg, launch_two_processes, train_cfg
 
 
@@ -45,7 +45,7 @@ def test_two_processes_share_the_data_and_end_with_the_same_student(sentiment_cs
 FAIL_ON_RANK_1 = """import dataclasses
 import os
 from distill.core.cli import run_recipe
-from distill.methods.job import DISTILL
+from distill.encoder.job import DISTILL
 
 
 def fail(state):

@@ -5,11 +5,11 @@ import pytest
 import distill.losses  # noqa: F401  (registers the losses)
 from distill.core.errors import ConfigError
 from distill.core.jobs import load_jobs
-from distill.core.losses import LOSSES
+from distill.core.loss_interface import LOSSES
 from distill.core.registry import Registry
 from distill.pipeline.plan import STAGE_KINDS
 from prune.importance import CRITERIA
-from quant.variants import VARIANTS
+from quant.schemes.variants import VARIANTS
 
 
 def test_a_name_registered_twice_is_an_error():

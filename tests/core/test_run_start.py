@@ -14,8 +14,8 @@ from distill.core.errors import ConfigError
 from distill.core.run import record_config
 from prune.lm import PRUNE_LM
 from quant.config import GgufConfig, LMQuantConfig, OnnxExportConfig, QuantConfig
-from quant.lm import QUANTIZE_LM
-from quant.run import QUANTIZE
+from quant.quantize_lm import QUANTIZE_LM
+from quant.quantize import QUANTIZE
 from tests.conftest import data_cfg, save_tiny_teacher, write_review_corpus, write_sentiment_csv
 from tests.prune.test_lm_prune import job_cfg, save_tiny_lm
 
@@ -49,10 +49,10 @@ def job_and_config(name: str, models: Path, tmp_path: Path):
         return QUANTIZE_LM, LMQuantConfig(model=str(models / "lm"), output_dir=out, data=corpus, variants=["fp32"])
     if name == "export_gguf":
         pytest.importorskip("llama_cpp", reason="scripts/setup.sh builds llama.cpp's bindings")
-        from quant.gguf import EXPORT_GGUF
+        from quant.export.gguf import EXPORT_GGUF
         return EXPORT_GGUF, GgufConfig(model=str(models / "lm"), output_dir=out, data=corpus, types=["f16"])
     pytest.importorskip("onnxruntime")
-    from quant.onnx import EXPORT_ONNX
+    from quant.export.onnx import EXPORT_ONNX
     return EXPORT_ONNX, OnnxExportConfig(model=str(models / "classifier"), output_dir=out,
                                          data=data_cfg(models / "sentiment.csv"))
 

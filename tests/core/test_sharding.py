@@ -15,8 +15,8 @@ from distill.core.config import CorpusConfig, LossConfig, StageConfig, StudentCo
 from distill.core.errors import ConfigError
 from distill.lm.config import LMDistillConfig, OnPolicyConfig
 from distill.lm.job import distill_lm
-from distill.methods import job as encoder_job
-from distill.methods.config import DistillConfig
+from distill.encoder import job as encoder_job
+from distill.encoder.config import DistillConfig
 from tests.conftest import REPO, data_cfg, launch_two_processes, never_train, save_tiny_teacher, train_cfg
 from tests.lm.test_lm_distill import WORDS, lm_cfg, save_lm
 

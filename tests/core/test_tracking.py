@@ -6,8 +6,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from distill.core import run as core_run
 from distill.core.config import LossConfig, StageConfig, StudentConfig
 from distill.core.errors import ConfigError
-from distill.methods import job as run
-from distill.methods.config import DistillConfig
+from distill.encoder import job as run
+from distill.encoder.config import DistillConfig
 from tests.conftest import data_cfg, train_cfg
 
 

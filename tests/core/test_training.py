@@ -9,9 +9,9 @@ from distill.core.config import DataConfig, LayerMapConfig, LossConfig, StageCon
 from distill.core.errors import ConfigError
 from distill.core.run import load_task
 from distill.core.trainer import RankTrace, planned_batches, train_sampler
-from distill.methods.config import DistillConfig, FinetuneConfig
-from distill.methods.finetune import finetune
-from distill.methods.job import distill
+from distill.encoder.config import DistillConfig, FinetuneConfig
+from distill.encoder.finetune import finetune
+from distill.encoder.job import distill
 from tests.conftest import (
     Interrupt,
     assert_same_weights,

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.core.config import CorpusConfig, LossConfig, StageConfig, StudentConfig
 from distill.core.errors import ConfigError
-from distill.core.losses import LossInputs, LossSetup, build_losses
+from distill.core.loss_interface import LossInputs, LossSetup, build_losses
 from distill.lm.align import cross_tokenized, shared_vocabulary
 from distill.lm.cache import build_from_config
 from distill.lm.config import CacheConfig, LMEvalConfig, OnPolicyConfig

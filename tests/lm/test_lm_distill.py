@@ -17,7 +17,7 @@ import distill.lm.job
 from distill.core.config import CorpusConfig, LayerMapConfig, LossConfig, StageConfig, StudentConfig
 from distill.core.conversion_cache import CACHE_ENV, converted_copy
 from distill.core.errors import ConfigError
-from distill.core.losses import LossInputs, LossSetup, build_losses, model_inputs
+from distill.core.loss_interface import LossInputs, LossSetup, build_losses, model_inputs
 from distill.core.mapping import LayerMap
 from distill.core.sources import resolve_model
 from distill.core.student import build_student

@@ -12,7 +12,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from distill.core.config import LossConfig, StageConfig
 from distill.core.errors import ConfigError
-from distill.core.losses import LossInputs, LossSetup, build_losses, check_stages
+from distill.core.loss_interface import LossInputs, LossSetup, build_losses, check_stages
 from distill.lm.vocab import common_vocab_size
 from distill.losses.causal.divergences import forward_kl, generalized_jsd, reverse_kl, topk_kl
 from distill.losses.causal.fused import LogitSource, SoftenedStudent, TeacherTopK, TokenRows

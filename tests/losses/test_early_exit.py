@@ -9,7 +9,7 @@ from transformers import BertForSequenceClassification
 
 from distill.core.config import LossConfig
 from distill.core.errors import ConfigError
-from distill.core.losses import LossInputs, LossSetup
+from distill.core.loss_interface import LossInputs, LossSetup
 from distill.losses.early_exit import (
     EarlyExitLoss,
     ExitHeads,

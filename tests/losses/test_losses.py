@@ -6,7 +6,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from distill.core.config import LossConfig, StageConfig
 from distill.core.errors import ConfigError
-from distill.core.losses import LOSSES, LossInputs, LossSetup, build_losses, check_stages
+from distill.core.loss_interface import LOSSES, LossInputs, LossSetup, build_losses, check_stages
 from distill.core.mapping import LayerMap
 from distill.core.schedule import scheduled
 from distill.losses.attention import attention_kl, attention_mse, match_heads

@@ -8,8 +8,8 @@ import yaml
 
 from distill.core.sources import load_tokenizer
 from distill.pipeline.card import CardFacts, hub_dataset_id, hub_model_id, loading_section, model_card
-from quant.compression_report import markdown_table, pareto_front, stored_parameters
-from quant.variants import build_variant, load_variant
+from quant.measure.compression_report import markdown_table, pareto_front, stored_parameters
+from quant.schemes.variants import build_variant, load_variant
 
 MODELS = ["teacher", "student", "quantize/fp32", "quantize/dynamic_int8"]
 
@@ -115,7 +115,7 @@ def test_the_report_measures_task_models_not_a_general_distillations_headless_en
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     from distill.pipeline.plan import Stage
-    from quant.pipeline_kinds import candidates_of
+    from quant.stages import candidates_of
 
     config = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
     BertModel(config).save_pretrained(tmp_path / "general")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertModel, PreTrai
 from distill.core.cli import run_recipe
 from distill.core.config import CorpusConfig, LayerMapConfig, LossConfig
 from distill.core.errors import ConfigError
-from distill.core.losses import LossSetup, build_losses
+from distill.core.loss_interface import LossSetup, build_losses
 from distill.core.mapping import build_layer_map
 from distill.core.trainer import Objective
 from prune.config import CalibrationConfig, DepthConfig, LMPruneConfig, WidthConfig
@@ -222,7 +222,7 @@ def test_an_unsupported_family_and_a_small_calibration_set_are_refused_by_name(t
 
 def test_non_uniform_widths_reload_through_the_shipped_modeling_code_and_are_refused_for_gguf(tmp_path):
     from distill.core.sources import load_causal_lm
-    from quant.gguf import check_exportable
+    from quant.export.gguf import check_exportable
 
     model = tiny_family_model("llama")
     with torch.no_grad():

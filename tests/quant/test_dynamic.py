@@ -1,4 +1,4 @@
-"""Dynamic int8 and half precision (`quant.dynamic`) on a tiny BERT: the note in the config selects the Linears, the
+"""Dynamic int8 and half precision (`quant.schemes.dynamic`) on a tiny BERT: the note in the config selects the Linears, the
 task heads stay in fp32, outputs stay close to fp32 without equalling them, a saved checkpoint reloads quantized to
 the same outputs, and requests that cannot work are refused."""
 import pytest
@@ -7,8 +7,8 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from distill.core.errors import ConfigError
-from quant.dynamic import load_dynamic_int8, load_half, mark_dynamic_int8, quantize_dynamic_int8
-from quant.loading import load_pretrained
+from quant.schemes.dynamic import load_dynamic_int8, load_half, mark_dynamic_int8, quantize_dynamic_int8
+from quant.schemes.loading import load_pretrained
 from tests.conftest import make_tokenizer, save_tiny_teacher
 
 IDS = torch.randint(5, 20, (4, 10), generator=torch.Generator().manual_seed(0))

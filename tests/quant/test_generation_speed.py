@@ -1,12 +1,12 @@
-"""Generation speed (`quant.generation_speed`) of a tiny saved Llama: rates are tokens over the measured times, the
+"""Generation speed (`quant.measure.generation_speed`) of a tiny saved Llama: rates are tokens over the measured times, the
 median of the repeats, after a load and a warm-up that do not count; the peak resident memory is this process's own
 high-water mark; run as its own process it prints one JSON line of the same fields."""
 from types import SimpleNamespace
 
 import pytest
 
-import quant.generation_speed as generation_speed
-from quant.generation_speed import measure, resident_high_water_mb, speed
+import quant.measure.generation_speed as generation_speed
+from quant.measure.generation_speed import measure, resident_high_water_mb, speed
 from tests.conftest import tiny_causal_lm
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]

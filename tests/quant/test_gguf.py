@@ -15,7 +15,7 @@ from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
 from distill.core.sources import resolve_model
 from quant.config import GgufConfig
-from quant.gguf import GGUF_FAMILIES, check_gguf, export_gguf
+from quant.export.gguf import GGUF_FAMILIES, check_gguf, export_gguf
 from tests.conftest import save_smollm2_tokenizer_lm, write_review_corpus
 from tests.helpers.lm_models import train_causal_lm
 

@@ -15,8 +15,8 @@ from distill.core.errors import ConfigError
 from distill.core.sources import load_tokenizer
 from distill.lm.data import evaluation_texts
 from quant.config import LMQuantConfig
-from quant.lm import check_causal_lm, quantize_lm, text_perplexity
-from quant.variants import load_variant
+from quant.quantize_lm import check_causal_lm, quantize_lm, text_perplexity
+from quant.schemes.variants import load_variant
 from tests.conftest import make_tokenizer, save_tiny_teacher, tiny_causal_lm
 from tests.helpers.lm_models import cycle_lines, train_causal_lm
 from tests.lm.test_lm_distill import WORDS

@@ -1,4 +1,4 @@
-"""The causal-LM report (`quant.lm_report`): candidates in order (teacher first, the served model last unless a
+"""The causal-LM report (`quant.measure.lm_report`): candidates in order (teacher first, the served model last unless a
 stage saved it), each measured on the same held-out texts with next-token agreement against the teacher's, the
 table and its speed-up column from hand-made rows, the prompt of real text, the files written, and the settings that
 cannot work refused."""
@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-import quant.lm_report as lm_report
+import quant.measure.lm_report as lm_report
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
 from quant.config import LMReportConfig, SpeedConfig
-from quant.lm_report import (
+from quant.measure.lm_report import (
     LMCandidate,
     agreement,
     check_lm_report,

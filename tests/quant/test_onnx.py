@@ -22,8 +22,8 @@ from prune.heads import prune_heads
 from prune.saving import save_compressed
 from prune.vocab import prune_vocabulary
 from quant.config import OnnxExportConfig
-from quant.onnx import EXPORT_ONNX, FILES
-from quant.variants import build_variant
+from quant.export.onnx import EXPORT_ONNX, FILES
+from quant.schemes.variants import build_variant
 from recipes.export_onnx import main as export_recipe
 from tests.conftest import (
     NEGATIVE,

@@ -19,11 +19,11 @@ from distill.core.config import LossConfig, StageConfig
 from distill.core.errors import ConfigError
 from distill.core.sources import load_classifier
 from distill.losses.hidden import hidden_mse
-from distill.methods.config import FinetuneConfig
-from distill.methods.finetune import finetune
-from quant.bnb import accept_frozen_quantized_state, quantize_bnb
+from distill.encoder.config import FinetuneConfig
+from distill.encoder.finetune import finetune
+from quant.schemes.bnb import accept_frozen_quantized_state, quantize_bnb
 from quant.config import AdapterConfig, BnbConfig, QatConfig
-from quant.qat import QuantizedBase, load_adapter, merge_adapter, qat_distill
+from quant.qad.qlora import QuantizedBase, load_adapter, merge_adapter, qat_distill
 from tests.conftest import (
     FOUR_BIT_WIDTHS,
     NEGATIVE,

@@ -10,9 +10,9 @@ from transformers import BertForSequenceClassification
 from distill.core.config import DataConfig, parse_args
 from distill.core.errors import ConfigError
 from quant.config import LatencyConfig, QuantConfig
-from quant.report import forward_peak_bytes, markdown_table, weight_memory
-from quant.run import quantize
-from quant.variants import build_variant
+from quant.measure.classifier_metrics import forward_peak_bytes, markdown_table, weight_memory
+from quant.quantize import quantize
+from quant.schemes.variants import build_variant
 from tests.conftest import data_cfg, make_tokenizer, tiny_bert_config, tiny_causal_lm
 
 TOKENIZER = make_tokenizer(["good", "bad", "film"])
@@ -147,9 +147,9 @@ def test_a_report_reads_the_texts_through_each_models_own_tokenizer(trained_teac
     from distill.core.io import save_model
     from distill.core.sources import load_classifier, load_tokenizer
     from prune.vocab import prune_vocabulary
-    from quant.compression_report import Candidate, measure_models
+    from quant.measure.compression_report import Candidate, measure_models
     from quant.config import ReportConfig
-    from quant.run import evaluation_for
+    from quant.quantize import evaluation_for
 
     teacher_dir = trained_teacher.run_dir / "model"
     pruned = load_classifier(str(teacher_dir))

@@ -7,7 +7,7 @@ import pytest
 import bench_generation as bench
 from distill.core.config import CorpusConfig
 from quant.config import GgufConfig
-from quant.gguf import export_gguf
+from quant.export.gguf import export_gguf
 from tests.conftest import save_smollm2_tokenizer_lm, write_review_corpus
 
 pytest.importorskip("llama_cpp", reason="scripts/setup.sh builds llama.cpp's bindings")

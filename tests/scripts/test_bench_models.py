@@ -2,7 +2,7 @@
 every model is timed at every batch size in the same alternation, and the table compares each with the first."""
 import bench_models as bench
 from quant.config import OnnxExportConfig
-from quant.onnx import EXPORT_ONNX
+from quant.export.onnx import EXPORT_ONNX
 from tests.conftest import data_cfg, save_tiny_teacher, write_sentiment_csv
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from distill.core.config import LossConfig
 from distill.core.errors import ConfigError
-from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
+from distill.core.loss_interface import DistillLoss, LossInputs, LossSetup, register
 from distill.losses.causal.fused import LogitSource, TeacherTopK
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from distill.core.config import LossConfig
 from distill.core.errors import ConfigError
-from distill.core.losses import DistillLoss, LossInputs, LossSetup, register
+from distill.core.loss_interface import DistillLoss, LossInputs, LossSetup, register
 from distill.losses.causal.divergences import (
     Divergence,
     check_topk_ids,

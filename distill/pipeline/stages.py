@@ -1,0 +1,33 @@
+"""The pipeline stage kinds that `distill` provides: `finetune` (a task teacher), `distill` (a student from the
+previous stage's model as teacher), `general_distill` (a small encoder distilled from a base encoder on unlabelled
+text, which a later `distill` stage names as its `student.model`), `distill_lm` (a causal-LM student, the previous stage's model, for instance a
+pruned one, distilled from `teacher`) and `push` (upload to the Hub)."""
+from __future__ import annotations
+
+from distill.lm.job import LM_DISTILL
+from distill.encoder.config import DistillConfig
+from distill.encoder.finetune import FINETUNE
+from distill.encoder.general import GENERAL_DISTILL
+from distill.encoder.job import DISTILL
+from distill.pipeline.hub import PUSH
+from distill.pipeline.plan import StageKind, register_stage
+
+
+def distill_outputs(cfg: DistillConfig) -> dict[str, str]:
+    """Born-again chains keep each generation in its own folder; the last one's student is the result."""
+    return {"model": "model" if cfg.generations == 1 else f"generation-{cfg.generations}/model"}
+
+
+def run_training_job(job):
+    """A stage that runs a training job, which may be killed and resumed (`StageContext.on_step`)."""
+    return lambda cfg, context: job.run(cfg, context.on_step).metrics
+
+
+register_stage("finetune", StageKind.of_job(FINETUNE, run_training_job(FINETUNE), input_field="model"))
+register_stage("distill", StageKind.of_job(DISTILL, run_training_job(DISTILL), input_field="teacher",
+                                           outputs=distill_outputs))
+register_stage("general_distill", StageKind.of_job(GENERAL_DISTILL, run_training_job(GENERAL_DISTILL),
+                                                   input_field="teacher"))
+register_stage("push", StageKind.of_job(PUSH, lambda cfg, context: PUSH.run(cfg), input_field="model",
+                                        outputs=lambda cfg: {}, after="report"))
+register_stage("distill_lm", StageKind.of_job(LM_DISTILL, run_training_job(LM_DISTILL), input_field="student.model"))

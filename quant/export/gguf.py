@@ -1,0 +1,278 @@
+"""GGUF export of a causal LM for llama.cpp (and the engines built on it: Ollama, LM Studio), through llama.cpp's own
+tools: its converter `convert_hf_to_gguf.py` (with its `gguf-py`, unpacked from the llama-cpp-python source
+distribution by scripts/setup.sh) writes F32, F16, BF16 and Q8_0; its quantizer (`llama_model_quantize`, through the
+`llama_cpp` bindings) makes every other type (Q4_0, Q4_K_M, ...) from the F16 file. Each file is then checked in
+llama.cpp itself: its greedy continuation of fixed prompts against the transformers model's (token by token), and its
+perplexity on the test texts beside the transformers model's on the same token ids.
+
+Outputs in `output_dir`: `config.yaml`, `model-<type>.gguf` per type (each written beside, then renamed into place)
+and `metrics.json`."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.core.conversion_cache import cache_root
+from distill.core.errors import ConfigError, did_you_mean, require_package
+from distill.core.io import write_json_atomic
+from distill.core.jobs import Job, register_job
+from distill.core.run import RunResult, open_run
+from distill.core.sources import is_compressed, load_causal_lm, load_tokenizer, resolve_model
+from distill.lm.data import evaluation_texts
+
+from quant.config import GgufConfig
+
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+"""Types llama.cpp's converter writes itself; the quantizer makes the others from F16."""
+GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+LLAMA_CPP_INSTALL = "bash scripts/setup.sh (it builds llama-cpp-python once and caches the wheel)"
+
+
+# ----- llama.cpp's tools ----------------------------------------------------------------------------------------
+def llama_cpp():
+    return require_package("llama_cpp", "GGUF export and its checks need llama.cpp's bindings,", LLAMA_CPP_INSTALL)
+
+
+def quantizer_types() -> dict[str, int]:
+    """Every type llama.cpp's quantizer knows, by lower-case name (`q4_k_m`), and its ftype number."""
+    module = llama_cpp()
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    return {name[len(prefix):].lower(): getattr(module, name) for name in dir(module) if name.startswith(prefix)}
+
+
+def converter_folder() -> Path:
+    """Where scripts/setup.sh unpacked llama.cpp's converter for the installed bindings' version."""
+    return cache_root() / f"llama.cpp-{llama_cpp().__version__}"
+
+
+def check_gguf_types(types: list[str]) -> None:
+    if not types:
+        raise ConfigError("types lists nothing; e.g. types=[f16,q8_0,q4_k_m]")
+    known = {*CONVERTER_TYPES, *quantizer_types()}
+    for name in types:
+        if name not in known:
+            raise ConfigError(f"types: llama.cpp knows no GGUF type '{name}'; {did_you_mean(name, sorted(known))}")
+    if len(set(types)) < len(types):
+        raise ConfigError(f"types lists a type twice: {types}")
+
+
+def check_exportable(model: str) -> None:
+    """A stock architecture of a family the converter handles (and that this project tests), before any work. A model
+    that does not exist yet (an earlier pipeline stage's) is checked when the export runs."""
+    if not Path(model).exists() and (model.count("/") > 1 or model.startswith((".", "/", "~"))):
+        return
+    path = resolve_model(model)
+    config_file = Path(path, "config.json")
+    if not config_file.is_file():
+        return  # a Hub id: its config is read when it loads
+    config = json.loads(config_file.read_text())
+    if is_compressed(path):
+        raise ConfigError(f"{model} has per-layer shapes (config.compression, modeling code of this framework) that "
+                          "llama.cpp cannot run: GGUF export needs uniform widths (prune with width.uniform: true)")
+    family = config.get("model_type")
+    if family not in GGUF_FAMILIES:
+        raise ConfigError(f"GGUF export supports the families {', '.join(GGUF_FAMILIES)}; '{family}' is not one of "
+                          "them")
+
+
+def convert(model_dir: Path, out: Path, outtype: str) -> None:
+    """llama.cpp's converter, in a process of its own, into `out` (written beside it, then renamed)."""
+    script = converter_folder() / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise ConfigError(f"llama.cpp's converter is not at {script}: {LLAMA_CPP_INSTALL}")
+    tmp = out.with_suffix(".tmp")
+    # the converter puts its own gguf-py ahead of the installed `gguf` unless NO_LOCAL_GGUF is set
+    env = {name: value for name, value in os.environ.items() if name != "NO_LOCAL_GGUF"}
+    done = subprocess.run([sys.executable, str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"convert_hf_to_gguf.py failed on {model_dir} ({outtype}):\n{tail}")
+    os.replace(tmp, out)
+
+
+def quantize(source: Path, out: Path, ftype: int, threads: int) -> None:
+    """llama.cpp's quantizer (the library function its quantize tool calls)."""
+    module = llama_cpp()
+    params = module.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, threads
+    tmp = out.with_suffix(".tmp")
+    with native_output_captured() as captured:
+        failed = module.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0
+    if failed:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {out.name}:\n{captured[0][-2000:]}")
+    os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def native_output_captured():
+    """The process's stdout and stderr (where llama.cpp's C code prints a line per tensor) go to a temporary file
+    inside the block; the yielded list holds what was printed, once the block ends."""
+    printed: list[str] = []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield printed
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            printed.append(sink.read())
+
+
+@contextlib.contextmanager
+def loaded(path: Path, threads: int, context: int = 2048):
+    """A llama.cpp model (every position's logits kept), closed on exit."""
+    model = llama_cpp().Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, logits_all=True,
+                              verbose=False)
+    try:
+        yield model
+    finally:
+        model.close()
+
+
+# ----- checks in llama.cpp ----------------------------------------------------------------------------------------
+def greedy_ids(llm, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    llm.reset()
+    ids = []
+    for token in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+        ids.append(int(token))
+        if len(ids) == new_tokens:
+            break
+    return ids
+
+
+def gguf_perplexity(llm, texts: list[list[int]]) -> float:
+    """exp of the mean next-token NLL over `texts` (token ids), from llama.cpp's logits."""
+    nll, count = 0.0, 0
+    for ids in texts:
+        llm.reset()
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
+        log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        nll -= log_probs[np.arange(len(ids) - 1), ids[1:]].sum()
+        count += len(ids) - 1
+    return math.exp(nll / max(count, 1))
+
+
+@torch.no_grad()
+def torch_greedy_ids(model: PreTrainedModel, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    inputs = torch.tensor([prompt_ids])
+    output = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id)
+    return output[0, len(prompt_ids):].tolist()
+
+
+@torch.no_grad()
+def torch_perplexity(model: PreTrainedModel, texts: list[list[int]]) -> float:
+    nll, count = 0.0, 0
+    for ids in texts:
+        logits = model(torch.tensor([ids])).logits[0].double()
+        nll -= torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum().item()
+        count += len(ids) - 1
+    return math.exp(nll / max(count, 1))
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
+    return [tokenizer(prompt, add_special_tokens=True)["input_ids"] for prompt in prompts]
+
+
+# ----- the job ----------------------------------------------------------------------------------------------------
+def check_gguf(cfg: GgufConfig) -> None:
+    check_gguf_types(cfg.types)
+    check_exportable(cfg.model)
+    for name in ("validation_examples", "test_examples", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1; got {getattr(cfg, name)}")
+    if cfg.eval_examples is not None and cfg.eval_examples < 1:
+        raise ConfigError(f"eval_examples must be at least 1 (or null: all); got {cfg.eval_examples}")
+    if not cfg.prompts:
+        raise ConfigError("prompts lists nothing: the greedy check needs at least one")
+
+
+def export_gguf(cfg: GgufConfig) -> RunResult:
+    """Convert (and quantize) each type, then check every file in llama.cpp against the transformers model."""
+    check_gguf(cfg)
+    run_dir = open_run(cfg)
+    threads = cfg.threads or torch.get_num_threads()
+    model_dir = Path(resolve_model(cfg.model))
+    files = write_files(cfg, model_dir, run_dir, threads)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, dtype=torch.float32).eval()
+    texts = evaluation_texts(cfg, tokenizer)["test"]
+    prompts = prompt_ids(tokenizer, cfg.prompts)
+    expected = [torch_greedy_ids(model, ids, cfg.max_new_tokens) for ids in prompts]
+    rows = {"transformers_fp32": {"test_perplexity": torch_perplexity(model, texts)}}
+    for name, path in files.items():
+        with loaded(path, threads) as llm:
+            got = [greedy_ids(llm, ids, cfg.max_new_tokens) for ids in prompts]
+            rows[name] = {"file": path.name, "disk_mb": path.stat().st_size / 1e6,
+                          "test_perplexity": gguf_perplexity(llm, texts),
+                          "greedy_equal": got == expected,
+                          "greedy_token_agreement": agreement(got, expected),
+                          "tokenizer_equal": [llm.tokenize(p.encode(), add_bos=False, special=True) for p in
+                                              cfg.prompts] == [strip_bos(ids, tokenizer) for ids in prompts]}
+    metrics = {"model": cfg.model, "threads": threads, "texts": len(texts), "prompts": cfg.prompts,
+               "new_tokens": cfg.max_new_tokens, "llama_cpp": llama_cpp().__version__, "types": rows}
+    write_json_atomic(metrics, run_dir / "metrics.json")
+    return RunResult(model, metrics, run_dir)
+
+
+def write_files(cfg: GgufConfig, model_dir: Path, run_dir: Path, threads: int) -> dict[str, Path]:
+    """Each type's file (kept when already written: a rerun resumes), F16 first when a quantizer type needs it."""
+    files = {name: run_dir / f"model-{name}.gguf" for name in cfg.types}
+    quantized = [name for name in cfg.types if name not in CONVERTER_TYPES]
+    f16 = files.get("f16", run_dir / "model-f16.gguf")
+    needed = [*(["f16"] if quantized else []), *(name for name in cfg.types if name in CONVERTER_TYPES)]
+    for name in dict.fromkeys(needed):
+        path = files.get(name, f16)
+        if not path.is_file():
+            convert(model_dir, path, name)
+    ftypes = quantizer_types()
+    for name in quantized:
+        if not files[name].is_file():
+            quantize(f16, files[name], ftypes[name], threads)
+    if "f16" not in cfg.types and f16.exists():
+        f16.unlink()
+    return files
+
+
+def agreement(got: list[list[int]], expected: list[list[int]]) -> float:
+    """The share of positions where the two greedy continuations agree, up to their first difference."""
+    same = total = 0
+    for a, b in zip(got, expected):
+        total += len(b)
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            same += 1
+    return same / max(total, 1)
+
+
+def strip_bos(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    return ids[1:] if ids and ids[0] == tokenizer.bos_token_id and tokenizer.bos_token_id is not None else ids
+
+
+def gguf_summary(cfg: GgufConfig, result: RunResult) -> dict:
+    return {"files": {name: str(result.run_dir / row["file"]) for name, row in result.metrics["types"].items()
+                      if "file" in row}, **result.metrics}
+
+
+EXPORT_GGUF = register_job(Job("export_gguf", GgufConfig, check_gguf, export_gguf, gguf_summary))

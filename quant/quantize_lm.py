@@ -1,0 +1,125 @@
+"""Quantization of a causal LM, measured by what an LM is for: each variant of the saved model (bf16, dynamic int8,
+bitsandbytes int8 / NF4 / FP4, as for classifiers) is built, saved into `output_dir/<variant>/`, reloaded (logits
+compared with the in-memory model) and measured on the held-out texts of the corpus, split as the distillation job
+splits it: validation and test perplexity, agreement of its greedy next token with the teacher's at every real
+position of the test texts, weight memory and size on disk. Everything runs on the CPU, in one process.
+
+`output_dir` gets `config.yaml`, `metrics.json` and `report.md`."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from distill.core.errors import ConfigError
+from distill.core.evaluate import count_parameters, disk_size_mb
+from distill.core.io import write_json_atomic
+from distill.core.jobs import Job, register_job
+from distill.core.run import RunResult, open_run
+from distill.core.sources import ensure_pad_token, load_causal_lm, load_tokenizer
+from distill.lm.data import evaluation_texts
+
+from quant.config import LMQuantConfig
+from quant.schemes.loading import auto_class, empty_model, load_config, skip_patterns
+from quant.measure.classifier_metrics import weight_memory
+from quant.quantize import quiet_int8_cast_warning
+from quant.schemes.variants import build_variant, check_variants, load_variant
+
+TextIds = list[list[int]]
+
+
+def check_lm_quant(cfg: LMQuantConfig) -> None:
+    check_variants(cfg.variants, cfg.bnb)
+    for name in ("validation_examples", "test_examples", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1; got {getattr(cfg, name)}")
+    if cfg.eval_examples is not None and cfg.eval_examples < 1:
+        raise ConfigError(f"eval_examples must be at least 1 (or null: all); got {cfg.eval_examples}")
+
+
+def check_causal_lm(name: str) -> None:
+    if auto_class(load_config(name)) is not AutoModelForCausalLM:
+        raise ConfigError(f"an LM quantization run measures perplexity; {name} is not a causal LM (classifiers: "
+                          "recipes/quantize_model.py)")
+
+
+def quantize_lm(cfg: LMQuantConfig) -> RunResult:
+    check_lm_quant(cfg)
+    check_causal_lm(cfg.model)
+    run_dir = open_run(cfg)
+    quiet_int8_cast_warning()
+    tokenizer = ensure_pad_token(load_tokenizer(cfg.model))
+    texts = evaluation_texts(cfg, tokenizer)
+    teacher = load_causal_lm(cfg.teacher or cfg.model, dtype=torch.float32).eval()
+    reference = greedy_next_tokens(teacher, texts["test"])
+    del teacher
+    skip = skip_patterns(empty_model(cfg.model), cfg.skip_modules)
+    rows, models = {}, {}
+    for variant in cfg.variants:
+        models[variant], rows[variant] = build_and_measure(cfg, variant, run_dir / variant, tokenizer, texts,
+                                                           reference, skip)
+    metrics = {"model": cfg.model, "teacher": cfg.teacher or cfg.model, "texts": {k: len(v) for k, v in texts.items()},
+               "skip_modules": skip, "torch": torch.__version__, "variants": rows}
+    write_json_atomic(metrics, run_dir / "metrics.json")
+    (run_dir / "report.md").write_text(markdown_table(list(rows.values())) + "\n")
+    return RunResult(models[cfg.variants[-1]], metrics, run_dir)
+
+
+def build_and_measure(cfg: LMQuantConfig, variant: str, folder: Path, tokenizer, texts: dict[str, TextIds],
+                      reference: list[torch.Tensor], skip: list[str]) -> tuple[PreTrainedModel, dict]:
+    built = build_variant(cfg.model, variant, tokenizer, folder, cfg.bnb, cfg.skip_modules)
+    probe = torch.tensor([texts["test"][0]])
+    expected = logits_of(built, probe)
+    del built
+    model = load_variant(folder).eval()
+    row = {"variant": variant, "reload_equal": torch.equal(logits_of(model, probe), expected),
+           "validation_perplexity": text_perplexity(model, texts["validation"]),
+           "test_perplexity": text_perplexity(model, texts["test"]),
+           "next_token_agreement": next_token_agreement(model, texts["test"], reference),
+           "parameters": count_parameters(model), **weight_memory(model, skip), "disk_mb": disk_size_mb(folder)}
+    return model, row
+
+
+@torch.no_grad()
+def logits_of(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits.float()
+
+
+@torch.no_grad()
+def text_perplexity(model: PreTrainedModel, texts: TextIds) -> float:
+    """exp of the mean next-token NLL over every real token of `texts`, one text per forward pass (no padding, so
+    every variant sees exactly the same computation)."""
+    nll, count = 0.0, 0
+    for ids in texts:
+        logits = logits_of(model, torch.tensor([ids]))[0]
+        nll += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum").item()
+        count += len(ids) - 1
+    return math.exp(nll / max(count, 1))
+
+
+@torch.no_grad()
+def greedy_next_tokens(model: PreTrainedModel, texts: TextIds) -> list[torch.Tensor]:
+    """The model's most likely next token at every position of each text."""
+    return [logits_of(model, torch.tensor([ids]))[0].argmax(-1) for ids in texts]
+
+
+def next_token_agreement(model: PreTrainedModel, texts: TextIds, reference: list[torch.Tensor]) -> float:
+    """The share of positions where `model`'s most likely next token is the reference model's."""
+    mine = greedy_next_tokens(model, texts)
+    same = sum((a == b).sum().item() for a, b in zip(mine, reference))
+    return same / max(sum(len(r) for r in reference), 1)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| variant | val. ppl | test ppl | next-token agreement | weights MB | disk MB | reload equal |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['validation_perplexity']:.2f} | {r['test_perplexity']:.2f} | "
+              f"{r['next_token_agreement']:.2%} | {r['weight_mb']:.1f} | {r['disk_mb']:.1f} | {r['reload_equal']} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+QUANTIZE_LM = register_job(Job("quantize_lm", LMQuantConfig, check_lm_quant, quantize_lm,
+                               lambda cfg, result: (result.run_dir / "report.md").read_text()))
