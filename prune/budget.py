@@ -9,7 +9,6 @@ from transformers import PreTrainedModel
 
 from distill.core.arch import arch_of, head_dim, kv_group_size, layer_list
 from distill.core.errors import ConfigError
-
 from prune.saving import layer_shapes
 
 

@@ -13,7 +13,6 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from distill.core.errors import ConfigError
-
 from prune.remote_modeling import (
     Int8Embedding,
     LowRankEmbedding,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
 
-from distill.core.sources import is_compressed, resolve_model
+from distill.core.models import is_compressed, resolve_model
 
 
 def model_config(name: str) -> PretrainedConfig:

@@ -7,7 +7,6 @@ from transformers import PreTrainedModel
 
 from distill.core.arch import arch_of, layer_list
 from distill.core.errors import ConfigError
-
 from prune.saving import layer_shapes
 from prune.surgery import keep_inputs, keep_outputs
 

@@ -11,7 +11,6 @@ from transformers import PreTrainedModel
 
 from distill.core.arch import arch_of, head_dim, layer_list
 from distill.core.errors import ConfigError
-
 from prune.importance import stream_norms
 from prune.surgery import keep_inputs, keep_outputs
 

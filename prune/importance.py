@@ -26,7 +26,6 @@ from transformers import PreTrainedModel
 from distill.core.arch import arch_of, ffn_in_weights, head_dim, kv_group_size, layer_list, qkv_weights
 from distill.core.errors import ConfigError
 from distill.core.registry import Registry
-
 from prune.saving import layer_shapes
 
 

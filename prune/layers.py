@@ -7,7 +7,6 @@ from transformers import PreTrainedModel
 
 from distill.core.arch import arch_of, layer_list
 from distill.core.errors import ConfigError
-
 from prune.remote_modeling import set_submodule
 
 LAYER_STRATEGIES = ("importance", "top", "alternate", "explicit")

@@ -25,15 +25,15 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from distill.core.arch import head_dim, kv_group_size, layer_list
+from distill.core.data import corpus_tokens
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
+from distill.core.models import ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.core.run import RunResult, open_run
-from distill.core.sources import corpus_tokens, ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.lm.data import LMCollator, held_out_splits
 from distill.lm.metrics import perplexity
-
 from prune.config import LMPruneConfig
 from prune.family import model_config
 from prune.ffn import prune_ffn

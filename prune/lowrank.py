@@ -14,7 +14,6 @@ from transformers import PreTrainedModel
 
 from distill.core.arch import arch_of, layer_list
 from distill.core.errors import ConfigError
-
 from prune.remote_modeling import low_rank_linear, set_submodule
 from prune.sparsity import effective_weight, filter_paths
 

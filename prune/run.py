@@ -20,12 +20,14 @@ from transformers import PreTrainedModel
 import distill.losses  # noqa: F401  (registers the losses recovery names)
 from distill.core.arch import arch_of, kv_group_size
 from distill.core.config import LayerMapConfig
+from distill.core.data import load_splits, tokenize_and_measure
 from distill.core.errors import ConfigError
 from distill.core.evaluate import accuracy, count_parameters
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.loss_interface import LossSetup, attention_implementation, check_stages
 from distill.core.mapping import build_layer_map
+from distill.core.models import load_classifier
 from distill.core.run import (
     OnStep,
     RunResult,
@@ -38,9 +40,7 @@ from distill.core.run import (
     log_record,
     start_run,
 )
-from distill.core.sources import load_classifier, load_splits, tokenize_and_measure
 from distill.core.trainer import Trainer
-
 from prune.budget import budget_plan
 from prune.config import PruneConfig, VocabConfig
 from prune.embeddings import check_rank, compress_word_embedding, word_embedding_path

@@ -17,7 +17,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.core.arch import arch_of, head_dim, layer_list
 from distill.core.io import save_model
-
 from prune.lowrank import is_low_rank_pair
 from prune.remote_modeling import Int8Embedding, LowRankEmbedding
 

@@ -4,7 +4,6 @@ LM; a `distill_lm` stage after it recovers it)."""
 from __future__ import annotations
 
 from distill.pipeline.plan import StageKind, register_stage
-
 from prune.lm import PRUNE_LM
 from prune.run import PRUNE
 

@@ -1,8 +1,8 @@
 """A quantization run: the saved classifier `cfg.model` becomes each configured variant, saved under
 `output_dir/<variant>/`, reloaded from there (outputs compared with the in-memory model's) and measured (see
 `quant.measure.classifier_metrics`). `output_dir` gets `config.yaml` (the resolved config), `metrics.json` (every
-number, per variant) and `report.md` (the table). Everything runs on the CPU, in one process: bitsandbytes' CPU backend and PyTorch's int8
-kernels."""
+number, per variant) and `report.md` (the table). Everything runs on the CPU, in one process: bitsandbytes' CPU backend
+and PyTorch's int8 kernels."""
 from __future__ import annotations
 
 import logging
@@ -15,16 +15,16 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.core.data import collator, label_names, load_splits, tokenize
 from distill.core.errors import ConfigError
 from distill.core.evaluate import alternating_latencies, latency_batch
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
+from distill.core.models import load_tokenizer
 from distill.core.run import check_class_count, open_run
-from distill.core.sources import collator, label_names, load_splits, load_tokenizer, tokenize
-
 from quant.config import QuantConfig, ReportConfig
-from quant.schemes.loading import auto_class, empty_model, load_config, skip_patterns
 from quant.measure.classifier_metrics import markdown_table, measure_variant
+from quant.schemes.loading import auto_class, empty_model, load_config, skip_patterns
 from quant.schemes.variants import build_variant, check_variants, load_variant
 
 SPLITS = ("validation", "test")

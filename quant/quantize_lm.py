@@ -17,14 +17,13 @@ from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters, disk_size_mb
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
+from distill.core.models import ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.core.run import RunResult, open_run
-from distill.core.sources import ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.lm.data import evaluation_texts
-
 from quant.config import LMQuantConfig
-from quant.schemes.loading import auto_class, empty_model, load_config, skip_patterns
 from quant.measure.classifier_metrics import weight_memory
 from quant.quantize import quiet_int8_cast_warning
+from quant.schemes.loading import auto_class, empty_model, load_config, skip_patterns
 from quant.schemes.variants import build_variant, check_variants, load_variant
 
 TextIds = list[list[int]]

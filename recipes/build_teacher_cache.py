@@ -11,7 +11,7 @@ A bad config ends with one line, `config error: ...` (exit 2); add --debug for t
 import sys
 
 from distill.core.cli import run_recipe
-from distill.lm.cache import BUILD_CACHE
+from distill.lm.cache.job import BUILD_CACHE
 
 
 def main(argv: list[str]) -> None:

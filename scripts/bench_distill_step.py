@@ -35,9 +35,9 @@ from transformers import PreTrainedModel
 
 from benchmarks.harness import timed_steps
 from distill.core.config import parse_args
+from distill.core.data import collator
 from distill.core.loss_interface import model_inputs
 from distill.core.run import load_task
-from distill.core.sources import collator
 from distill.core.trainer import TrainState, train_sampler
 from distill.encoder.config import DistillConfig
 from distill.encoder.job import distill

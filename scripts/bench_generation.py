@@ -1,11 +1,11 @@
 """CPU generation speed at batch 1, side by side in one run: prefill (one prompt) and decode (greedy new tokens) of
-transformers folders and GGUF files (in llama.cpp), each model in a fresh process (`quant.measure.generation_speed`), the
-models taking turns over `--rounds` rounds (medians). Beside each GGUF file: how close its decode comes to the
-memory-bandwidth limit, tokens/s x bytes of weights read per token (every tensor of the file once: at batch 1 each
-new token reads every weight matrix, the tied embedding as the output head) over the machine's memory bandwidth,
-measured with the same threads two ways: STREAM's copy (bytes read + bytes written per second, torch copying a 1 GiB
-buffer into another) and a read-only pass (bytes read per second, torch summing a 1 GiB buffer), best of 5 each.
-Decoding only reads weights, so the read bandwidth is its limit; the copy figure is reported beside it.
+transformers folders and GGUF files (in llama.cpp), each model in a fresh process (`quant.measure.generation_speed`),
+the models taking turns over `--rounds` rounds (medians). Beside each GGUF file: how close its decode comes to the
+memory-bandwidth limit, tokens/s x bytes of weights read per token (every tensor of the file once: at batch 1 each new
+token reads every weight matrix, the tied embedding as the output head) over the machine's memory bandwidth, measured
+with the same threads two ways: STREAM's copy (bytes read + bytes written per second, torch copying a 1 GiB buffer into
+another) and a read-only pass (bytes read per second, torch summing a 1 GiB buffer), best of 5 each. Decoding only reads
+weights, so the read bandwidth is its limit; the copy figure is reported beside it.
 
     python scripts/bench_generation.py --model teacher=offline:SmolLM2-135M-Instruct \
         --model student=runs/student-lm-width/model --model q4_k_m=runs/gguf/model-q4_k_m.gguf \
@@ -24,7 +24,8 @@ import torch
 from transformers import AutoTokenizer
 
 from distill.core.config import CorpusConfig
-from distill.core.sources import corpus_token_ids, resolve_model
+from distill.core.data import corpus_token_ids
+from distill.core.models import resolve_model
 from quant.measure.generation_speed import speed
 
 

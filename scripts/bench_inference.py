@@ -1,8 +1,8 @@
 """Inference latency and throughput of saved classifiers and of their quantized variants, on the CPU (and on the GPU
 when CUDA is available), at several batch sizes of real sentences padded or truncated to one length.
 
-Every model folder becomes each requested variant in each dtype, in memory (`quant.schemes.variants.make_variant`; nothing
-is saved):
+Every model folder becomes each requested variant in each dtype, in memory (`quant.schemes.variants.make_variant`;
+nothing is saved):
   full          fp32: the saved weights; bf16: loaded in bfloat16
   dynamic_int8  PyTorch's dynamic int8 Linears (fp32 activations, CPU only)
   bnb_int8      bitsandbytes LLM.int8 (no compute dtype to choose: it quantizes activations from fp16)
@@ -28,9 +28,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.core.config import DataConfig
+from distill.core.data import load_splits
 from distill.core.errors import ConfigError
 from distill.core.evaluate import alternating_latencies, examples_per_s, latency_batch
-from distill.core.sources import load_splits, load_tokenizer, vocabulary_difference
+from distill.core.models import load_tokenizer, vocabulary_difference
 from quant.config import BnbConfig
 from quant.quantize import quiet_int8_cast_warning
 from quant.schemes.variants import check_variants, make_variant

@@ -31,7 +31,7 @@ from benchmarks.lm import run_variant
 from distill.core.config import parse_args
 from distill.core.errors import ConfigError
 from distill.core.probe import run_probe
-from distill.lm.cache import TeacherCache
+from distill.lm.cache.store import TeacherCache
 from distill.lm.config import LMDistillConfig
 from distill.lm.job import check_lm_distill
 

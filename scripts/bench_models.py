@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from distill.core.evaluate import alternating_latencies, count_parameters, disk_size_mb, latency_batch
-from distill.core.sources import load_classifier
+from distill.core.models import load_classifier
 from quant.export.onnx import FILES, OnnxClassifier, is_onnx, onnx_sizes
 
 SAMPLE_TEXTS = [

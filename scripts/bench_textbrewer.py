@@ -137,9 +137,9 @@ def train_textbrewer(cfg: DistillConfig) -> float:
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
 
+    from distill.core.data import collator
     from distill.core.evaluate import accuracy
     from distill.core.run import load_task
-    from distill.core.sources import collator
     from distill.core.trainer import RankTrace, param_groups, planned_batches, train_sampler
     from distill.encoder.single import build_distill_student, load_teacher
 

@@ -66,9 +66,10 @@ from transformers import TrainerCallback
 from benchmarks.harness import StepClock, peer_environment, ratio, rotated_order, summarise
 from benchmarks.lm import measure, run_variant
 from distill.core.config import parse_args
+from distill.core.data import corpus_tokens
 from distill.core.errors import ConfigError
+from distill.core.models import ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.core.probe import run_probe
-from distill.core.sources import corpus_tokens, ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.core.student import build_student
 from distill.core.trainer import train_sampler
 from distill.lm.config import LMDistillConfig

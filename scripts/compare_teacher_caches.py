@@ -18,8 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.core.config import parse_args
-from distill.core.sources import corpus_token_ids, load_causal_lm, load_tokenizer
-from distill.lm.cache import TeacherCache
+from distill.core.data import corpus_token_ids
+from distill.core.models import load_causal_lm, load_tokenizer
+from distill.lm.cache.store import TeacherCache
 from distill.lm.config import CacheConfig
 from distill.lm.served import PAD_LOGPROB
 from distill.losses.causal.divergences import topk_kl

@@ -20,8 +20,9 @@ import yaml
 from torch.utils.data import DataLoader
 
 from distill.core.config import DataConfig, apply_override, from_dict
+from distill.core.data import collator, label_names, load_splits, tokenize
 from distill.core.errors import ConfigError
-from distill.core.sources import collator, label_names, load_splits, load_tokenizer, tokenize
+from distill.core.models import load_tokenizer
 from distill.encoder.early_exit import EarlyExitClassifier, evaluate_thresholds
 
 

@@ -13,7 +13,7 @@ import sys
 from benchmarks.lm import measure
 from distill.core.cli import config_errors, split_debug
 from distill.core.config import parse_args
-from distill.core.sources import load_causal_lm
+from distill.core.models import load_causal_lm
 from distill.core.student import build_student
 from distill.lm.config import LMDistillConfig
 from distill.lm.job import check_lm_distill

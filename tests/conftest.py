@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from distill.core.config import DataConfig, LossConfig, StageConfig, TrainConfig
-from distill.core.sources import resolve_model
+from distill.core.models import resolve_model
 from distill.encoder.config import FinetuneConfig
 from distill.encoder.finetune import finetune
 

@@ -8,12 +8,12 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distill.core.config import DataConfig, LossConfig, StageConfig, StudentConfig, TrainConfig
-from distill.core.sources import load_classifier
+from distill.core.models import load_classifier
 from distill.core.student import build_student
-from distill.losses.response import soft_kl
 from distill.encoder.config import DistillConfig, FinetuneConfig
 from distill.encoder.finetune import finetune
 from distill.encoder.job import distill
+from distill.losses.response import soft_kl
 from prune.config import ImportanceConfig, PruneConfig, UnitPruneConfig
 from prune.run import prune
 

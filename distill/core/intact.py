@@ -1,7 +1,7 @@
 """Model files cut short or garbled (an interrupted download or copy, a full disk) are refused in one line that names
 the file, a ConfigError, rather than in the long traceback of the library that reads them, which names none.
 
-`check_intact` is the one check every load goes through: `sources.resolve_model` runs it on each local model folder
+`check_intact` is the one check every load goes through: `models.resolve_model` runs it on each local model folder
 (so on teachers, students, pruned and quantized checkpoints alike) and the teacher cache on its shards, before they
 load; it reads headers and JSON, never weights, and each version of a file once per process. A GGUF, whose metadata
 costs seconds to parse, is checked only when its load fails (`damage_blamed`)."""

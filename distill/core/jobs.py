@@ -51,7 +51,7 @@ JOB_TABLE: dict[str, JobEntry] = {
     "distill": JobEntry("distill.encoder.job", "distill_student.py", DISTILL_KINDS),
     "general_distill": JobEntry("distill.encoder.general", "general_distill.py", DISTILL_KINDS),
     "distill_lm": JobEntry("distill.lm.job", "distill_lm.py", DISTILL_KINDS),
-    "build_teacher_cache": JobEntry("distill.lm.cache", "build_teacher_cache.py"),
+    "build_teacher_cache": JobEntry("distill.lm.cache.job", "build_teacher_cache.py"),
     "generate_teacher_data": JobEntry("distill.lm.generate", "generate_teacher_data.py"),
     "pipeline": JobEntry("distill.pipeline.plan", "compress.py"),
     "push": JobEntry("distill.pipeline.hub", None, DISTILL_KINDS),

@@ -26,11 +26,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from distill.core.config import DataConfig, TrainConfig, config_yaml, flat_dict, to_dict
+from distill.core.data import collator, label_names, load_splits, tokenize_and_measure
 from distill.core.errors import ConfigError, did_you_mean
 from distill.core.evaluate import ACCURACY, ValidationMetric, count_parameters, disk_size_mb
 from distill.core.io import save_model, write_json_atomic, write_text_atomic
+from distill.core.models import load_tokenizer
 from distill.core.sharding import SHARDINGS, TEACHER_PLACEMENTS
-from distill.core.sources import collator, label_names, load_splits, load_tokenizer, tokenize_and_measure
 from distill.core.tracking import log_record
 from distill.core.trainer import CHECKPOINT_DIR, TrainState, remove_resume_state
 

@@ -9,7 +9,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from distill.core.arch import config_for_layers, layer_list_path, renumbered_paths
 from distill.core.config import StudentConfig
 from distill.core.errors import ConfigError
-from distill.core.sources import load_classifier
+from distill.core.models import load_classifier
 
 STUDENT_INITS = ("copy_layers", "fresh", "pretrained")
 

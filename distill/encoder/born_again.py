@@ -18,8 +18,8 @@ from pathlib import Path
 
 from distill.core.errors import ConfigError
 from distill.core.io import write_json_atomic
+from distill.core.models import load_classifier
 from distill.core.run import OnStep, RunResult, joined_processes, record_config, same_config
-from distill.core.sources import load_classifier
 from distill.encoder.config import DistillConfig
 from distill.encoder.single import distill_single
 

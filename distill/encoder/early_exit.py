@@ -19,7 +19,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from distill.core.arch import layer_list
 from distill.core.errors import ConfigError
-from distill.core.sources import load_classifier
+from distill.core.models import load_classifier
 from distill.losses.early_exit import ExitHeads, check_exit_layers, require_supported
 
 

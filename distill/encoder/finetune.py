@@ -6,8 +6,8 @@ from __future__ import annotations
 import distill.losses  # noqa: F401  (registers the losses a stage names)
 from distill.core.jobs import Job, register_job
 from distill.core.loss_interface import LossSetup, check_stages
+from distill.core.models import load_classifier
 from distill.core.run import OnStep, RunResult, check_train, finish_run, load_task, start_run
-from distill.core.sources import load_classifier
 from distill.core.trainer import Trainer
 from distill.encoder.config import FinetuneConfig
 

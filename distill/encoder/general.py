@@ -20,13 +20,13 @@ from distill.core.io import save_model
 from distill.core.jobs import Job, register_job
 from distill.core.loss_interface import LossSetup, check_stages, model_inputs
 from distill.core.mapping import build_layer_map, check_layer_map_config
+from distill.core.models import load_tokenizer, resolve_model
 from distill.core.run import TEACHER_OPTIONS, OnStep, RunResult, check_train, end_run, start_run
-from distill.core.sources import load_tokenizer, resolve_model
 from distill.core.student import build_student, check_student_config
 from distill.core.trainer import Trainer
-from distill.losses.attention import attention_kl
 from distill.encoder.config import GeneralDistillConfig
 from distill.encoder.transfer import check_text_set, text_set, unlabelled_split
+from distill.losses.attention import attention_kl
 
 GENERAL_LOSSES = ("hidden_mse", "hidden_cosine", "attention_mse", "attention_kl", "similarity", "rkd_distance",
                   "rkd_angle")

@@ -11,9 +11,9 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.core.errors import ConfigError
-from distill.core.sources import load_classifier, load_tokenizer, vocabulary_difference
-from distill.losses.response import EnsembleOutput
+from distill.core.models import load_classifier, load_tokenizer, vocabulary_difference
 from distill.encoder.config import DistillConfig
+from distill.losses.response import EnsembleOutput
 
 
 class TeacherEnsemble(nn.Module):

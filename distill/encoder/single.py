@@ -17,8 +17,8 @@ from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
 from distill.core.loss_interface import LossSetup, attention_implementation
 from distill.core.mapping import build_layer_map
+from distill.core.models import load_classifier, load_tokenizer, vocabulary_difference
 from distill.core.run import OnStep, RunResult, Task, check_class_count, finish_run, load_task, start_run
-from distill.core.sources import load_classifier, load_tokenizer, vocabulary_difference
 from distill.core.student import build_student
 from distill.core.trainer import Trainer
 from distill.encoder.config import DistillConfig

@@ -16,10 +16,10 @@ import datasets
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.core.config import DataConfig
+from distill.core.data import load_splits, source_texts
 from distill.core.errors import ConfigError
 from distill.core.loss_interface import IGNORED_LABEL
 from distill.core.run import Task
-from distill.core.sources import load_splits, source_texts
 from distill.encoder.augment import Augmenter
 from distill.encoder.config import AugmentConfig, TextSetConfig, TransferConfig
 

@@ -1,2 +1,4 @@
-"""Causal-LM jobs: token-level distillation (`job`), the teacher cache it may read (`cache`), the vocabulary checks
-before comparing logits (`vocab`), and perplexity (`metrics`)."""
+"""Causal-LM jobs: token-level distillation (`job`, its settings in `config`, its data and held-out slices in
+`data`), the teacher cache it may read (`cache`), a teacher served behind an endpoint (`served`), teacher-written
+data (`generate`), on-policy distillation (`on_policy`, with `sampling`), cross-tokenizer alignment (`align`), the
+vocabulary checks before comparing logits (`vocab`), and perplexity (`metrics`)."""

@@ -8,10 +8,10 @@ from datasets import Dataset, DatasetDict
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from distill.core.chat import TokenizedCorpus
+from distill.core.data import corpus_tokens
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import token_ids_sha256
 from distill.core.loss_interface import TEACHER_INPUTS
-from distill.core.sources import corpus_tokens
 from distill.losses.causal.cross_tokenizer import ALIGNED_KEYS
 from distill.losses.causal.fused import IGNORE_INDEX
 

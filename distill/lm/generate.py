@@ -43,11 +43,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.core.chat import PromptCompletion, check_chat_template, prompt_ids
 from distill.core.config import CorpusConfig
+from distill.core.data import load_pairs
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import file_sha256, token_ids_sha256
 from distill.core.io import jsonl_text, write_json_atomic, write_text_atomic
 from distill.core.jobs import Job, register_job
-from distill.core.sources import ensure_pad_token, load_causal_lm, load_pairs, load_tokenizer
+from distill.core.models import ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.lm.sampling import SamplingConfig, check_sampling, complete, stop_tokens
 
 MANIFEST = "manifest.json"

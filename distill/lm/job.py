@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.core.chat import prompt_ids, user_turn, uses_chat_template
+from distill.core.data import corpus_tokens, load_texts, truncation_shares
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
 from distill.core.fingerprint import config_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
@@ -24,20 +25,12 @@ from distill.core.io import jsonl_text, write_text_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.loss_interface import LOSSES, TEACHER_INPUTS, LossSetup, check_stages
 from distill.core.mapping import build_layer_map, check_layer_map_config
+from distill.core.models import ensure_pad_token, load_causal_lm, load_tokenizer, resolve_model
 from distill.core.run import OnStep, RunResult, Task, check_train, finish_run, start_run, warn_truncation
-from distill.core.sources import (
-    corpus_tokens,
-    ensure_pad_token,
-    load_causal_lm,
-    load_texts,
-    load_tokenizer,
-    resolve_model,
-    truncation_shares,
-)
 from distill.core.student import build_student, check_student_config
 from distill.core.trainer import Trainer
 from distill.lm.align import cross_tokenized, shared_vocabulary
-from distill.lm.cache import CachedTeacherCollator, CacheKey, TeacherCache
+from distill.lm.cache.store import CachedTeacherCollator, CacheKey, TeacherCache
 from distill.lm.config import LMDistillConfig, LMEvalConfig
 from distill.lm.data import PROMPT_LENGTH, CrossTokenizerCollator, LMCollator, held_out_splits
 from distill.lm.metrics import PERPLEXITY, teacher_nll_of_completions

@@ -10,7 +10,7 @@ import logging
 from transformers import PreTrainedTokenizerBase
 
 from distill.core.errors import ConfigError
-from distill.core.sources import vocabulary_difference
+from distill.core.models import vocabulary_difference
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import yaml
 
-from distill.core.sources import DATASET_ALIASES, MODEL_ALIASES
+from distill.core.offline import DATASET_ALIASES, MODEL_ALIASES
 
 KIND_TAGS = {"distill": ["distillation"], "distill_lm": ["distillation"], "prune": ["pruning"], "prune_lm": ["pruning"],
              "quantize": ["quantization"], "quantize_lm": ["quantization"], "export_gguf": ["gguf"],
@@ -129,8 +129,8 @@ def loading_section(config: dict, repo: str) -> str:
     if config.get("quantization", {}).get("method") == "dynamic_int8":
         lines += ["", "import torch", "# the weights are saved in fp32; quantize the Linears to int8 at load",
                   "model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)"]
-        notes.append("This framework's `quant.schemes.variants.load_variant(folder)` quantizes exactly the Linears recorded "
-                     "in `config.quantization.skip_modules` (task head and pooler stay fp32).")
+        notes.append("This framework's `quant.schemes.variants.load_variant(folder)` quantizes exactly the Linears "
+                     "recorded in `config.quantization.skip_modules` (task head and pooler stay fp32).")
     if loading_flags(config):
         notes.append("`trust_remote_code=True` is needed: the pruned layers have shapes the stock architecture "
                      "cannot hold, and the checkpoint ships their modeling code (`auto_map`).")

@@ -29,9 +29,9 @@ from distill.core.config import CorpusConfig, DataConfig, from_dict, merge_value
 from distill.core.errors import ConfigError
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, load_jobs, register_job
+from distill.core.models import resolve_model
 from distill.core.registry import Registry
 from distill.core.run import OnStep
-from distill.core.sources import resolve_model
 
 logger = logging.getLogger(__name__)
 

@@ -4,11 +4,11 @@ text, which a later `distill` stage names as its `student.model`), `distill_lm` 
 pruned one, distilled from `teacher`) and `push` (upload to the Hub)."""
 from __future__ import annotations
 
-from distill.lm.job import LM_DISTILL
 from distill.encoder.config import DistillConfig
 from distill.encoder.finetune import FINETUNE
 from distill.encoder.general import GENERAL_DISTILL
 from distill.encoder.job import DISTILL
+from distill.lm.job import LM_DISTILL
 from distill.pipeline.hub import PUSH
 from distill.pipeline.plan import StageKind, register_stage
 

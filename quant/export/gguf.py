@@ -27,10 +27,9 @@ from distill.core.conversion_cache import cache_root
 from distill.core.errors import ConfigError, did_you_mean, require_package
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
+from distill.core.models import is_compressed, load_causal_lm, load_tokenizer, resolve_model
 from distill.core.run import RunResult, open_run
-from distill.core.sources import is_compressed, load_causal_lm, load_tokenizer, resolve_model
 from distill.lm.data import evaluation_texts
-
 from quant.config import GgufConfig
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")

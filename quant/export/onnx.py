@@ -28,21 +28,12 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrain
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from distill.core.arch import ARCHS
+from distill.core.data import collator, label_names, load_splits, tokenize
 from distill.core.errors import ConfigError, require_package
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
+from distill.core.models import is_compressed, load_classifier, load_tokenizer, resolve_model
 from distill.core.run import RunResult, check_class_count, open_run
-from distill.core.sources import (
-    collator,
-    is_compressed,
-    label_names,
-    load_classifier,
-    load_splits,
-    load_tokenizer,
-    resolve_model,
-    tokenize,
-)
-
 from quant.config import OnnxExportConfig
 from quant.quantize import SPLITS
 

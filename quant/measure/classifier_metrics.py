@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from distill.core.evaluate import accuracy, disk_size_mb
-
 from quant.schemes.loading import target_linears
 
 MB = 1e6

@@ -2,13 +2,13 @@
 side by side on one split and one fixed latency batch, the first (the teacher) as the reference.
 
 Per model: `runtime` (`torch`, or `onnxruntime` for an ONNX file of an `export_onnx` stage, run by
-`quant.export.onnx.OnnxClassifier` with torch's thread count), `accuracy` (`distill.core.evaluate.accuracy`), `parameters`
-(as full-precision numbers: see `stored_parameters`; an ONNX file's initializers), `disk_mb` (safetensors files; the
-ONNX file), `weight_mb` (`quant.measure.classifier_metrics.weight_memory`: quantization state included; an ONNX file's initializers),
-`latency_ms` (median CPU time of one forward pass, in rounds alternating between the models:
+`quant.export.onnx.OnnxClassifier` with torch's thread count), `accuracy` (`distill.core.evaluate.accuracy`),
+`parameters` (as full-precision numbers: see `stored_parameters`; an ONNX file's initializers), `disk_mb` (safetensors
+files; the ONNX file), `weight_mb` (`quant.measure.classifier_metrics.weight_memory`: quantization state included; an
+ONNX file's initializers), `latency_ms` (median CPU time of one forward pass, in rounds alternating between the models:
 `distill.core.evaluate.alternating_latencies`) and `examples_per_s` at that batch. Written as `compression_report.json`,
-a Markdown table (`.md`) and a plot of accuracy against disk size and against latency (`.png`) with the Pareto
-front of each."""
+a Markdown table (`.md`) and a plot of accuracy against disk size and against latency (`.png`) with the Pareto front of
+each."""
 from __future__ import annotations
 
 import json
@@ -23,7 +23,6 @@ from transformers import PreTrainedModel
 
 from distill.core.errors import require_package
 from distill.core.evaluate import accuracy, alternating_latencies, disk_size_mb, examples_per_s
-
 from quant.config import LatencyConfig
 from quant.export.onnx import OnnxClassifier, is_onnx, onnx_sizes
 from quant.measure.classifier_metrics import weight_memory

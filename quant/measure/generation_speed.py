@@ -86,8 +86,8 @@ def gguf_runner(path: str, threads: int):
 
 def speed(model: str | Path, prompt: list[int], new_tokens: int, threads: int, repeats: int) -> dict:
     """`measure` in a fresh process."""
-    return run_probe([sys.executable, "-m", "quant.measure.generation_speed", str(model), json.dumps(prompt), str(new_tokens),
-                      str(threads), str(repeats)])
+    return run_probe([sys.executable, "-m", "quant.measure.generation_speed", str(model), json.dumps(prompt),
+                      str(new_tokens), str(threads), str(repeats)])
 
 
 if __name__ == "__main__":

@@ -18,15 +18,14 @@ import torch
 
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
-from distill.core.sources import load_causal_lm, load_tokenizer, resolve_model
+from distill.core.models import load_causal_lm, load_tokenizer, resolve_model
 from distill.lm.data import evaluation_texts
-
-from quant.measure.compression_report import require_matplotlib
 from quant.config import LMReportConfig
-from quant.measure.generation_speed import speed
 from quant.export.gguf import gguf_perplexity, loaded
-from quant.quantize_lm import greedy_next_tokens, text_perplexity
 from quant.measure.classifier_metrics import weight_memory
+from quant.measure.compression_report import require_matplotlib
+from quant.measure.generation_speed import speed
+from quant.quantize_lm import greedy_next_tokens, text_perplexity
 from quant.schemes.variants import load_variant
 
 REPORT_NAME = "lm_report"

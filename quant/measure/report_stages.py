@@ -12,7 +12,7 @@ import torch
 from distill.core.config import to_dict
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import tokenizer_sha256
-from distill.core.sources import load_tokenizer
+from distill.core.models import load_tokenizer
 from distill.pipeline.card import (
     CardFacts,
     CardStep,

@@ -14,11 +14,11 @@ Outputs in `output_dir`, beside `config.yaml`, `metrics.jsonl` and `metrics.json
 trained quantized model (`qlora`), the merged model and the merged model quantized again as the base was: accuracy,
 KL divergence from the teacher, and agreement with the teacher's predictions.
 
-Checkpoints hold the whole model, the frozen quantized weights included; `quant.schemes.bnb.accept_frozen_quantized_state`
-lets a resumed run load them back. peft's `prepare_model_for_kbit_training` is not used: on the CPU the unquantized
-parameters are already fp32, the adapters are leaves inside the layers so gradients reach them without
-input-gradient hooks, and the gradient checkpointing it switches on trades compute for memory that these encoders
-do not need."""
+Checkpoints hold the whole model, the frozen quantized weights included;
+`quant.schemes.bnb.accept_frozen_quantized_state` lets a resumed run load them back. peft's
+`prepare_model_for_kbit_training` is not used: on the CPU the unquantized parameters are already fp32, the adapters are
+leaves inside the layers so gradients reach them without input-gradient hooks, and the gradient checkpointing it
+switches on trades compute for memory that these encoders do not need."""
 from __future__ import annotations
 
 import json
@@ -41,11 +41,12 @@ from distill.core.io import save_model
 from distill.core.jobs import Job, register_job
 from distill.core.loss_interface import LossSetup, attention_implementation, check_stages
 from distill.core.mapping import build_layer_map
+from distill.core.models import check_same_vocabulary, load_classifier, load_tokenizer
 from distill.core.run import OnStep, RunResult, Task, check_class_count, check_train, end_run, load_task, start_run
-from distill.core.sources import check_same_vocabulary, load_classifier, load_tokenizer
 from distill.core.trainer import Trainer
 from distill.losses.response import soft_kl
-
+from quant.config import AdapterConfig, BnbConfig, QatConfig
+from quant.quantize import check_classifier, quiet_int8_cast_warning
 from quant.schemes.bnb import (
     accept_frozen_quantized_state,
     check_bnb_config,
@@ -53,9 +54,7 @@ from quant.schemes.bnb import (
     quantize_bnb,
     require_bitsandbytes,
 )
-from quant.config import AdapterConfig, BnbConfig, QatConfig
 from quant.schemes.loading import empty_model, load_config, skip_patterns
-from quant.quantize import check_classifier, quiet_int8_cast_warning
 
 if TYPE_CHECKING:
     from peft import PeftModel

@@ -23,7 +23,6 @@ import torch
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from distill.core.errors import ConfigError, require_package
-
 from quant.config import BnbConfig
 from quant.schemes.loading import empty_model, load_pretrained, skip_patterns, target_linears
 

@@ -22,7 +22,6 @@ from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 from transformers import PreTrainedModel
 
 from distill.core.errors import ConfigError
-
 from quant.schemes.loading import load_pretrained, skip_patterns, target_linears
 
 METHOD = "dynamic_int8"

@@ -1,7 +1,7 @@
 """Loading a saved model for quantization, and choosing which of its modules stay in full precision.
 
 The Auto class follows the checkpoint's architecture (a sequence classifier or a causal LM); remote code is
-trusted only for checkpoints this framework compressed, as in `distill.core.sources.load_classifier`, so pruned models
+trusted only for checkpoints this framework compressed, as in `distill.core.models.load_classifier`, so pruned models
 (with `config.compression` and `modeling_compressed.py`) quantize and reload like stock ones.
 
 Skip lists use transformers' matching for `llm_int8_skip_modules` (a path prefix, a regex, or a name suffix), so
@@ -21,7 +21,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from distill.core.arch import arch_of, task_head_paths
 from distill.core.errors import ConfigError
-from distill.core.sources import is_compressed, resolve_model
+from distill.core.models import is_compressed, resolve_model
 
 PURPOSE = "quantization"
 AUTO_CLASSES = {"ForSequenceClassification": AutoModelForSequenceClassification, "ForCausalLM": AutoModelForCausalLM}

@@ -11,10 +11,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distill.core.errors import ConfigError
 from distill.core.io import save_model
 from distill.core.registry import Registry
-
-from quant.schemes.bnb import BNB_VARIANTS, check_bnb_config, load_bnb, quantize_bnb, require_bitsandbytes
 from quant.config import BnbConfig
-from quant.schemes.dynamic import HALF_DTYPES, METHOD, load_dynamic_int8, load_half, mark_dynamic_int8, quantize_dynamic_int8
+from quant.schemes.bnb import BNB_VARIANTS, check_bnb_config, load_bnb, quantize_bnb, require_bitsandbytes
+from quant.schemes.dynamic import (
+    HALF_DTYPES,
+    METHOD,
+    load_dynamic_int8,
+    load_half,
+    mark_dynamic_int8,
+    quantize_dynamic_int8,
+)
 from quant.schemes.loading import load_pretrained
 
 VARIANTS: Registry[str] = Registry("variant")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
+from distill.core.data import corpus_tokens
 from distill.core.errors import ConfigError
-from distill.core.sources import corpus_tokens, ensure_pad_token, load_tokenizer
+from distill.core.models import ensure_pad_token, load_tokenizer
 from distill.lm.config import LMDistillConfig
 from distill.lm.data import LMCollator, held_out_splits
 from distill.lm.job import distill_lm

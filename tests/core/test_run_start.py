@@ -14,8 +14,8 @@ from distill.core.errors import ConfigError
 from distill.core.run import record_config
 from prune.lm import PRUNE_LM
 from quant.config import GgufConfig, LMQuantConfig, OnnxExportConfig, QuantConfig
-from quant.quantize_lm import QUANTIZE_LM
 from quant.quantize import QUANTIZE
+from quant.quantize_lm import QUANTIZE_LM
 from tests.conftest import data_cfg, save_tiny_teacher, write_review_corpus, write_sentiment_csv
 from tests.prune.test_lm_prune import job_cfg, save_tiny_lm
 

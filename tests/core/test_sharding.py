@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from distill.core.config import CorpusConfig, LossConfig, StageConfig, StudentConfig, parse_args
 from distill.core.errors import ConfigError
-from distill.lm.config import LMDistillConfig, OnPolicyConfig
-from distill.lm.job import distill_lm
 from distill.encoder import job as encoder_job
 from distill.encoder.config import DistillConfig
+from distill.lm.config import LMDistillConfig, OnPolicyConfig
+from distill.lm.job import distill_lm
 from tests.conftest import REPO, data_cfg, launch_two_processes, never_train, save_tiny_teacher, train_cfg
 from tests.lm.test_lm_distill import WORDS, lm_cfg, save_lm
 

@@ -3,8 +3,9 @@ import json
 import pytest
 
 from distill.core.config import CorpusConfig, DataConfig
+from distill.core.data import label_names, load_splits, load_texts, tokenize
 from distill.core.errors import ConfigError
-from distill.core.sources import label_names, load_splits, load_texts, resolve_model, tokenize
+from distill.core.models import resolve_model
 from tests.conftest import make_sentences, make_tokenizer
 
 

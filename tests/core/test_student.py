@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM, BertForSequenceClassification, GP
 
 from distill.core.config import StudentConfig
 from distill.core.errors import ConfigError
-from distill.core.sources import load_causal_lm
+from distill.core.models import load_causal_lm
 from distill.core.student import build_student, check_student_config, student_layer_indices
 from prune.config import LMPruneConfig, WidthConfig
 from prune.lm import Sizes, prune_model

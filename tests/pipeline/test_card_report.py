@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.core.sources import load_tokenizer
+from distill.core.models import load_tokenizer
 from distill.pipeline.card import CardFacts, hub_dataset_id, hub_model_id, loading_section, model_card
 from quant.measure.compression_report import markdown_table, pareto_front, stored_parameters
 from quant.schemes.variants import build_variant, load_variant

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, BertForSequenceClassification
 
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
-from distill.core.sources import load_classifier
+from distill.core.models import load_classifier
 from prune.embeddings import compress_word_embedding, factorized_embedding, quantized_embedding
 from prune.saving import save_compressed
 from tests.conftest import tiny_bert_config, tiny_causal_lm

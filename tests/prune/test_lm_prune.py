@@ -221,7 +221,7 @@ def test_an_unsupported_family_and_a_small_calibration_set_are_refused_by_name(t
 
 
 def test_non_uniform_widths_reload_through_the_shipped_modeling_code_and_are_refused_for_gguf(tmp_path):
-    from distill.core.sources import load_causal_lm
+    from distill.core.models import load_causal_lm
     from quant.export.gguf import check_exportable
 
     model = tiny_family_model("llama")

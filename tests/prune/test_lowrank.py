@@ -7,7 +7,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from distill.core.errors import ConfigError
-from distill.core.sources import load_classifier
+from distill.core.models import load_classifier
 from prune.lowrank import energy_rank, factorize, factorized_linear
 from prune.remote_modeling import set_submodule
 from prune.saving import save_compressed

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassificatio
 
 from distill.core.config import LossConfig, StageConfig
 from distill.core.errors import ConfigError
-from distill.core.sources import load_classifier
+from distill.core.models import load_classifier
 from prune.config import ImportanceConfig, LayerDropConfig, LowRankConfig, PruneConfig, SparsityConfig, UnitPruneConfig
 from prune.run import check_targets, prune
 from prune.saving import layer_shapes

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from distill.core.errors import ConfigError
-from distill.core.sources import load_classifier
+from distill.core.models import load_classifier
 from prune.saving import save_compressed
 from prune.sparsity import apply_masks, magnitude_masks, make_permanent, nm_masks, sparsity_report
 

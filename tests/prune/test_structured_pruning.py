@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from distill.core.errors import ConfigError
-from distill.core.sources import load_classifier
+from distill.core.models import load_classifier
 from prune.ffn import prune_ffn
 from prune.heads import prune_heads
 from prune.importance import score

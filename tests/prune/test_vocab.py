@@ -14,7 +14,7 @@ from transformers import (
 
 from distill.core.errors import ConfigError
 from distill.core.evaluate import disk_size_mb
-from distill.core.sources import load_classifier
+from distill.core.models import load_classifier
 from prune.config import EmbeddingConfig, UnitPruneConfig, VocabConfig
 from prune.embeddings import compress_word_embedding
 from prune.run import prune

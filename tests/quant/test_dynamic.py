@@ -1,5 +1,5 @@
-"""Dynamic int8 and half precision (`quant.schemes.dynamic`) on a tiny BERT: the note in the config selects the Linears, the
-task heads stay in fp32, outputs stay close to fp32 without equalling them, a saved checkpoint reloads quantized to
+"""Dynamic int8 and half precision (`quant.schemes.dynamic`) on a tiny BERT: the note in the config selects the Linears,
+the task heads stay in fp32, outputs stay close to fp32 without equalling them, a saved checkpoint reloads quantized to
 the same outputs, and requests that cannot work are refused."""
 import pytest
 import torch

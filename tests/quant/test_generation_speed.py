@@ -1,5 +1,5 @@
-"""Generation speed (`quant.measure.generation_speed`) of a tiny saved Llama: rates are tokens over the measured times, the
-median of the repeats, after a load and a warm-up that do not count; the peak resident memory is this process's own
+"""Generation speed (`quant.measure.generation_speed`) of a tiny saved Llama: rates are tokens over the measured times,
+the median of the repeats, after a load and a warm-up that do not count; the peak resident memory is this process's own
 high-water mark; run as its own process it prints one JSON line of the same fields."""
 from types import SimpleNamespace
 

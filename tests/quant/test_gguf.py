@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
-from distill.core.sources import resolve_model
+from distill.core.models import resolve_model
 from quant.config import GgufConfig
 from quant.export.gguf import GGUF_FAMILIES, check_gguf, export_gguf
 from tests.conftest import save_smollm2_tokenizer_lm, write_review_corpus

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
-from distill.core.sources import load_tokenizer
+from distill.core.models import load_tokenizer
 from distill.lm.data import evaluation_texts
 from quant.config import LMQuantConfig
 from quant.quantize_lm import check_causal_lm, quantize_lm, text_perplexity

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from distill.core.errors import ConfigError
-from distill.core.sources import load_classifier
+from distill.core.models import load_classifier
 from distill.pipeline.plan import PipelineConfig, StageEntry, plan_pipeline, run_pipeline
 from prune.embeddings import compress_word_embedding
 from prune.ffn import prune_ffn

@@ -17,13 +17,13 @@ from transformers import (
 
 from distill.core.config import LossConfig, StageConfig
 from distill.core.errors import ConfigError
-from distill.core.sources import load_classifier
-from distill.losses.hidden import hidden_mse
+from distill.core.models import load_classifier
 from distill.encoder.config import FinetuneConfig
 from distill.encoder.finetune import finetune
-from quant.schemes.bnb import accept_frozen_quantized_state, quantize_bnb
+from distill.losses.hidden import hidden_mse
 from quant.config import AdapterConfig, BnbConfig, QatConfig
 from quant.qad.qlora import QuantizedBase, load_adapter, merge_adapter, qat_distill
+from quant.schemes.bnb import accept_frozen_quantized_state, quantize_bnb
 from tests.conftest import (
     FOUR_BIT_WIDTHS,
     NEGATIVE,

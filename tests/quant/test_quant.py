@@ -22,8 +22,8 @@ from prune.embeddings import compress_word_embedding
 from prune.heads import prune_heads
 from prune.lowrank import factorize
 from prune.saving import save_compressed
-from quant.schemes.bnb import keep_out_of_cpu_repacking, load_bnb, quantize_bnb
 from quant.config import BnbConfig
+from quant.schemes.bnb import keep_out_of_cpu_repacking, load_bnb, quantize_bnb
 from quant.schemes.loading import empty_model, skip_patterns
 from quant.schemes.variants import VARIANTS, build_variant, check_variants, load_variant
 from tests.conftest import FOUR_BIT_WIDTHS, make_tokenizer, tiny_bert_config, tiny_causal_lm

@@ -145,10 +145,10 @@ def test_a_report_reads_the_texts_through_each_models_own_tokenizer(trained_teac
     """A vocabulary-pruned student numbers its tokens anew: the teacher beside it must not be fed the student's ids."""
     from distill.core.evaluate import accuracy
     from distill.core.io import save_model
-    from distill.core.sources import load_classifier, load_tokenizer
+    from distill.core.models import load_classifier, load_tokenizer
     from prune.vocab import prune_vocabulary
-    from quant.measure.compression_report import Candidate, measure_models
     from quant.config import ReportConfig
+    from quant.measure.compression_report import Candidate, measure_models
     from quant.quantize import evaluation_for
 
     teacher_dir = trained_teacher.run_dir / "model"

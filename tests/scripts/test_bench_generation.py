@@ -2,9 +2,9 @@
 bandwidth figures follow from the measured copy bandwidth and the bytes of the weights."""
 import json
 
+import bench_generation as bench
 import pytest
 
-import bench_generation as bench
 from distill.core.config import CorpusConfig
 from quant.config import GgufConfig
 from quant.export.gguf import export_gguf

@@ -1,6 +1,7 @@
 """scripts/bench_models.py on a tiny random BERT and its ONNX export: an export folder stands for its ONNX files,
 every model is timed at every batch size in the same alternation, and the table compares each with the first."""
 import bench_models as bench
+
 from quant.config import OnnxExportConfig
 from quant.export.onnx import EXPORT_ONNX
 from tests.conftest import data_cfg, save_tiny_teacher, write_sentiment_csv

@@ -8,17 +8,17 @@ import statistics
 import sys
 from pathlib import Path
 
+import bench_lm_step
+import bench_trl_gkd
+import compare_teacher_caches
+import lm_perplexity
 import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import bench_lm_step
-import bench_trl_gkd
-import compare_teacher_caches
-import lm_perplexity
 from distill.core.config import CorpusConfig
-from distill.lm.cache import build_from_config
+from distill.lm.cache.job import build_from_config
 from distill.lm.config import CacheConfig
 from distill.lm.data import LMCollator
 from tests.conftest import make_sentences

