@@ -22,7 +22,7 @@ from prune.lm import PRUNE_LM, Sizes, check_prune_lm, parameters_of, plan_sizes,
 from prune.saving import save_compressed
 from tests.conftest import make_sentences, make_tokenizer, tiny_bert_config, tiny_causal_lm
 from tests.helpers.families import FAMILIES, VOCAB, lm_batch, tiny_family_model
-from tests.lm.test_lm_distill import WORDS
+from tests.helpers.lm_runs import WORDS
 
 SIZES = Sizes(hidden_size=36, intermediate_size=64, key_value_heads=1, remove_layers=1)  # 36: a multiple of 3 heads
 
