@@ -1,5 +1,5 @@
-"""The pruning tests' shared setting: tiny random Llama and encoder models over a 3-word vocabulary, and a pruning
-run's config with one round of distil-recovery."""
+"""The pruning tests' shared setting: tiny random Llama and encoder models over a 3-word vocabulary, a pruning run's
+config with one round of distil-recovery, and a causal-LM pruning job's config over a tiny word-level Llama."""
 from __future__ import annotations
 
 import torch
@@ -11,9 +11,18 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from distill.core.config import LossConfig, StageConfig
-from prune.config import ImportanceConfig, PruneConfig, UnitPruneConfig
-from tests.conftest import data_cfg, make_tokenizer, tiny_bert_config, train_cfg
+from distill.core.config import CorpusConfig, LossConfig, StageConfig
+from prune.config import (
+    CalibrationConfig,
+    DepthConfig,
+    ImportanceConfig,
+    LMPruneConfig,
+    PruneConfig,
+    UnitPruneConfig,
+    WidthConfig,
+)
+from tests.conftest import data_cfg, make_sentences, make_tokenizer, tiny_bert_config, tiny_causal_lm, train_cfg
+from tests.helpers.lm_runs import WORDS
 
 TOKENIZER = make_tokenizer(["good", "bad", "film"])
 RECOVERY = StageConfig(name="recover", epochs=1, learning_rate=1e-3,
@@ -43,3 +52,20 @@ def prune_cfg(csv, model, out, **overrides):
                   heads=UnitPruneConfig(fraction=0.5), ffn=UnitPruneConfig(fraction=0.25, scope="layer"))
     values.update(overrides)
     return PruneConfig(**values)
+
+
+def save_tiny_lm(folder):
+    tokenizer = make_tokenizer(WORDS)
+    tiny_causal_lm(len(tokenizer), tied=True).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def job_cfg(tmp_path, model_dir, **overrides) -> LMPruneConfig:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(text for text, _ in make_sentences(150, seed=1)) + "\n")
+    values = dict(model=str(model_dir), output_dir=str(tmp_path / "run"), validation_examples=10, test_examples=10,
+                  data=CorpusConfig(source=str(corpus), max_length=16), calibration=CalibrationConfig(examples=120),
+                  width=WidthConfig(intermediate_size=32, key_value_heads=1), depth=DepthConfig(count=1))
+    values.update(overrides)
+    return LMPruneConfig(**values)
