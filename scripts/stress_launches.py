@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.conftest import launch_bounded, save_tiny_teacher, write_sentiment_csv  # noqa: E402
-from tests.lm.test_lm_distill import WORDS, save_lm  # noqa: E402
+from tests.helpers.lm_runs import WORDS, save_lm  # noqa: E402
 
 KINDS = ("sharded_lm", "sharded_lm_bf16_teacher", "sharded_encoder", "data_parallel_encoder", "cache_build")
 

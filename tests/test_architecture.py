@@ -16,8 +16,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module `path` imports, at any depth of the file (imports inside functions count too)."""
+def imported_modules(path: Path, roots: tuple[str, ...] = PACKAGES) -> set[str]:
+    """Every module under `roots` that `path` imports, at any depth of the file (imports inside functions count
+    too)."""
     package = module_name(path).split(".") if path.name == "__init__.py" else module_name(path).split(".")[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -29,7 +30,7 @@ def imported_modules(path: Path) -> set[str]:
                 base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return {name for name in found if name.split(".")[0] in PACKAGES}
+    return {name for name in found if name.split(".")[0] in roots}
 
 
 def source_files(*folders: str) -> list[Path]:
@@ -88,6 +89,21 @@ def test_no_import_circles():
     for module in sorted(modules):
         if module not in state:
             visit(module, [module])
+
+
+def imported_test_module(name: str) -> str | None:
+    """The test module (`tests.<...>.test_*`) that the imported `name` is or lies in, if any."""
+    parts = name.split(".")
+    ends = [i for i, part in enumerate(parts) if part.startswith("test_")]
+    return ".".join(parts[:ends[0] + 1]) if ends else None
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in tests/helpers/ or a conftest.py: a test module that others import cannot change its
+    own fixtures and names without breaking them."""
+    wrong = sorted({f"{module_name(path)} imports {target}" for path in source_files("tests")
+                    for target in map(imported_test_module, imported_modules(path, ("tests",))) if target})
+    assert not wrong, "\n".join(wrong)
 
 
 @pytest.mark.parametrize("importer, target, expected", [

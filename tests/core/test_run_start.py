@@ -17,7 +17,7 @@ from quant.config import GgufConfig, LMQuantConfig, OnnxExportConfig, QuantConfi
 from quant.quantize import QUANTIZE
 from quant.quantize_lm import QUANTIZE_LM
 from tests.conftest import data_cfg, save_tiny_teacher, write_review_corpus, write_sentiment_csv
-from tests.prune.test_lm_prune import job_cfg, save_tiny_lm
+from tests.helpers.pruning import job_cfg, save_tiny_lm
 
 JOBS = ["prune_lm", "quantize", "quantize_lm", "export_gguf", "export_onnx"]
 

@@ -18,7 +18,7 @@ from distill.encoder.config import DistillConfig
 from distill.lm.config import LMDistillConfig, OnPolicyConfig
 from distill.lm.job import distill_lm
 from tests.conftest import REPO, data_cfg, launch_two_processes, never_train, save_tiny_teacher, train_cfg
-from tests.lm.test_lm_distill import WORDS, lm_cfg, save_lm
+from tests.helpers.lm_runs import WORDS, lm_cfg, save_lm
 
 LM_RECIPE, ENCODER_RECIPE = REPO / "recipes" / "distill_lm.py", REPO / "recipes" / "distill_student.py"
 SHARDED = {"sharding": "fsdp2", "teacher_placement": "shard"}

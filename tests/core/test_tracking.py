@@ -8,7 +8,7 @@ from distill.core.config import LossConfig, StageConfig, StudentConfig
 from distill.core.errors import ConfigError
 from distill.encoder import job as run
 from distill.encoder.config import DistillConfig
-from tests.conftest import data_cfg, train_cfg
+from tests.conftest import data_cfg, never_train, train_cfg
 
 
 def small_cfg(teacher, csv, out, **train) -> DistillConfig:
@@ -16,10 +16,6 @@ def small_cfg(teacher, csv, out, **train) -> DistillConfig:
                          student=StudentConfig(layers=[1, 3]),
                          stages=[StageConfig(epochs=1, learning_rate=1e-3, losses=[LossConfig(name="kl")])],
                          train=train_cfg(max_steps_per_stage=4, **train))
-
-
-def never_train(state):
-    raise AssertionError("training started despite a bad tracker")
 
 
 def test_tensorboard_receives_losses_lr_and_accuracy(tiny_teacher_dir, sentiment_csv, tmp_path):

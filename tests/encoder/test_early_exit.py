@@ -28,7 +28,7 @@ from distill.encoder.early_exit import EarlyExitClassifier, ExitHeads, evaluate_
 from distill.encoder.finetune import finetune
 from distill.encoder.job import distill
 from distill.losses.response import soft_kl
-from tests.conftest import data_cfg, make_sentences, tiny_bert_config, train_cfg
+from tests.conftest import data_cfg, make_sentences, never_train, tiny_bert_config, train_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -214,10 +214,6 @@ def test_exit_heads_train_next_to_distillation_losses(tiny_teacher_dir, sentimen
     assert heads.layers == [1] and heads.pooling == "cls"
     logged = (tmp_path / "student" / "metrics.jsonl").read_text()
     assert "train_kl" in logged and "train_early_exit" in logged
-
-
-def never_train(state):
-    raise AssertionError("training started despite bad input")
 
 
 def test_config_errors_name_the_problem(sentiment_csv, tiny_teacher_dir, tmp_path):

@@ -19,7 +19,7 @@ from distill.encoder.finetune import finetune
 from distill.encoder.job import distill
 from distill.encoder.mutual import Cohort, MutualObjective
 from distill.encoder.single import build_distill_student, load_teacher
-from tests.conftest import assert_same_weights, data_cfg, train_cfg
+from tests.conftest import assert_same_weights, data_cfg, never_train, train_cfg
 
 LN3 = math.log(3)
 # Student logits [0, 0] and [2 ln 3, 0] at T = 2 give the distributions [1/2, 1/2] and [3/4, 1/4].
@@ -193,10 +193,6 @@ def test_resume_after_a_kill_gives_every_student_the_same_weights(new_process, t
     resumed = distill(resumed_cfg)
     assert_same_weights(full.model, resumed.model)
     assert_same_weights(full.peers[0], resumed.peers[0])
-
-
-def never_train(state):
-    raise AssertionError("training started despite bad input")
 
 
 def test_bad_mutual_configs_are_refused(tiny_teacher_dir, sentiment_csv, tmp_path):

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, make_tokenizer
+from tests.conftest import make_tokenizer
 from tests.helpers import families
 from tests.helpers.families import FAMILIES, FULL, SLIDING
+from tests.helpers.lm_runs import WORDS
 
-WORDS = POSITIVE + NEGATIVE + NEUTRAL
 TEACHER_LAYERS = 6
 WIDTHS = dict(hidden_size=16, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
               max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3)

@@ -19,18 +19,10 @@ from distill.lm.job import check_lm_distill, distill_lm
 from distill.lm.metrics import distinct_bigrams, teacher_nll_of_completions
 from distill.lm.on_policy import OnPolicyBatches
 from distill.lm.sampling import SamplingConfig, complete, pack_completions, pick_tokens
-from tests.conftest import Interrupt, assert_same_weights, make_sentences, make_tokenizer, tiny_causal_lm
-from tests.lm.test_lm_distill import WORDS, lm_cfg
+from tests.conftest import Interrupt, assert_same_weights, tiny_causal_lm
+from tests.helpers.lm_runs import chat_tokenizer, lm_cfg
 
-TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}[CLS] {{ m['content'] }} [SEP]"
-            "{% else %}{{ m['content'] }} [SEP] {% endif %}{% endfor %}{% if add_generation_prompt %}[CLS]{% endif %}")
 JSD = [LossConfig(name="jsd", beta=0.5)]
-
-
-def chat_tokenizer():
-    tokenizer = make_tokenizer(WORDS)
-    tokenizer.chat_template, tokenizer.eos_token = TEMPLATE, "[SEP]"
-    return tokenizer
 
 
 @pytest.fixture
@@ -39,15 +31,6 @@ def teacher_dir(tmp_path):
     tiny_causal_lm(len(tokenizer), tied=True).save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
     return tmp_path / "teacher"
-
-
-@pytest.fixture
-def pairs_file(tmp_path):
-    rows = [{"prompt": first, "completion": second}
-            for (first, _), (second, _) in zip(make_sentences(60, seed=1), make_sentences(60, seed=2))]
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def ids(tokenizer, text):

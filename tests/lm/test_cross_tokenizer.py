@@ -21,8 +21,8 @@ from distill.lm.data import CrossTokenizerCollator
 from distill.lm.job import check_lm_distill, check_on_policy, distill_lm
 from distill.losses.causal.cross_tokenizer import ALIGNED_KEYS, aligned_kl, aligned_topk_kl, topk_bucket_probs
 from tests.conftest import make_sentences, make_tokenizer, save_smollm2_tokenizer_lm, tiny_causal_lm
+from tests.helpers.lm_runs import WORDS, lm_cfg
 from tests.helpers.student_families import family_config
-from tests.lm.test_lm_distill import WORDS, lm_cfg
 
 CROSS = [LossConfig(name="aligned_kl", weight=1.0), LossConfig(name="next_token_ce", weight=1.0)]
 CACHED_CROSS = [LossConfig(name="aligned_topk_kl"), LossConfig(name="next_token_ce")]

@@ -20,13 +20,10 @@ from distill.lm.generate import GenerateConfig, check_generate, generate_teacher
 from distill.lm.job import distill_lm
 from distill.lm.sampling import SamplingConfig, complete, stop_tokens
 from tests.conftest import Interrupt, make_sentences, tiny_causal_lm
-from tests.lm import test_chat_on_policy
-from tests.lm.test_chat_on_policy import chat_tokenizer
-from tests.lm.test_lm_distill import lm_cfg
+from tests.helpers.lm_runs import chat_tokenizer, lm_cfg
 
 GREEDY = SamplingConfig(temperature=0, max_new_tokens=6)
 SAMPLED = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=5)
-pairs_file = test_chat_on_policy.pairs_file  # the fixture: 60 prompt/completion rows of the tiny vocabulary
 TRAIN = 44  # the 60 examples of `pairs_file` less 8 validation and 8 test examples: shards of 16, 16 and 12
 
 

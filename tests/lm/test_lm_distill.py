@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import distill.core.offline
 import distill.lm.job
@@ -23,26 +23,14 @@ from distill.core.models import resolve_model
 from distill.core.student import build_student
 from distill.core.trainer import Objective, forward_options
 from distill.lm.cache.job import build_from_config
-from distill.lm.config import CacheConfig, LMDistillConfig, LMEvalConfig
+from distill.lm.config import CacheConfig
 from distill.lm.data import LMCollator
 from distill.lm.job import check_lm_distill, distill_lm
 from distill.lm.metrics import perplexity
-from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE, make_sentences, make_tokenizer, tiny_causal_lm, train_cfg
+from tests.conftest import make_sentences, make_tokenizer, tiny_causal_lm, train_cfg
+from tests.helpers.lm_runs import ONLINE, WORDS, lm_cfg, save_lm
 
-WORDS = POSITIVE + NEGATIVE + NEUTRAL
-ONLINE = [LossConfig(name="forward_kl", weight=0.5), LossConfig(name="next_token_ce", weight=0.5)]
 CACHED = [LossConfig(name="topk_kl", weight=0.5), LossConfig(name="next_token_ce", weight=0.5)]
-
-
-def save_lm(folder, words, layers=2):
-    tokenizer = make_tokenizer(words)
-    model = tiny_causal_lm(len(tokenizer), tied=True)
-    if layers != 2:
-        model.config.num_hidden_layers = layers
-        model = LlamaForCausalLM(model.config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
@@ -55,16 +43,6 @@ def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(text for text, _ in make_sentences(60)) + "\n")
     return CorpusConfig(source=str(path), max_length=16)
-
-
-def lm_cfg(tmp_path, teacher_dir, corpus, losses=ONLINE, **overrides):
-    values = dict(teacher=str(teacher_dir), output_dir=str(tmp_path / "run"), data=corpus, validation_examples=8,
-                  test_examples=8, student=StudentConfig(layers=[1]),
-                  stages=[StageConfig(epochs=1, learning_rate=1e-3, losses=losses)],
-                  eval=LMEvalConfig(prompts=["the film was", "a movie"], max_new_tokens=4),
-                  train=train_cfg(batch_size=8, eval_batch_size=8, max_steps_per_stage=3))
-    values.update(overrides)
-    return LMDistillConfig(**values)
 
 
 def build_cache(tmp_path, teacher_dir, corpus, **overrides):

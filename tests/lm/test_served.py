@@ -28,7 +28,7 @@ from distill.lm.cache.store import CacheKey, TeacherCache
 from distill.lm.config import CacheConfig, EndpointConfig
 from distill.lm.served import PAD_LOGPROB, Endpoint, EndpointError, ServedTeacher
 from tests.conftest import REPO, free_port, launch_two_processes
-from tests.lm.test_lm_distill import WORDS, save_lm
+from tests.helpers.lm_runs import WORDS, save_lm
 
 TOKEN = "sk-test-3f9a27c1"
 TEACHER = "offline:SmolLM2-135M-Instruct"

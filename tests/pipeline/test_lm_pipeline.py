@@ -16,7 +16,7 @@ from distill.core.errors import ConfigError
 from distill.lm.data import evaluation_texts
 from distill.pipeline.plan import PipelineConfig, StageEntry, plan_pipeline, run_pipeline
 from tests.helpers.lm_models import cycle_lines, save_trained_smollm2_lm
-from tests.lm.test_lm_distill import WORDS
+from tests.helpers.lm_runs import WORDS
 
 pytest.importorskip("llama_cpp", reason="scripts/setup.sh builds llama.cpp's bindings")
 

@@ -8,8 +8,7 @@ from prune.config import PruneConfig, UnitPruneConfig
 from prune.ffn import prune_ffn
 from prune.heads import prune_heads
 from prune.run import check_prune_config, prune
-from tests.prune.test_prune_run import prune_cfg
-from tests.prune.test_structured_pruning import tiny_encoder, tiny_llama
+from tests.helpers.pruning import prune_cfg, tiny_encoder, tiny_llama
 
 
 @pytest.mark.parametrize("make", [tiny_encoder, tiny_llama])

@@ -7,7 +7,7 @@ from distill.core.errors import ConfigError
 from prune.importance import CRITERIA, score
 from prune.selection import select_kept, units_to_remove
 from tests.conftest import make_tokenizer, tiny_bert_config
-from tests.prune.test_structured_pruning import tiny_llama
+from tests.helpers.pruning import tiny_llama
 
 TOKENIZER = make_tokenizer(["good", "bad", "film", "plot"])
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertModel, PreTrainedModel
 
 from distill.core.cli import run_recipe
-from distill.core.config import CorpusConfig, LayerMapConfig, LossConfig
+from distill.core.config import LayerMapConfig, LossConfig
 from distill.core.errors import ConfigError
 from distill.core.loss_interface import LossSetup, build_losses
 from distill.core.mapping import build_layer_map
@@ -20,9 +20,10 @@ from distill.core.trainer import Objective
 from prune.config import CalibrationConfig, DepthConfig, LMPruneConfig, WidthConfig
 from prune.lm import PRUNE_LM, Sizes, check_prune_lm, parameters_of, plan_sizes, prune_lm, prune_model
 from prune.saving import save_compressed
-from tests.conftest import make_sentences, make_tokenizer, tiny_bert_config, tiny_causal_lm
+from tests.conftest import make_tokenizer, tiny_bert_config
 from tests.helpers.families import FAMILIES, VOCAB, lm_batch, tiny_family_model
-from tests.lm.test_lm_distill import WORDS
+from tests.helpers.lm_runs import WORDS
+from tests.helpers.pruning import job_cfg, save_tiny_lm
 
 SIZES = Sizes(hidden_size=36, intermediate_size=64, key_value_heads=1, remove_layers=1)  # 36: a multiple of 3 heads
 
@@ -77,23 +78,6 @@ def test_activation_scores_rank_a_silenced_neuron_and_head_group_last():
     assert scores.neurons[0].argmin() == 5
     assert scores.heads[0][3:].sum() == 0 < scores.heads[0][:3].min()
     assert scores.hidden.shape == (48,) and (scores.layers > 0).all()
-
-
-def save_tiny_lm(folder):
-    tokenizer = make_tokenizer(WORDS)
-    tiny_causal_lm(len(tokenizer), tied=True).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def job_cfg(tmp_path, model_dir, **overrides) -> LMPruneConfig:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(text for text, _ in make_sentences(150, seed=1)) + "\n")
-    values = dict(model=str(model_dir), output_dir=str(tmp_path / "run"), validation_examples=10, test_examples=10,
-                  data=CorpusConfig(source=str(corpus), max_length=16), calibration=CalibrationConfig(examples=120),
-                  width=WidthConfig(intermediate_size=32, key_value_heads=1), depth=DepthConfig(count=1))
-    values.update(overrides)
-    return LMPruneConfig(**values)
 
 
 def test_the_job_prunes_saves_a_stock_model_and_reports_it(tmp_path):

@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, PreTrainedModel
 
-from distill.core.config import LossConfig, StageConfig
 from distill.core.errors import ConfigError
 from distill.core.models import load_classifier
 from prune.config import ImportanceConfig, LayerDropConfig, LowRankConfig, PruneConfig, SparsityConfig, UnitPruneConfig
@@ -18,24 +17,11 @@ from tests.conftest import (
     POSITIVE,
     Interrupt,
     assert_same_weights,
-    data_cfg,
     logits_of,
     make_tokenizer,
     never_train,
-    train_cfg,
 )
-from tests.prune.test_structured_pruning import tiny_llama
-
-RECOVERY = StageConfig(name="recover", epochs=1, learning_rate=1e-3,
-                       losses=[LossConfig(name="kl", temperature=2.0), LossConfig(name="hidden_mse")])
-
-
-def prune_cfg(csv, model, out, **overrides):
-    values = dict(model=str(model), output_dir=str(out), data=data_cfg(csv), recovery=RECOVERY, train=train_cfg(),
-                  importance=ImportanceConfig(criterion="taylor", batches=2),
-                  heads=UnitPruneConfig(fraction=0.5), ffn=UnitPruneConfig(fraction=0.25, scope="layer"))
-    values.update(overrides)
-    return PruneConfig(**values)
+from tests.helpers.pruning import prune_cfg, tiny_llama
 
 
 def test_iterative_pruning_with_recovery_saves_a_smaller_model_that_reloads(trained_teacher, sentiment_csv, tmp_path):

@@ -4,16 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-)
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from distill.core.errors import ConfigError
 from distill.core.models import load_classifier
@@ -22,27 +13,7 @@ from prune.heads import prune_heads
 from prune.importance import score
 from prune.layers import drop_layers, layers_to_drop
 from prune.saving import layer_shapes, save_compressed
-from tests.conftest import make_tokenizer, tiny_bert_config
-
-TOKENIZER = make_tokenizer(["good", "bad", "film"])
-
-
-def tiny_llama(**overrides):
-    values = dict(vocab_size=len(TOKENIZER), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
-    values.update(overrides)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**values)).eval()
-
-
-def tiny_encoder(kind="bert"):
-    torch.manual_seed(0)
-    if kind == "roberta":
-        config = RobertaConfig(**tiny_bert_config(len(TOKENIZER)).to_dict() | {"model_type": "roberta",
-                                                                                 "pad_token_id": 0})
-        return RobertaForSequenceClassification(config).eval()
-    return BertForSequenceClassification(tiny_bert_config(len(TOKENIZER))).eval()
-
+from tests.helpers.pruning import TOKENIZER, tiny_encoder, tiny_llama
 
 INPUTS = torch.randint(5, len(TOKENIZER), (3, 9), generator=torch.Generator().manual_seed(1))
 

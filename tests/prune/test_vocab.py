@@ -21,7 +21,7 @@ from prune.run import prune
 from prune.saving import save_compressed
 from prune.vocab import changed_fraction, prune_vocabulary, unknown_fraction
 from tests.conftest import logits_of, make_tokenizer, never_train, tiny_bert_config, tiny_causal_lm
-from tests.prune.test_prune_run import prune_cfg
+from tests.helpers.pruning import prune_cfg
 
 WORDS = ["the", "film", "movie", "was", "good", "bad", "act", "##ing", "##s", "un", "##real", "plot", "dull"]
 CORPUS = ["the films was good", "unreal acting", "the plot"]

@@ -19,7 +19,7 @@ from quant.quantize_lm import check_causal_lm, quantize_lm, text_perplexity
 from quant.schemes.variants import load_variant
 from tests.conftest import make_tokenizer, save_tiny_teacher, tiny_causal_lm
 from tests.helpers.lm_models import cycle_lines, train_causal_lm
-from tests.lm.test_lm_distill import WORDS
+from tests.helpers.lm_runs import WORDS
 
 VARIANTS = ["fp32", "bf16", "dynamic_int8"]
 WEIGHT_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "dynamic_int8": torch.qint8}

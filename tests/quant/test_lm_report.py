@@ -25,7 +25,7 @@ from quant.measure.lm_report import (
     write_lm_report,
 )
 from tests.conftest import make_sentences, make_tokenizer, tiny_causal_lm
-from tests.lm.test_lm_distill import WORDS
+from tests.helpers.lm_runs import WORDS
 
 SPEED = {"prefill_tokens_per_s": 400.0, "decode_tokens_per_s": 20.0, "peak_rss_mb": 300.0, "load_s": 0.1}
 

@@ -22,7 +22,7 @@ from distill.lm.cache.job import build_from_config
 from distill.lm.config import CacheConfig
 from distill.lm.data import LMCollator
 from tests.conftest import make_sentences
-from tests.lm.test_lm_distill import WORDS, save_lm
+from tests.helpers.lm_runs import WORDS, save_lm
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 MAX_LENGTH = 16
