@@ -5,9 +5,8 @@ through `quant.schemes.variants.load_variant`) or a GGUF file in llama.cpp. The 
 
     python -m quant.measure.generation_speed MODEL PROMPT_IDS_JSON NEW_TOKENS THREADS REPEATS
 
-prints one JSON line: prefill_tokens_per_s, decode_tokens_per_s, peak_rss_mb (the resident high-water mark of this
-process's memory, `VmHWM`: unlike getrusage's maxrss, which Linux carries over from the parent across fork and exec,
-it is this program's own), load_s."""
+prints one JSON line: prefill_tokens_per_s, decode_tokens_per_s, peak_rss_mb (this program's own resident
+high-water mark: `distill.core.probe.resident_peak_mb`), load_s."""
 from __future__ import annotations
 
 import json
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from distill.core.probe import run_probe
+from distill.core.probe import resident_peak_mb, run_probe
 
 
 def measure(model: str, prompt: list[int], new_tokens: int, threads: int, repeats: int) -> dict:
@@ -34,14 +33,7 @@ def measure(model: str, prompt: list[int], new_tokens: int, threads: int, repeat
         prefill.append(len(prompt) / p)
         decode.append(new_tokens / d)
     return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
-            "peak_rss_mb": resident_high_water_mb(), "load_s": load_s}
-
-
-def resident_high_water_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**10  # kB
-    return float("nan")
+            "peak_rss_mb": resident_peak_mb(), "load_s": load_s}
 
 
 def torch_runner(folder: str):

@@ -5,7 +5,6 @@ from virtual environments of their own."""
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -17,11 +16,12 @@ from typing import Any, Sequence
 import torch
 
 from distill.core.config import to_dict
+from distill.core.probe import resident_peak_mb
 
 
 def peak_rss_mb() -> float:
-    """The process's resident peak so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    """The process's own resident peak so far (not its parent's: `distill.core.probe.resident_peak_mb`)."""
+    return resident_peak_mb()
 
 
 def peak_mb(device: torch.device) -> float:
