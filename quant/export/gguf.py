@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import logging
 import math
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,7 +37,11 @@ from quant.config import GgufConfig
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 """Types llama.cpp's converter writes itself; the quantizer makes the others from F16."""
 GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+logger = logging.getLogger(__name__)
 LLAMA_CPP_INSTALL = "bash scripts/setup.sh (it builds llama-cpp-python once and caches the wheel)"
+SLIDING_PERIOD = {"gemma2": 2, "gemma3_text": 6}
+"""The layout llama.cpp assumes for these families: layer i attends through the sliding window unless i + 1 is a
+multiple of the period. Its converter writes the window's size, not which layers use it, so `layer_types` is lost."""
 
 
 # ----- llama.cpp's tools ----------------------------------------------------------------------------------------
@@ -83,6 +89,42 @@ def check_exportable(model: str) -> None:
     if family not in GGUF_FAMILIES:
         raise ConfigError(f"GGUF export supports the families {', '.join(GGUF_FAMILIES)}; '{family}' is not one of "
                           "them")
+    check_window_layout(config, model)
+
+
+def window_matters(config: dict) -> bool:
+    """Whether the sliding window is shorter than the context, so that which layers use it changes the outputs."""
+    window, context = config.get("sliding_window"), config.get("max_position_embeddings")
+    return window is not None and (context is None or window < context)
+
+
+def check_window_layout(config: dict, model: str) -> None:
+    """A Gemma whose `layer_types` are not the layout llama.cpp assumes (after dropping layers, say) is refused: its
+    GGUF would attend differently from the model on every text longer than the window."""
+    period = SLIDING_PERIOD.get(config.get("model_type"))
+    layer_types = config.get("layer_types")
+    if period is None or not layer_types or not window_matters(config):
+        return
+    assumed = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(len(layer_types))]
+    differ = [i for i, (kind, expected) in enumerate(zip(layer_types, assumed)) if kind != expected]
+    if differ:
+        raise ConfigError(f"llama.cpp runs {config['model_type']} with every {period}th layer on full attention and "
+                          f"the others on the sliding window, whatever layer_types says; layers {differ} of {model} "
+                          f"differ, so its GGUF would attend differently beyond {config['sliding_window']} tokens "
+                          "(drop layers in whole periods to keep the layout)")
+
+
+def ignored_window(config: dict) -> Optional[str]:
+    """What llama.cpp leaves out of a Mistral's or Qwen's sliding window (it attends to the whole context there), or
+    None. Texts within the window run alike, so this is reported, not refused."""
+    family = config.get("model_type")
+    if family == "mistral" and window_matters(config):
+        return (f"llama.cpp ignores Mistral's sliding_window={config['sliding_window']}: on longer texts its GGUF "
+                "attends to the whole context")
+    if family in ("qwen2", "qwen3") and config.get("use_sliding_window") and window_matters(config):
+        return (f"llama.cpp ignores {family}'s use_sliding_window (window {config['sliding_window']}): on longer "
+                "texts its GGUF attends to the whole context")
+    return None
 
 
 def convert(model_dir: Path, out: Path, outtype: str) -> None:
@@ -230,6 +272,10 @@ def export_gguf(cfg: GgufConfig) -> RunResult:
                                               cfg.prompts] == [strip_bos(ids, tokenizer) for ids in prompts]}
     metrics = {"model": cfg.model, "threads": threads, "texts": len(texts), "prompts": cfg.prompts,
                "new_tokens": cfg.max_new_tokens, "llama_cpp": llama_cpp().__version__, "types": rows}
+    caveat = ignored_window(model.config.to_dict())
+    if caveat:
+        logger.warning(caveat)
+        metrics["llama_cpp_caveat"] = caveat
     write_json_atomic(metrics, run_dir / "metrics.json")
     return RunResult(model, metrics, run_dir)
 

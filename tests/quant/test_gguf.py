@@ -15,7 +15,7 @@ from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
 from distill.core.models import resolve_model
 from quant.config import GgufConfig
-from quant.export.gguf import GGUF_FAMILIES, check_gguf, export_gguf
+from quant.export.gguf import GGUF_FAMILIES, check_gguf, export_gguf, ignored_window
 from tests.conftest import save_smollm2_tokenizer_lm, write_review_corpus
 from tests.helpers.lm_models import train_causal_lm
 
@@ -76,6 +76,42 @@ def test_per_layer_widths_and_other_families_are_refused_before_any_work(tmp_pat
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ConfigError, match="GGUF export supports the families llama, .*; 'gpt2' is not one of them"):
         check_gguf(gguf_cfg(tiny_lm, model=str(gpt2)))
+
+
+
+S, F = "sliding_attention", "full_attention"
+
+
+@pytest.mark.parametrize("family, layer_types, window, refused", [
+    ("gemma2", [S, F, S, F], 6, None),
+    ("gemma2", [F, S, S, F], 6, r"layers \[0, 1\] of .* differ, so its GGUF would attend differently beyond 6 tokens"),
+    ("gemma2", [F, S, S, F], 256, None),  # a window as long as the context: every layer attends to all of it
+    ("gemma3_text", [S, S, S, S, S], 6, None),  # the sixth layer dropped: the layout holds
+    ("gemma3_text", [S, S, S, S, F], 6, r"every 6th layer on full attention .* layers \[4\]"),  # the second dropped
+])
+def test_a_gemma_whose_layers_leave_llama_cpps_layout_is_refused(tmp_path, tiny_lm, family, layer_types, window,
+                                                                  refused):
+    """llama.cpp assumes each Gemma's sliding/full layout (its converter keeps the window, not layer_types)."""
+    folder = tmp_path / family
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": family, "layer_types": layer_types,
+                                                    "sliding_window": window, "max_position_embeddings": 256}))
+    if refused is None:
+        check_gguf(gguf_cfg(tiny_lm, model=str(folder)))
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            check_gguf(gguf_cfg(tiny_lm, model=str(folder)))
+
+
+def test_a_window_llama_cpp_ignores_is_reported():
+    context = {"max_position_embeddings": 256}
+    assert "ignores Mistral's sliding_window=6" in ignored_window({"model_type": "mistral", "sliding_window": 6,
+                                                                    **context})
+    assert ignored_window({"model_type": "mistral", "sliding_window": 4096, **context}) is None
+    assert ignored_window({"model_type": "mistral", "sliding_window": None, **context}) is None
+    assert "ignores qwen3's use_sliding_window" in ignored_window({"model_type": "qwen3", "use_sliding_window": True,
+                                                                   "sliding_window": 6, **context})
+    assert ignored_window({"model_type": "qwen3", "use_sliding_window": False, "sliding_window": 6, **context}) is None
 
 
 FAMILIES = {
