@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from distill.core.config import CorpusConfig, DataConfig, LossConfig, StageConfig, TrainConfig
+from distill.core.config import CalibrationConfig, CorpusConfig, DataConfig, LossConfig, StageConfig, TrainConfig
 
 
 @dataclass
@@ -191,15 +191,6 @@ class DepthConfig:
     from the top, as a layer-subset student) or `explicit` (`layers`)."""
     layers: Optional[list[int]] = None
     """For `explicit`: the 0-based layers to remove."""
-
-
-@dataclass
-class CalibrationConfig:
-    """The calibration text that importance is measured on: the first training texts of the corpus."""
-    examples: int = 64
-    """Texts used (from the training part: never the held-out validation or test slices)."""
-    batch_size: int = 8
-    """Texts per forward pass."""
 
 
 @dataclass

@@ -7,7 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from distill.core.config import CorpusConfig, DataConfig, LayerMapConfig, LossConfig, StageConfig, TrainConfig
+from distill.core.config import (
+    CalibrationConfig,
+    CorpusConfig,
+    DataConfig,
+    LayerMapConfig,
+    LossConfig,
+    StageConfig,
+    TrainConfig,
+)
 
 
 @dataclass
@@ -191,6 +199,10 @@ class GgufConfig:
     """Tokens of each greedy continuation."""
     threads: Optional[int] = None
     """llama.cpp threads; None: as many as the CPU cores torch uses."""
+    calibration: Optional[CalibrationConfig] = None
+    """With this section, an importance matrix (the mean squared input of each weight column over these first
+    training texts, what `llama-imatrix` computes) weighs the rounding of every type the quantizer makes (k- and
+    i-quants); None: quantized without one."""
 
 
 @dataclass

@@ -87,6 +87,16 @@ class CorpusConfig(SourceConfig):
 
 
 @dataclass
+class CalibrationConfig:
+    """The calibration text that importance is measured on (pruning's scores, llama.cpp's importance matrix): the
+    first training texts of the corpus."""
+    examples: int = 64
+    """Texts used (from the training part: never the held-out validation or test slices)."""
+    batch_size: int = 8
+    """Texts per forward pass."""
+
+
+@dataclass
 class StudentConfig:
     init: str = "copy_layers"
     """`copy_layers` (subset of teacher layers, DistilBERT/TinyBERT init), `fresh` (new narrower config,

@@ -26,19 +26,23 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.core.conversion_cache import cache_root
+from distill.core.data import corpus_tokens
 from distill.core.errors import ConfigError, did_you_mean, require_package
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.models import is_compressed, load_causal_lm, load_tokenizer, resolve_model
 from distill.core.run import RunResult, open_run
-from distill.lm.data import evaluation_texts
+from distill.lm.data import evaluation_texts, held_out_splits
 from quant.config import GgufConfig
+from quant.export.imatrix import QuantizerMatrix, activation_importance, gguf_named
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 """Types llama.cpp's converter writes itself; the quantizer makes the others from F16."""
 GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 logger = logging.getLogger(__name__)
 LLAMA_CPP_INSTALL = "bash scripts/setup.sh (it builds llama-cpp-python once and caches the wheel)"
+IMATRIX_TOKENS = 512
+"""Fewest calibration tokens for an importance matrix: one chunk of `llama-imatrix`'s default size."""
 SLIDING_PERIOD = {"gemma2": 2, "gemma3_text": 6}
 """The layout llama.cpp assumes for these families: layer i attends through the sliding window unless i + 1 is a
 multiple of the period. Its converter writes the window's size, not which layers use it, so `layer_types` is lost."""
@@ -143,11 +147,16 @@ def convert(model_dir: Path, out: Path, outtype: str) -> None:
     os.replace(tmp, out)
 
 
-def quantize(source: Path, out: Path, ftype: int, threads: int) -> None:
-    """llama.cpp's quantizer (the library function its quantize tool calls)."""
+def quantize(source: Path, out: Path, ftype: int, threads: int, matrix: Optional[dict[str, np.ndarray]] = None
+             ) -> None:
+    """llama.cpp's quantizer (the library function its quantize tool calls), weighing each column by `matrix` (the
+    importance matrix, by GGUF tensor name) when given."""
     module = llama_cpp()
     params = module.llama_model_quantize_default_params()
     params.ftype, params.nthread = ftype, threads
+    entries = QuantizerMatrix.of(module, matrix) if matrix is not None else None
+    if entries is not None:
+        params.imatrix = entries.pointer(module)
     tmp = out.with_suffix(".tmp")
     with native_output_captured() as captured:
         failed = module.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0
@@ -239,6 +248,8 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[l
 def check_gguf(cfg: GgufConfig) -> None:
     check_gguf_types(cfg.types)
     check_exportable(cfg.model)
+    if cfg.calibration is not None and (cfg.calibration.examples < 1 or cfg.calibration.batch_size < 1):
+        raise ConfigError("calibration.examples and calibration.batch_size must be at least 1")
     for name in ("validation_examples", "test_examples", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1; got {getattr(cfg, name)}")
@@ -251,12 +262,17 @@ def check_gguf(cfg: GgufConfig) -> None:
 def export_gguf(cfg: GgufConfig) -> RunResult:
     """Convert (and quantize) each type, then check every file in llama.cpp against the transformers model."""
     check_gguf(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    calibration = calibration_texts(cfg, tokenizer)
     run_dir = open_run(cfg)
     threads = cfg.threads or torch.get_num_threads()
     model_dir = Path(resolve_model(cfg.model))
-    files = write_files(cfg, model_dir, run_dir, threads)
-    tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, dtype=torch.float32).eval()
+    matrix = None
+    if calibration:
+        importance, tokens = activation_importance(model, calibration)
+        matrix = gguf_named(importance, model.config.model_type, model.config.num_hidden_layers)
+    files = write_files(cfg, model_dir, run_dir, threads, matrix)
     texts = evaluation_texts(cfg, tokenizer)["test"]
     prompts = prompt_ids(tokenizer, cfg.prompts)
     expected = [torch_greedy_ids(model, ids, cfg.max_new_tokens) for ids in prompts]
@@ -265,13 +281,15 @@ def export_gguf(cfg: GgufConfig) -> RunResult:
         with loaded(path, threads) as llm:
             got = [greedy_ids(llm, ids, cfg.max_new_tokens) for ids in prompts]
             rows[name] = {"file": path.name, "disk_mb": path.stat().st_size / 1e6,
+                          "imatrix": matrix is not None and name not in CONVERTER_TYPES,
                           "test_perplexity": gguf_perplexity(llm, texts),
                           "greedy_equal": got == expected,
                           "greedy_token_agreement": agreement(got, expected),
                           "tokenizer_equal": [llm.tokenize(p.encode(), add_bos=False, special=True) for p in
                                               cfg.prompts] == [strip_bos(ids, tokenizer) for ids in prompts]}
     metrics = {"model": cfg.model, "threads": threads, "texts": len(texts), "prompts": cfg.prompts,
-               "new_tokens": cfg.max_new_tokens, "llama_cpp": llama_cpp().__version__, "types": rows}
+               "new_tokens": cfg.max_new_tokens, "llama_cpp": llama_cpp().__version__, "types": rows,
+               "imatrix": {"texts": len(calibration), "tokens": tokens, "tensors": len(matrix)} if matrix else None}
     caveat = ignored_window(model.config.to_dict())
     if caveat:
         logger.warning(caveat)
@@ -280,8 +298,35 @@ def export_gguf(cfg: GgufConfig) -> RunResult:
     return RunResult(model, metrics, run_dir)
 
 
-def write_files(cfg: GgufConfig, model_dir: Path, run_dir: Path, threads: int) -> dict[str, Path]:
-    """Each type's file (kept when already written: a rerun resumes), F16 first when a quantizer type needs it."""
+def calibration_texts(cfg: GgufConfig, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """The importance matrix's texts (the first training texts, as pruning's calibration), or none: no calibration
+    section, or no type that the quantizer makes. Too few tokens are refused before the model loads."""
+    if cfg.calibration is None or all(name in CONVERTER_TYPES for name in cfg.types):
+        return []
+    splits, _ = held_out_splits(corpus_tokens(cfg.data, tokenizer), cfg, with_cache_index=False)
+    texts = splits["train"]["input_ids"][:cfg.calibration.examples]
+    tokens = sum(len(ids) for ids in texts)
+    if tokens < IMATRIX_TOKENS:
+        raise ConfigError(f"calibration has {tokens} tokens ({len(texts)} texts of at most {cfg.data.max_length}); "
+                          f"an importance matrix needs at least {IMATRIX_TOKENS}: raise calibration.examples or "
+                          "data.max_length")
+    return texts
+
+
+def check_matrix_names(f16: Path, matrix: dict[str, np.ndarray]) -> None:
+    """Every name of the importance matrix is a tensor of the converted file, with as many columns: a name the
+    quantizer does not find would leave that tensor unweighted without a word."""
+    gguf = require_package("gguf", "the importance matrix needs", LLAMA_CPP_INSTALL)
+    shapes = {tensor.name: int(tensor.shape[0]) for tensor in gguf.GGUFReader(f16).tensors}
+    wrong = [name for name, values in matrix.items() if shapes.get(name) != values.size]
+    if wrong:
+        raise RuntimeError(f"importance-matrix entries that match no tensor of {f16.name} in name and width: {wrong}")
+
+
+def write_files(cfg: GgufConfig, model_dir: Path, run_dir: Path, threads: int,
+                matrix: Optional[dict[str, np.ndarray]] = None) -> dict[str, Path]:
+    """Each type's file (kept when already written: a rerun resumes), F16 first when a quantizer type needs it; the
+    quantizer's types weighed by `matrix` when given."""
     files = {name: run_dir / f"model-{name}.gguf" for name in cfg.types}
     quantized = [name for name in cfg.types if name not in CONVERTER_TYPES]
     f16 = files.get("f16", run_dir / "model-f16.gguf")
@@ -291,9 +336,11 @@ def write_files(cfg: GgufConfig, model_dir: Path, run_dir: Path, threads: int) -
         if not path.is_file():
             convert(model_dir, path, name)
     ftypes = quantizer_types()
+    if matrix is not None and quantized:
+        check_matrix_names(f16, matrix)
     for name in quantized:
         if not files[name].is_file():
-            quantize(f16, files[name], ftypes[name], threads)
+            quantize(f16, files[name], ftypes[name], threads, matrix)
     if "f16" not in cfg.types and f16.exists():
         f16.unlink()
     return files
