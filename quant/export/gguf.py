@@ -35,6 +35,7 @@ from distill.core.run import RunResult, open_run
 from distill.lm.data import evaluation_texts, held_out_splits
 from quant.config import GgufConfig
 from quant.export.imatrix import QuantizerMatrix, activation_importance, gguf_named
+from quant.measure.divergence import divergence_summary, token_divergences
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 """Types llama.cpp's converter writes itself; the quantizer makes the others from F16."""
@@ -209,13 +210,18 @@ def greedy_ids(llm, prompt_ids: list[int], new_tokens: int) -> list[int]:
     return ids
 
 
+def gguf_logits(llm, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits at every position of `ids`, (positions, vocabulary)."""
+    llm.reset()
+    llm.eval(ids)
+    return np.asarray(llm.scores[:len(ids)], dtype=np.float64)
+
+
 def gguf_perplexity(llm, texts: list[list[int]]) -> float:
     """exp of the mean next-token NLL over `texts` (token ids), from llama.cpp's logits."""
     nll, count = 0.0, 0
     for ids in texts:
-        llm.reset()
-        llm.eval(ids)
-        logits = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
+        logits = gguf_logits(llm, ids)
         log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
         nll -= log_probs[np.arange(len(ids) - 1), ids[1:]].sum()
         count += len(ids) - 1
@@ -231,6 +237,19 @@ def torch_greedy_ids(model: PreTrainedModel, prompt_ids: list[int], new_tokens: 
 
 
 @torch.no_grad()
+@torch.inference_mode()
+def gguf_divergence(llm, model: PreTrainedModel, texts: list[list[int]]) -> dict[str, float]:
+    """llama.cpp's next-token distributions against the transformers model's on the same ids, at every position
+    that predicts a token of the text (`quant.measure.divergence`)."""
+    kls, same = [], []
+    for ids in texts:
+        reference = model(torch.tensor([ids])).logits[0, :-1].double().numpy()
+        kl, agree = token_divergences(reference, gguf_logits(llm, ids)[:-1])
+        kls.append(kl)
+        same.append(agree)
+    return divergence_summary(kls, same)
+
+
 def torch_perplexity(model: PreTrainedModel, texts: list[list[int]]) -> float:
     nll, count = 0.0, 0
     for ids in texts:
@@ -282,7 +301,7 @@ def export_gguf(cfg: GgufConfig) -> RunResult:
             got = [greedy_ids(llm, ids, cfg.max_new_tokens) for ids in prompts]
             rows[name] = {"file": path.name, "disk_mb": path.stat().st_size / 1e6,
                           "imatrix": matrix is not None and name not in CONVERTER_TYPES,
-                          "test_perplexity": gguf_perplexity(llm, texts),
+                          "test_perplexity": gguf_perplexity(llm, texts), **gguf_divergence(llm, model, texts),
                           "greedy_equal": got == expected,
                           "greedy_token_agreement": agreement(got, expected),
                           "tokenizer_equal": [llm.tokenize(p.encode(), add_bos=False, special=True) for p in

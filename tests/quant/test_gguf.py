@@ -46,6 +46,8 @@ def test_f16_matches_transformers_in_llama_cpp_and_quantized_files_run(tiny_lm):
     f16, reference = rows["f16"], rows["transformers_fp32"]["test_perplexity"]
     assert f16["greedy_equal"] and f16["greedy_token_agreement"] == 1.0 and f16["tokenizer_equal"]
     assert f16["test_perplexity"] == pytest.approx(reference, rel=1e-2)
+    assert f16["kld_mean"] < 1e-3 and f16["same_top1"] > 0.99
+    assert f16["kld_mean"] < rows["q8_0"]["kld_mean"] < rows["q4_0"]["kld_mean"]  # fewer bits, further away
     for name in ("q8_0", "q4_0"):
         assert (tiny_lm / "out" / f"model-{name}.gguf").is_file()
         assert rows[name]["disk_mb"] < f16["disk_mb"]
