@@ -67,12 +67,12 @@ def markdown(teacher: dict, per_student: list[dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("students", nargs="+", type=Path, help="distilled student model folders")
     parser.add_argument("--teacher-metrics", type=Path, default=Path("runs/teacher/metrics.json"))
     parser.add_argument("--out", type=Path, default=Path("runs/vocab-study"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     teacher = json.loads(args.teacher_metrics.read_text())
     per_student = []
     for i, student in enumerate(args.students):

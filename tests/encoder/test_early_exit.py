@@ -1,11 +1,11 @@
 """Early exit: the self-distillation loss, exit heads trained in a run and saved with the model, and inference
 that lets each example leave at its first confident exit."""
-import importlib.util
 import json
 import math
 import re
 from pathlib import Path
 
+import early_exit_eval
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -190,10 +190,8 @@ def test_eval_script_prints_accuracy_against_layers_used(sentiment_csv, tiny_tea
     cfg = early_exit_finetune(sentiment_csv, tiny_teacher_dir, tmp_path / "run", exit_layers=[2])
     cfg.stage.epochs = 1
     finetune(cfg)
-    spec = importlib.util.spec_from_file_location("early_exit_eval", ROOT / "scripts" / "early_exit_eval.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    script.main([str(tmp_path / "run" / "model"), "--thresholds", "0", "1", "--json", str(tmp_path / "rows.json")])
+    early_exit_eval.main([str(tmp_path / "run" / "model"), "--thresholds", "0", "1",
+                          "--json", str(tmp_path / "rows.json")])
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| threshold | test acc. | avg. layers (of 4) | compute |")
     assert table[2].startswith("| 0 |") and "| 2.00 | 50% | 2: 41 |" in table[2]

@@ -2,17 +2,12 @@
 status 2, for a misspelt key and for a check that fails after parsing; `--debug` shows the traceback instead."""
 from pathlib import Path
 
+import lm_perplexity
 import pytest
 
 from distill.core.errors import ConfigError
-from tests.helpers.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def script():
-    return load_script("lm_perplexity")
 
 
 @pytest.mark.parametrize("argv, line", [
@@ -20,16 +15,16 @@ def script():
     (["--config", "recipes/distill_lm.yaml", "train.mixed_precision=fp8"],
      "config error: train.mixed_precision must be one of no, bf16, fp16; got 'fp8'"),
 ], ids=["misspelt-key", "failed-check"])
-def test_a_bad_config_is_one_line_and_exit_status_2(script, argv, line, capsys, monkeypatch):
+def test_a_bad_config_is_one_line_and_exit_status_2(argv, line, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("DISTILL_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exit:
-        script.main(argv)
+        lm_perplexity.main(argv)
     assert exit.value.code == 2
     assert capsys.readouterr().err == line + "\n"
 
 
-def test_debug_shows_the_error_itself(script, monkeypatch):
+def test_debug_shows_the_error_itself(monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(ConfigError, match="unknown config key 'output_dirr'"):
-        script.main(["output_dirr=x", "--debug"])
+        lm_perplexity.main(["output_dirr=x", "--debug"])
