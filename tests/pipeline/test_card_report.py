@@ -115,7 +115,7 @@ def test_the_report_measures_task_models_not_a_general_distillations_headless_en
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     from distill.pipeline.plan import Stage
-    from quant.stages import candidates_of
+    from quant.measure.report_stages import candidates_of
 
     config = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
     BertModel(config).save_pretrained(tmp_path / "general")
