@@ -232,6 +232,13 @@ def open_run(cfg) -> Path:
     return run_dir
 
 
+def continues(cfg) -> bool:
+    """Whether `output_dir` holds a run of this very config (finished or not), whose outputs a rerun may keep; call it
+    before `open_run` records the new config."""
+    recorded = Path(cfg.output_dir) / "config.yaml"
+    return recorded.is_file() and same_config(recorded, cfg)
+
+
 def refuse_other_config(cfg, unfinished: bool) -> None:
     """A rerun continues what an unfinished run left (its checkpoint, its files), so it must be that run's config."""
     recorded = Path(cfg.output_dir) / "config.yaml"

@@ -31,7 +31,7 @@ from distill.core.errors import ConfigError, did_you_mean, require_package
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.models import is_compressed, load_causal_lm, load_tokenizer, resolve_model
-from distill.core.run import RunResult, open_run
+from distill.core.run import RunResult, continues, open_run
 from distill.lm.data import evaluation_texts, held_out_splits
 from quant.config import GgufConfig
 from quant.export.imatrix import QuantizerMatrix, activation_importance, gguf_named
@@ -283,6 +283,7 @@ def export_gguf(cfg: GgufConfig) -> RunResult:
     check_gguf(cfg)
     tokenizer = load_tokenizer(cfg.model)
     calibration = calibration_texts(cfg, tokenizer)
+    keep = continues(cfg)
     run_dir = open_run(cfg)
     threads = cfg.threads or torch.get_num_threads()
     model_dir = Path(resolve_model(cfg.model))
@@ -291,7 +292,7 @@ def export_gguf(cfg: GgufConfig) -> RunResult:
     if calibration:
         importance, tokens = activation_importance(model, calibration)
         matrix = gguf_named(importance, model.config.model_type, model.config.num_hidden_layers)
-    files = write_files(cfg, model_dir, run_dir, threads, matrix)
+    files = write_files(cfg, model_dir, run_dir, threads, matrix, keep)
     texts = evaluation_texts(cfg, tokenizer)["test"]
     prompts = prompt_ids(tokenizer, cfg.prompts)
     expected = [torch_greedy_ids(model, ids, cfg.max_new_tokens) for ids in prompts]
@@ -343,10 +344,14 @@ def check_matrix_names(f16: Path, matrix: dict[str, np.ndarray]) -> None:
 
 
 def write_files(cfg: GgufConfig, model_dir: Path, run_dir: Path, threads: int,
-                matrix: Optional[dict[str, np.ndarray]] = None) -> dict[str, Path]:
-    """Each type's file (kept when already written: a rerun resumes), F16 first when a quantizer type needs it; the
-    quantizer's types weighed by `matrix` when given."""
+                matrix: Optional[dict[str, np.ndarray]] = None, keep: bool = False) -> dict[str, Path]:
+    """Each type's file, F16 first when a quantizer type needs it; the quantizer's types weighed by `matrix` when
+    given. With `keep` (a rerun of the same config) files already written are kept: the rerun resumes; without it,
+    files of an earlier run of another config are written again."""
     files = {name: run_dir / f"model-{name}.gguf" for name in cfg.types}
+    if not keep:
+        for path in [*files.values(), run_dir / "model-f16.gguf"]:
+            path.unlink(missing_ok=True)
     quantized = [name for name in cfg.types if name not in CONVERTER_TYPES]
     f16 = files.get("f16", run_dir / "model-f16.gguf")
     needed = [*(["f16"] if quantized else []), *(name for name in cfg.types if name in CONVERTER_TYPES)]

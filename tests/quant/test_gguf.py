@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
+from distill.core.fingerprint import file_sha256
 from distill.core.models import resolve_model
 from quant.config import GgufConfig
 from quant.export.gguf import GGUF_FAMILIES, check_gguf, export_gguf, ignored_window
@@ -54,6 +55,17 @@ def test_f16_matches_transformers_in_llama_cpp_and_quantized_files_run(tiny_lm):
         assert rows[name]["test_perplexity"] == pytest.approx(reference, rel=0.2)
     saved = json.loads((tiny_lm / "out" / "metrics.json").read_text())
     assert set(saved["types"]) == {"transformers_fp32", "f16", "q8_0", "q4_0"}
+
+
+def test_a_finished_folder_rerun_with_another_model_writes_its_files_again(tiny_lm, tmp_path):
+    """A rerun of the same config resumes (keeps its files); one of another config must not keep the old model's."""
+    first = gguf_cfg(tiny_lm, output_dir=str(tmp_path / "out"), types=["f16"])
+    export_gguf(first)
+    written = file_sha256(tmp_path / "out" / "model-f16.gguf")
+    other = save_smollm2_tokenizer_lm(tmp_path / "other", initializer_range=0.3)
+    rerun = export_gguf(gguf_cfg(tiny_lm, model=str(other), output_dir=str(tmp_path / "out"), types=["f16"]))
+    assert file_sha256(tmp_path / "out" / "model-f16.gguf") != written
+    assert rerun.metrics["types"]["f16"]["greedy_equal"]  # the file is the new model's
 
 
 @pytest.mark.parametrize("types, message", [
