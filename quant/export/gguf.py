@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.core.conversion_cache import cache_root
@@ -297,7 +298,7 @@ def export_gguf(cfg: GgufConfig) -> RunResult:
     prompts = prompt_ids(tokenizer, cfg.prompts)
     expected = [torch_greedy_ids(model, ids, cfg.max_new_tokens) for ids in prompts]
     rows = {"transformers_fp32": {"test_perplexity": torch_perplexity(model, texts)}}
-    for name, path in files.items():
+    for name, path in tqdm(files.items(), desc="checking in llama.cpp", unit="file"):
         with loaded(path, threads) as llm:
             got = [greedy_ids(llm, ids, cfg.max_new_tokens) for ids in prompts]
             rows[name] = {"file": path.name, "disk_mb": path.stat().st_size / 1e6,

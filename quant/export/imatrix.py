@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from distill.core.errors import require_package
@@ -37,7 +38,7 @@ def activation_importance(model: PreTrainedModel, texts: list[list[int]]) -> tup
     hooks = [module.register_forward_pre_hook(record(f"{name}.weight")) for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and module is not head]
     try:
-        for ids in texts:
+        for ids in tqdm(texts, desc="importance matrix", unit="text", leave=False):
             model(torch.tensor([ids]))
     finally:
         for hook in hooks:
