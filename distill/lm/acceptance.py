@@ -1,0 +1,81 @@
+"""How good a draft model is for speculative decoding with a target model, measured offline: the draft proposes k
+tokens, the target checks them in one forward pass and keeps the longest accepted prefix plus one token of its own,
+so the speed-up follows from the tokens each target pass yields.
+
+Greedy decoding: the draft's proposals agree with the target's greedy path up to their first difference, and up to
+there the draft saw exactly the target's tokens, so one teacher-forced pass of the draft over the target's greedy
+continuation says, at every position, whether its proposal would be accepted. `greedy_tokens_per_pass` replays the
+decoding loop on those matches: exact, not an estimate.
+
+Sampled decoding (the speculative sampling rule of Leviathan et al. 2023 and Chen et al. 2023): a proposal is
+accepted with probability sum_x min(p(x), q(x)) = 1 - TV(p, q), p the target's and q the draft's next-token
+distribution. `acceptance_rate` is its mean over the positions of the target's continuations, alpha; with k proposals
+a target pass then yields (1 - alpha^(k+1)) / (1 - alpha) tokens in expectation, taking the positions' rates as equal."""
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+
+def greedy_tokens_per_pass(matches: list[list[bool]], k: int) -> float:
+    """Tokens per target pass when the draft proposes `k` tokens, from each continuation's per-position matches."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1; got {k}")
+    tokens = passes = 0
+    for row in matches:
+        position = 0
+        while position < len(row):
+            accepted = 0
+            while accepted < k and position + accepted < len(row) and row[position + accepted]:
+                accepted += 1
+            made = min(accepted + 1, len(row) - position)  # the accepted proposals and the target's own next token
+            tokens += made
+            position += made
+            passes += 1
+    return tokens / max(passes, 1)
+
+
+def expected_tokens_per_pass(alpha: float, k: int) -> float:
+    """Leviathan et al.'s expected tokens per target pass at acceptance rate `alpha` with `k` proposals."""
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+@torch.inference_mode()
+def greedy_continuation(model: PreTrainedModel, prompt: list[int], new_tokens: int) -> list[int]:
+    """The model's `new_tokens` most likely next tokens, one at a time, end of text included (a serving engine stops
+    there; the draft is scored on the same path either way)."""
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@torch.inference_mode()
+def draft_agreement(target: PreTrainedModel, draft: PreTrainedModel, prompts: list[list[int]], new_tokens: int
+                    ) -> tuple[list[list[bool]], float]:
+    """Per prompt, whether the draft's greedy proposal equals the target's greedy token at each position of the
+    target's greedy continuation; and the mean over those positions of 1 - TV(target, draft)."""
+    matches, rates = [], []
+    for prompt in prompts:
+        continuation = greedy_continuation(target, prompt, new_tokens)
+        ids = torch.tensor([prompt + continuation])
+        positions = slice(len(prompt) - 1, ids.shape[1] - 1)  # the logits that predict each continuation token
+        p = torch.softmax(target(ids).logits[0, positions].double(), -1)
+        q = torch.softmax(draft(ids).logits[0, positions].double(), -1)
+        matches.append((q.argmax(-1) == torch.tensor(continuation)).tolist())
+        rates.append(torch.minimum(p, q).sum(-1))
+    return matches, float(torch.cat(rates).mean()) if rates else 0.0
+
+
+def acceptance(target: PreTrainedModel, draft: PreTrainedModel, prompts: list[list[int]], new_tokens: int,
+               ks: list[int]) -> dict:
+    """metrics of `draft` as `target`'s draft: per k, greedy tokens per target pass (exact) and the sampled rule's
+    expected tokens per pass; the sampled acceptance rate alpha; the greedy match share."""
+    matches, alpha = draft_agreement(target, draft, prompts, new_tokens)
+    flat = [m for row in matches for m in row]
+    return {"alpha": alpha, "greedy_match": sum(flat) / max(len(flat), 1), "prompts": len(prompts),
+            "new_tokens": new_tokens,
+            "per_k": {k: {"greedy_tokens_per_pass": greedy_tokens_per_pass(matches, k),
+                          "sampled_tokens_per_pass": expected_tokens_per_pass(alpha, k)} for k in ks}}
