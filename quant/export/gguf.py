@@ -36,7 +36,7 @@ from distill.core.run import RunResult, continues, open_run
 from distill.lm.data import evaluation_texts, held_out_splits
 from quant.config import GgufConfig
 from quant.export.imatrix import QuantizerMatrix, activation_importance, gguf_named
-from quant.measure.divergence import divergence_summary, token_divergences
+from quant.measure.divergence import divergence_summary, log_softmax, token_divergences
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 """Types llama.cpp's converter writes itself; the quantizer makes the others from F16."""
@@ -156,8 +156,9 @@ def quantize(source: Path, out: Path, ftype: int, threads: int, matrix: Optional
     module = llama_cpp()
     params = module.llama_model_quantize_default_params()
     params.ftype, params.nthread = ftype, threads
-    entries = QuantizerMatrix.of(module, matrix) if matrix is not None else None
-    if entries is not None:
+    entries = None  # holds the matrix's C array and its data until the quantizer returns
+    if matrix is not None:
+        entries = QuantizerMatrix.of(module, matrix)
         params.imatrix = entries.pointer(module)
     tmp = out.with_suffix(".tmp")
     with native_output_captured() as captured:
@@ -218,15 +219,18 @@ def gguf_logits(llm, ids: list[int]) -> np.ndarray:
     return np.asarray(llm.scores[:len(ids)], dtype=np.float64)
 
 
+def text_nll(logits: np.ndarray, ids: list[int]) -> float:
+    """The summed next-token NLL of a text from its logits at every position."""
+    return -float(log_softmax(logits)[np.arange(len(ids) - 1), ids[1:]].sum())
+
+
+def predicted_tokens(texts: list[list[int]]) -> int:
+    return max(sum(len(ids) - 1 for ids in texts), 1)
+
+
 def gguf_perplexity(llm, texts: list[list[int]]) -> float:
     """exp of the mean next-token NLL over `texts` (token ids), from llama.cpp's logits."""
-    nll, count = 0.0, 0
-    for ids in texts:
-        logits = gguf_logits(llm, ids)
-        log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        nll -= log_probs[np.arange(len(ids) - 1), ids[1:]].sum()
-        count += len(ids) - 1
-    return math.exp(nll / max(count, 1))
+    return math.exp(sum(text_nll(gguf_logits(llm, ids), ids) for ids in texts) / predicted_tokens(texts))
 
 
 @torch.no_grad()
@@ -237,20 +241,23 @@ def torch_greedy_ids(model: PreTrainedModel, prompt_ids: list[int], new_tokens: 
     return output[0, len(prompt_ids):].tolist()
 
 
-@torch.no_grad()
 @torch.inference_mode()
-def gguf_divergence(llm, model: PreTrainedModel, texts: list[list[int]]) -> dict[str, float]:
-    """llama.cpp's next-token distributions against the transformers model's on the same ids, at every position
-    that predicts a token of the text (`quant.measure.divergence`)."""
-    kls, same = [], []
+def gguf_scores(llm, model: PreTrainedModel, texts: list[list[int]]) -> dict[str, float]:
+    """From one llama.cpp pass over each text: its test perplexity, and its next-token distributions against the
+    transformers model's on the same ids, at every position that predicts a token of the text
+    (`quant.measure.divergence`)."""
+    nll, kls, same = 0.0, [], []
     for ids in texts:
+        logits = gguf_logits(llm, ids)
+        nll += text_nll(logits, ids)
         reference = model(torch.tensor([ids])).logits[0, :-1].double().numpy()
-        kl, agree = token_divergences(reference, gguf_logits(llm, ids)[:-1])
+        kl, agree = token_divergences(reference, logits[:-1])
         kls.append(kl)
         same.append(agree)
-    return divergence_summary(kls, same)
+    return {"test_perplexity": math.exp(nll / predicted_tokens(texts)), **divergence_summary(kls, same)}
 
 
+@torch.no_grad()
 def torch_perplexity(model: PreTrainedModel, texts: list[list[int]]) -> float:
     nll, count = 0.0, 0
     for ids in texts:
@@ -303,7 +310,7 @@ def export_gguf(cfg: GgufConfig) -> RunResult:
             got = [greedy_ids(llm, ids, cfg.max_new_tokens) for ids in prompts]
             rows[name] = {"file": path.name, "disk_mb": path.stat().st_size / 1e6,
                           "imatrix": matrix is not None and name not in CONVERTER_TYPES,
-                          "test_perplexity": gguf_perplexity(llm, texts), **gguf_divergence(llm, model, texts),
+                          **gguf_scores(llm, model, texts),
                           "greedy_equal": got == expected,
                           "greedy_token_agreement": agreement(got, expected),
                           "tokenizer_equal": [llm.tokenize(p.encode(), add_bos=False, special=True) for p in
