@@ -44,10 +44,11 @@ from typing import Iterable, Optional
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from benchmarks.harness import peak_rss_mb, peer_environment
+from benchmarks.harness import peer_environment
 from distill.core.config import LossConfig, StageConfig, parse_args
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import text_sha256
+from distill.core.probe import resident_peak_mb
 from distill.encoder.config import DistillConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +111,7 @@ class StepClock:
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.times.append(time.perf_counter())
-        self.peak_rss_mb = peak_rss_mb()
+        self.peak_rss_mb = resident_peak_mb()
 
 
 def parameters_sha256(parameters: Iterable[torch.Tensor]) -> str:

@@ -19,16 +19,11 @@ from distill.core.config import to_dict
 from distill.core.probe import resident_peak_mb
 
 
-def peak_rss_mb() -> float:
-    """The process's own resident peak so far (not its parent's: `distill.core.probe.resident_peak_mb`)."""
-    return resident_peak_mb()
-
-
 def peak_mb(device: torch.device) -> float:
     """torch's peak allocation on a CUDA device, else the process's resident peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return peak_rss_mb()
+    return resident_peak_mb()
 
 
 def rotated_order(variants: list[str], repeats: int) -> list[str]:
@@ -54,13 +49,13 @@ class StepClock:
         if total <= warmup:
             raise ValueError(f"{total} steps leave none to time after {warmup} warm-up steps")
         self.total, self.warmup = total, warmup
-        self.baseline_mb, self.peak_mb = peak_rss_mb(), None
+        self.baseline_mb, self.peak_mb = resident_peak_mb(), None
         self.ends: list[float] = []
 
     def tick(self) -> bool:
         self.ends.append(time.perf_counter())
         if len(self.ends) == self.total:
-            self.peak_mb = peak_rss_mb()
+            self.peak_mb = resident_peak_mb()
         return len(self.ends) >= self.total
 
     def result(self) -> dict:
