@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from distill.lm.sampling import SamplingConfig, complete
+
 
 def greedy_tokens_per_pass(matches: list[list[bool]], k: int) -> float:
     """Tokens per target pass when the draft proposes `k` tokens, from each continuation's per-position matches."""
@@ -42,14 +44,11 @@ def expected_tokens_per_pass(alpha: float, k: int) -> float:
     return (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-@torch.inference_mode()
 def greedy_continuation(model: PreTrainedModel, prompt: list[int], new_tokens: int) -> list[int]:
-    """The model's `new_tokens` most likely next tokens, one at a time, end of text included (a serving engine stops
-    there; the draft is scored on the same path either way)."""
-    ids = list(prompt)
-    for _ in range(new_tokens):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    """The model's `new_tokens` most likely next tokens, end of text included (a serving engine stops there; the
+    draft is scored on the same path either way). One prompt at a time, so no padding enters."""
+    return complete(model, [prompt], SamplingConfig(temperature=0.0, max_new_tokens=new_tokens), stop_ids=set(),
+                    pad_id=0)[0]
 
 
 @torch.inference_mode()
