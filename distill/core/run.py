@@ -242,7 +242,7 @@ def continues(cfg) -> bool:
 def refuse_other_config(cfg, unfinished: bool) -> None:
     """A rerun continues what an unfinished run left (its checkpoint, its files), so it must be that run's config."""
     recorded = Path(cfg.output_dir) / "config.yaml"
-    if unfinished and recorded.is_file() and not same_config(recorded, cfg):
+    if unfinished and recorded.is_file() and not continues(cfg):
         raise ConfigError(
             f"{recorded.parent} holds an unfinished run with a different config ({recorded}); resume it with that "
             "config, or choose another output_dir"
