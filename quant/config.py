@@ -274,6 +274,16 @@ class SpeedConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """What the served model may cost: the report recommends the artifact with the lowest test perplexity within it,
+    whichever stage made it (the teacher's own quantized files included)."""
+    disk_mb: Optional[float] = None
+    """The most megabytes on disk; None: no limit."""
+    decode_tokens_per_s: Optional[float] = None
+    """The least decode speed (tokens/s at batch 1 on the report's CPU); None: no limit."""
+
+
+@dataclass
 class LMReportConfig(ModelCardConfig):
     """The report of a causal-LM pipeline: the teacher and every model the earlier stages saved (GGUF files included),
     side by side; then the served model is copied with its model card and the report."""
@@ -295,3 +305,6 @@ class LMReportConfig(ModelCardConfig):
     """Texts per forward pass."""
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     """How generation speed is measured."""
+    budget: Optional[BudgetConfig] = None
+    """With it, the report and the card name the best artifact within this budget; None: they show the Pareto fronts
+    only."""

@@ -163,6 +163,8 @@ class LMCardFacts:
     tags: list[str]
     gguf_files: list[str]
     """GGUF files shipped beside the model, for llama.cpp."""
+    recommendation: Optional[str] = None
+    """Which measured artifact to serve within the user's budget (`quant.measure.lm_report.recommendation`)."""
 
 
 def lm_model_card(model_dir: Path, facts: LMCardFacts, steps: list[CardStep], table: str, plot_file: Optional[str]
@@ -186,7 +188,7 @@ def lm_model_card(model_dir: Path, facts: LMCardFacts, steps: list[CardStep], ta
     plot = f"\n\n![perplexity against decode speed and size]({plot_file})" if plot_file else ""
     metrics = ("## Metrics\n\nThe teacher and every model the steps saved (GGUF files in llama.cpp), measured side by "
                "side on the same held-out texts; generation speed on the CPU of the machine that ran the pipeline, at "
-               f"batch 1.\n\n{table}{plot}")
+               f"batch 1.\n\n{table}{plot}" + (f"\n\n{facts.recommendation}" if facts.recommendation else ""))
     sections = [front, f"# {facts.repo_id or 'Compressed language model'}", summary, steps_section(steps), metrics,
                 lm_loading_section(config, facts.repo_id or PLACEHOLDER_REPO, facts.gguf_files),
                 lm_limitations_section(config, facts)]

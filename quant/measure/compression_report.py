@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
@@ -111,11 +112,12 @@ def markdown_table(rows: list[dict], split: str, batch_shape: tuple[int, int]) -
     return "\n".join(lines)
 
 
-def pareto_front(rows: list[dict], cost: str) -> list[dict]:
-    """The rows no other row beats on both accuracy and `cost` (lower is better), by increasing cost."""
+def pareto_front(rows: list[dict], cost: Callable[[dict], float], quality: Callable[[dict], float]) -> list[dict]:
+    """The rows no other row beats on both `quality` (higher is better) and `cost` (lower is better), by increasing
+    cost."""
     front: list[dict] = []
-    for row in sorted(rows, key=lambda r: (r[cost], -r["accuracy"])):
-        if not front or row["accuracy"] > front[-1]["accuracy"]:
+    for row in sorted(rows, key=lambda r: (cost(r), -quality(r))):
+        if not front or quality(row) > quality(front[-1]):
             front.append(row)
     return front
 
@@ -131,7 +133,7 @@ def plot(rows: list[dict], path: Path, split: str) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for axis, cost, label in zip(axes, ("disk_mb", "latency_ms"), ("disk MB (weight files)", "CPU ms per batch")):
-        front = pareto_front(rows, cost)
+        front = pareto_front(rows, itemgetter(cost), itemgetter("accuracy"))
         axis.plot([r[cost] for r in front], [100 * r["accuracy"] for r in front], "--", color="grey",
                   label="Pareto front")
         axis.axhline(100 * rows[0]["accuracy"], linestyle=":", color="tab:red", label=f"{rows[0]['model']} (reference)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -20,12 +21,13 @@ from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
 from distill.core.models import load_causal_lm, load_tokenizer, resolve_model
 from distill.lm.data import evaluation_texts
-from quant.config import LMReportConfig
-from quant.export.gguf import gguf_perplexity, loaded
+from quant.config import BudgetConfig, LMReportConfig
+from quant.export.gguf import gguf_logits, gguf_perplexity, loaded
 from quant.measure.classifier_metrics import weight_memory
-from quant.measure.compression_report import require_matplotlib
+from quant.measure.compression_report import pareto_front, require_matplotlib
 from quant.measure.generation_speed import speed
-from quant.quantize_lm import greedy_next_tokens, text_perplexity
+from quant.measure.divergence import token_divergences
+from quant.quantize_lm import logits_of, text_perplexity
 from quant.schemes.variants import load_variant
 
 REPORT_NAME = "lm_report"
@@ -65,9 +67,9 @@ def measure_candidates(cfg: LMReportConfig, candidates: list[LMCandidate]) -> li
         row = {"model": candidate.label, "stage": candidate.stage, "kind": candidate.kind, "path": str(candidate.path),
                **(measure_gguf(candidate.path, texts, threads) if candidate.gguf else measure_torch(candidate.path,
                                                                                                      texts))}
-        predictions = row.pop("predictions")
-        reference = predictions if reference is None else reference
-        row["next_token_agreement"] = agreement(predictions, reference)
+        logits = row.pop("logits")
+        reference = logits if reference is None else reference
+        row.update(next_token_agreement=agreement(logits, reference), **divergence(logits, reference))
         row.update(speed(candidate.path, prompt, cfg.speed.new_tokens, threads, cfg.speed.repeats))
         rows.append(row)
     return rows
@@ -76,26 +78,36 @@ def measure_candidates(cfg: LMReportConfig, candidates: list[LMCandidate]) -> li
 def measure_torch(path: Path, texts: dict) -> dict:
     model = load_variant(path).eval() if path.is_dir() else load_causal_lm(str(path), dtype=torch.float32).eval()
     return {"validation_perplexity": text_perplexity(model, texts["validation"]),
-            "test_perplexity": text_perplexity(model, texts["test"]),
-            "predictions": greedy_next_tokens(model, texts["test"]), "parameters": count_parameters(model),
-            "weight_mb": weight_memory(model, [])["weight_mb"], "disk_mb": folder_mb(path)}
+            "test_perplexity": text_perplexity(model, texts["test"]), "logits": torch_logits(model, texts["test"]),
+            "parameters": count_parameters(model), "weight_mb": weight_memory(model, [])["weight_mb"],
+            "disk_mb": folder_mb(path)}
+
+
+@torch.no_grad()
+def torch_logits(model, texts: list[list[int]]) -> list[np.ndarray]:
+    return [logits_of(model, torch.tensor([ids]))[0].float().numpy() for ids in texts]
 
 
 def measure_gguf(path: Path, texts: dict, threads: int) -> dict:
     with loaded(path, threads) as llm:
-        predictions = []
-        for ids in texts["test"]:
-            llm.reset()
-            llm.eval(ids)
-            predictions.append(torch.from_numpy(np.asarray(llm.scores[:len(ids)]).argmax(-1)))
         return {"validation_perplexity": gguf_perplexity(llm, texts["validation"]),
-                "test_perplexity": gguf_perplexity(llm, texts["test"]), "predictions": predictions,
+                "test_perplexity": gguf_perplexity(llm, texts["test"]),
+                "logits": [gguf_logits(llm, ids).astype(np.float32) for ids in texts["test"]],
                 "parameters": None, "weight_mb": path.stat().st_size / 1e6, "disk_mb": path.stat().st_size / 1e6}
 
 
-def agreement(predictions: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    same = sum((a == b).sum().item() for a, b in zip(predictions, reference))
-    return same / max(sum(len(r) for r in reference), 1)
+def agreement(logits: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """The share of positions whose most likely next token is the reference's."""
+    same = sum((a.argmax(-1) == b.argmax(-1)).sum() for a, b in zip(logits, reference))
+    return float(same / max(sum(len(r) for r in reference), 1))
+
+
+def divergence(logits: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, float]:
+    """KL(reference || model) at every position that predicts a token of its text: mean and 99th percentile (the
+    first row, the teacher, is the reference of every row)."""
+    kls = [token_divergences(b[:-1], a[:-1])[0] for a, b in zip(logits, reference)]
+    kl = np.concatenate(kls)
+    return {"kld_mean": float(kl.mean()), "kld_p99": float(np.percentile(kl, 99))}
 
 
 def folder_mb(path: Path) -> float:
@@ -108,18 +120,58 @@ def speed_prompt(texts: list[list[int]], tokens: int) -> list[int]:
     return (joined * (tokens // max(len(joined), 1) + 1))[:tokens]
 
 
+FRONTS = {"disk": lambda row: row["disk_mb"], "speed": lambda row: -row["decode_tokens_per_s"]}
+"""The costs a served model is chosen by (lower is cheaper): size on disk, and decode speed."""
+
+
+def fronts(rows: list[dict]) -> dict[str, list[str]]:
+    """Per cost of `FRONTS`: the models on the Pareto front of test perplexity against it."""
+    return {name: [row["model"] for row in pareto_front(rows, cost, lambda row: -row["test_perplexity"])]
+            for name, cost in FRONTS.items()}
+
+
+def recommended(rows: list[dict], budget: Optional[BudgetConfig]) -> Optional[dict]:
+    """The row of lowest test perplexity within `budget`; None without a budget or when no row fits it."""
+    if budget is None:
+        return None
+    fits = [row for row in rows if (budget.disk_mb is None or row["disk_mb"] <= budget.disk_mb) and
+            (budget.decode_tokens_per_s is None or row["decode_tokens_per_s"] >= budget.decode_tokens_per_s)]
+    return min(fits, key=lambda row: row["test_perplexity"], default=None)
+
+
+def recommendation(rows: list[dict], budget: Optional[BudgetConfig], served: str) -> Optional[str]:
+    """One paragraph naming the best artifact within `budget`, and saying so plainly when it is not the served
+    model's line (the teacher's own quantized file beats the compressed student, for instance)."""
+    if budget is None:
+        return None
+    limits = " and ".join(text for text in (f"at most {budget.disk_mb:g} MB on disk" if budget.disk_mb else "",
+                                            f"at least {budget.decode_tokens_per_s:g} decode tokens/s"
+                                            if budget.decode_tokens_per_s else "") if text)
+    best = recommended(rows, budget)
+    if best is None:
+        return f"No model measured here fits the budget ({limits})."
+    text = (f"Within the budget ({limits}), the best model measured here is **{best['model']}** ({best['path']}): "
+            f"test perplexity {best['test_perplexity']:.2f}, {best['disk_mb']:.1f} MB, "
+            f"{best['decode_tokens_per_s']:.1f} decode tokens/s.")
+    if best["stage"] == "-" or best["path"] == served:
+        return text
+    return text + f" It is not the model this card ships ({Path(served).name}): serve {best['model']} instead."
+
+
 def markdown_table(rows: list[dict], prompt_tokens: int, new_tokens: int) -> str:
-    base = rows[0]
-    lines = [f"| model | stage kind | val. ppl | test ppl | next-token agreement | parameters | disk MB | "
-             f"peak RSS MB | prefill tok/s ({prompt_tokens}) | decode tok/s ({new_tokens}) | decode speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base, on_front = rows[0], fronts(rows)
+    lines = [f"| model | stage kind | val. ppl | test ppl | next-token agreement | KLD mean | KLD p99 | parameters | "
+             f"disk MB | peak RSS MB | prefill tok/s ({prompt_tokens}) | decode tok/s ({new_tokens}) | "
+             f"decode speed-up | Pareto front |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         params = f"{row['parameters'] / 1e6:.1f}M" if row["parameters"] else "-"
+        front = ", ".join(name for name, models in on_front.items() if row["model"] in models) or "-"
         lines.append(f"| {row['model']} | {row['kind']} | {row['validation_perplexity']:.2f} | "
-                     f"{row['test_perplexity']:.2f} | {row['next_token_agreement']:.2%} | {params} | "
-                     f"{row['disk_mb']:.1f} | {row['peak_rss_mb']:.0f} | {row['prefill_tokens_per_s']:.0f} | "
-                     f"{row['decode_tokens_per_s']:.1f} | "
-                     f"{row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x |")
+                     f"{row['test_perplexity']:.2f} | {row['next_token_agreement']:.2%} | {row['kld_mean']:.4f} | "
+                     f"{row['kld_p99']:.3f} | {params} | {row['disk_mb']:.1f} | {row['peak_rss_mb']:.0f} | "
+                     f"{row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s']:.1f} | "
+                     f"{row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x | {front} |")
     return "\n".join(lines)
 
 
@@ -128,8 +180,12 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for axis, cost, label in zip(axes, ("decode_tokens_per_s", "disk_mb"), ("decode tokens/s (batch 1, CPU)",
-                                                                             "disk MB")):
+    on_front = fronts(rows)
+    for axis, cost, front, label in zip(axes, ("decode_tokens_per_s", "disk_mb"), ("speed", "disk"),
+                                        ("decode tokens/s (batch 1, CPU)", "disk MB")):
+        line = sorted((row for row in rows if row["model"] in on_front[front]), key=lambda row: row[cost])
+        axis.plot([r[cost] for r in line], [r["test_perplexity"] for r in line], "--", color="grey",
+                  label="Pareto front")
         for i, row in enumerate(rows):
             point = (row[cost], row["test_perplexity"])
             axis.scatter(*point, marker="*" if i == 0 else "o", s=160 if i == 0 else 40,
@@ -139,17 +195,21 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.set_ylabel("test perplexity (lower is better)")
         axis.set_yscale("log")
         axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="best")
     figure.suptitle("Perplexity against decode speed and size (red star: teacher; green: GGUF in llama.cpp)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def write_lm_report(rows: list[dict], folder: Path, header: dict, speed_cfg) -> str:
-    (folder / f"{REPORT_NAME}.json").write_text(json.dumps({**header, "reference": rows[0]["model"], "rows": rows},
-                                                           indent=2))
+def write_lm_report(rows: list[dict], folder: Path, header: dict, speed_cfg, advice: Optional[str] = None) -> str:
+    """`lm_report.json` (`header`, the Pareto fronts, the rows), `.md` (the table, then `advice`) and `.png`;
+    returns the Markdown table."""
+    report = {**header, "reference": rows[0]["model"], "pareto_fronts": fronts(rows), "rows": rows}
+    (folder / f"{REPORT_NAME}.json").write_text(json.dumps(report, indent=2))
     table = markdown_table(rows, speed_cfg.prompt_tokens, speed_cfg.new_tokens)
-    (folder / f"{REPORT_NAME}.md").write_text(f"# LM compression report\n\n{table}\n")
+    (folder / f"{REPORT_NAME}.md").write_text(f"# LM compression report\n\n{table}\n" +
+                                              (f"\n{advice}\n" if advice else ""))
     plot(rows, folder / PLOT_FILE)
     return table
 

@@ -27,7 +27,14 @@ from quant.config import LMReportConfig, ReportConfig
 from quant.export.onnx import is_onnx, require_onnxruntime
 from quant.measure.compression_report import PLOT_FILE, Candidate, measure_models, require_matplotlib, write_report
 from quant.measure.lm_report import PLOT_FILE as LM_PLOT_FILE
-from quant.measure.lm_report import lm_candidates, measure_candidates, write_lm_report
+from quant.measure.lm_report import (
+    fronts,
+    lm_candidates,
+    measure_candidates,
+    recommendation,
+    recommended,
+    write_lm_report,
+)
 from quant.quantize import Evaluation, check_measurement, evaluation_for, quiet_int8_cast_warning
 from quant.schemes.loading import load_config
 
@@ -118,16 +125,20 @@ def run_lm_report(cfg: LMReportConfig, context: StageContext) -> dict:
     tmp = Path(cfg.output_dir) / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(cfg.model, tmp)
-    gguf = [Path(row["path"]) for row in rows if row["path"].endswith(".gguf")]
+    # the served model's own GGUF files: not those of another model's export (the teacher's, for comparison)
+    exports = {stage.name for stage in context.earlier if Path(stage.input_model) == Path(cfg.model)}
+    gguf = [Path(row["path"]) for row in rows if row["path"].endswith(".gguf") and row["stage"] in exports]
     for path in gguf:
         shutil.copy2(path, tmp / path.name)
-    table = write_lm_report(rows, tmp, header, cfg.speed)
+    advice = recommendation(rows, cfg.budget, cfg.model)
+    table = write_lm_report(rows, tmp, header, cfg.speed, advice)
     served = next(row for row in rows if Path(row["path"]) == Path(cfg.model))
     datasets = cfg.datasets if cfg.datasets is not None else [d for d in [hub_dataset_id(cfg.data.source)] if d]
     facts = LMCardFacts(repo_id=cfg.repo_id, base_model=cfg.base_model or hub_model_id(cfg.teacher), datasets=datasets,
                         dataset_name=datasets[0] if datasets else Path(cfg.data.source).name,
                         perplexity=served["test_perplexity"], license=cfg.license, tags=cfg.tags,
-                        gguf_files=[path.name for path in gguf])
+                        gguf_files=[path.name for path in gguf], recommendation=advice)
     (tmp / "README.md").write_text(lm_model_card(tmp, facts, card_steps(context.earlier), table, LM_PLOT_FILE))
     os.replace(tmp, Path(cfg.output_dir) / "model")
-    return {"rows": rows, **header}
+    best = recommended(rows, cfg.budget)
+    return {"rows": rows, **header, "pareto_fronts": fronts(rows), "recommended": best["model"] if best else None}

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -13,14 +14,18 @@ from transformers import LlamaForCausalLM
 import quant.measure.lm_report as lm_report
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
-from quant.config import LMReportConfig, SpeedConfig
+from quant.config import BudgetConfig, LMReportConfig, SpeedConfig
 from quant.measure.lm_report import (
     LMCandidate,
     agreement,
     check_lm_report,
+    divergence,
+    fronts,
     lm_candidates,
     markdown_table,
     measure_candidates,
+    recommendation,
+    recommended,
     speed_prompt,
     write_lm_report,
 )
@@ -30,10 +35,10 @@ from tests.helpers.lm_runs import WORDS
 SPEED = {"prefill_tokens_per_s": 400.0, "decode_tokens_per_s": 20.0, "peak_rss_mb": 300.0, "load_s": 0.1}
 
 
-def row(model: str, decode: float, parameters=None, path="m", ppl=10.0) -> dict:
-    return {"model": model, "stage": "-", "kind": "quantize_lm", "path": path, "validation_perplexity": ppl,
-            "test_perplexity": ppl * 1.1, "next_token_agreement": 0.875, "parameters": parameters, "disk_mb": 12.25,
-            **SPEED, "decode_tokens_per_s": decode}
+def row(model: str, decode: float, parameters=None, path="m", ppl=10.0, disk=12.25, stage="-") -> dict:
+    return {"model": model, "stage": stage, "kind": "quantize_lm", "path": path, "validation_perplexity": ppl,
+            "test_perplexity": ppl * 1.1, "next_token_agreement": 0.875, "kld_mean": 0.0123, "kld_p99": 0.25,
+            "parameters": parameters, "disk_mb": disk, **SPEED, "decode_tokens_per_s": decode}
 
 
 def test_the_table_shows_each_model_with_its_speed_up_over_the_first():
@@ -41,16 +46,48 @@ def test_the_table_shows_each_model_with_its_speed_up_over_the_first():
                            prompt_tokens=64, new_tokens=16)
     lines = table.splitlines()
     assert "prefill tok/s (64)" in lines[0] and "decode tok/s (16)" in lines[0] and len(lines) == 4
-    assert lines[2] == ("| teacher | quantize_lm | 10.00 | 11.00 | 87.50% | 135.0M | 12.2 | 300 | 400 | 20.0 | "
-                        "1.00x |")
-    assert lines[3].startswith("| q4 | quantize_lm | 10.00 | 11.00 | 87.50% | - |")
-    assert lines[3].endswith("| 50.0 | 2.50x |")
+    assert lines[2] == ("| teacher | quantize_lm | 10.00 | 11.00 | 87.50% | 0.0123 | 0.250 | 135.0M | 12.2 | 300 | "
+                        "400 | 20.0 | 1.00x | disk |")
+    assert lines[3].startswith("| q4 | quantize_lm | 10.00 | 11.00 | 87.50% | 0.0123 | 0.250 | - |")
+    assert lines[3].endswith("| 50.0 | 2.50x | speed |")
+
+
+def one_hot(tokens: list[int], vocabulary: int = 6) -> np.ndarray:
+    return np.eye(vocabulary, dtype=np.float32)[tokens] * 5
 
 
 def test_agreement_is_the_share_of_positions_with_the_same_token():
-    reference = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
-    assert agreement([torch.tensor([1, 0, 3]), torch.tensor([4, 0])], reference) == 3 / 5
+    reference = [one_hot([1, 2, 3]), one_hot([4, 5])]
+    assert agreement([one_hot([1, 0, 3]), one_hot([4, 0])], reference) == 3 / 5
     assert agreement(reference, reference) == 1.0
+
+
+def test_divergence_is_torchs_kl_over_the_positions_that_predict_a_token():
+    generator = torch.Generator().manual_seed(0)
+    reference = [torch.randn(5, 7, generator=generator), torch.randn(3, 7, generator=generator)]
+    model = [torch.randn(5, 7, generator=generator), torch.randn(3, 7, generator=generator)]
+    expected = torch.cat([torch.nn.functional.kl_div(m[:-1].log_softmax(-1), r[:-1].log_softmax(-1), log_target=True,
+                                                     reduction="none").sum(-1) for m, r in zip(model, reference)])
+    got = divergence([m.numpy() for m in model], [r.numpy() for r in reference])
+    assert got["kld_mean"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert got["kld_p99"] == pytest.approx(torch.quantile(expected.double(), 0.99).item(), rel=1e-5)
+    assert divergence([r.numpy() for r in reference], [r.numpy() for r in reference])["kld_mean"] == 0
+
+
+def test_the_fronts_and_the_recommendation_within_a_budget():
+    rows = [row("teacher", 20.0, ppl=10.0, disk=500.0), row("teacher_gguf/q4", 60.0, ppl=11.0, disk=100.0, stage="t"),
+            row("student", 30.0, ppl=20.0, disk=300.0, stage="d"), row("gguf/q4", 120.0, ppl=22.0, disk=60.0,
+                                                                         stage="g")]
+    assert fronts(rows) == {"disk": ["gguf/q4", "teacher_gguf/q4", "teacher"],
+                            "speed": ["gguf/q4", "teacher_gguf/q4", "teacher"]}
+    assert recommended(rows, None) is None
+    assert recommended(rows, BudgetConfig(disk_mb=150))["model"] == "teacher_gguf/q4"
+    assert recommended(rows, BudgetConfig(disk_mb=150, decode_tokens_per_s=100))["model"] == "gguf/q4"
+    assert recommended(rows, BudgetConfig(disk_mb=10)) is None
+    advice = recommendation(rows, BudgetConfig(disk_mb=150), served="runs/x/model")
+    assert "**teacher_gguf/q4**" in advice and "at most 150 MB" in advice and "serve teacher_gguf/q4 instead" in advice
+    assert "instead" not in recommendation(rows, BudgetConfig(disk_mb=150, decode_tokens_per_s=100), served="m")
+    assert recommendation(rows, BudgetConfig(disk_mb=10), served="m").startswith("No model measured here fits")
 
 
 def test_the_speed_prompt_is_the_test_texts_repeated_and_cut():
@@ -92,6 +129,7 @@ def test_each_candidate_is_measured_on_the_same_texts_against_the_teacher(tmp_pa
     teacher, other = measure_candidates(cfg, [LMCandidate("teacher", "-", "-", folders[0]),
                                               LMCandidate("other", "s", "k", folders[1])])
     assert teacher["next_token_agreement"] == 1.0 and other["next_token_agreement"] < 1.0
+    assert teacher["kld_mean"] == 0 and other["kld_p99"] > other["kld_mean"] > 0
     assert teacher["test_perplexity"] != other["test_perplexity"] and teacher["test_perplexity"] > 1
     weights = (folders[0] / "model.safetensors").stat().st_size / 1e6
     assert teacher["disk_mb"] == weights and teacher["parameters"] == other["parameters"] > 0
@@ -101,10 +139,11 @@ def test_each_candidate_is_measured_on_the_same_texts_against_the_teacher(tmp_pa
 
 def test_the_report_files_are_written(tmp_path):
     rows = [row("teacher", 20.0, parameters=1000), row("q4", 40.0, path="model-q4.gguf", ppl=12.0)]
-    table = write_lm_report(rows, tmp_path, {"texts": 4}, SpeedConfig(prompt_tokens=8, new_tokens=2))
-    assert (tmp_path / "lm_report.md").read_text() == f"# LM compression report\n\n{table}\n"
+    table = write_lm_report(rows, tmp_path, {"texts": 4}, SpeedConfig(prompt_tokens=8, new_tokens=2), "Serve q4.")
+    assert (tmp_path / "lm_report.md").read_text() == f"# LM compression report\n\n{table}\n\nServe q4.\n"
     report = json.loads((tmp_path / "lm_report.json").read_text())
     assert report["reference"] == "teacher" and report["texts"] == 4 and report["rows"] == rows
+    assert report["pareto_fronts"] == {"disk": ["teacher"], "speed": ["q4", "teacher"]}
     assert (tmp_path / "lm_report.png").read_bytes()[:4] == b"\x89PNG"
 
 
