@@ -292,8 +292,14 @@ def apply_override(values: dict[str, Any], dotted: str, raw: str) -> None:
     for key in keys[:-1]:
         if isinstance(node, list):
             node = node[_index(key, node, dotted)]
+        elif isinstance(node, dict):
+            if node.get(key) is None:  # an optional section left out: the override creates it
+                node[key] = {}
+            node = node[key]
         else:
-            node = node.setdefault(key, {})
+            raise ConfigError(f"{dotted}: {key} is inside a {type(node).__name__} value, not a section")
+    if not isinstance(node, (dict, list)):
+        raise ConfigError(f"{dotted}: {keys[-1]} is inside a {type(node).__name__} value, not a section")
     value = yaml.safe_load(raw) if raw != "" else None
     if isinstance(node, list):
         node[_index(keys[-1], node, dotted)] = value

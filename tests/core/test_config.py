@@ -21,6 +21,16 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.data.source == "offline:rotten_tomatoes"  # untouched default
 
 
+def test_an_override_inside_an_optional_section_left_out_creates_it():
+    from quant.config import GgufConfig
+
+    cfg = parse_args(GgufConfig, ["calibration.examples=16"])
+    assert cfg.calibration.examples == 16 and cfg.calibration.batch_size == 8
+    assert parse_args(GgufConfig, []).calibration is None
+    with pytest.raises(ConfigError, match="seed.x: x is inside a int value, not a section"):
+        parse_args(DistillConfig, ["seed.x=1"])
+
+
 def test_unknown_keys_name_the_closest_valid_one(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'train.batchsize'; did you mean 'batch_size'"):
         parse_args(DistillConfig, ["train.batchsize=4"])
