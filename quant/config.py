@@ -16,6 +16,7 @@ from distill.core.config import (
     StageConfig,
     TrainConfig,
 )
+from distill.core.gate import GateRule
 
 
 @dataclass
@@ -168,6 +169,9 @@ class ReportConfig(ModelCardConfig):
     """Examples per batch when measuring accuracy."""
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     """How latency is measured."""
+    gate: list[GateRule] = field(default_factory=list)
+    """Thresholds on the measured figures (`distill.core.gate`), e.g. `"accuracy >= 0.98 * teacher"`: a failing
+    one stops the pipeline before `push`; the report and the card record each outcome. Empty: no gate."""
 
 
 DEFAULT_PROMPTS = ["This movie was", "I watched this film because", "The worst part of the story",
@@ -284,6 +288,18 @@ class BudgetConfig:
 
 
 @dataclass
+class CompletionConfig:
+    """Greedy completions of the test texts' openings, by every model of the report: the share that loop, their
+    distinct-2 and mean length (`distill.lm.metrics.generation_scores`)."""
+    prompts: int = 50
+    """The first test texts whose openings each model completes; 0: not measured."""
+    prompt_tokens: int = 16
+    """The tokens of each text's opening (fewer for a shorter text)."""
+    max_new_tokens: int = 32
+    """The most tokens written after each opening (fewer when the model writes its end-of-text token)."""
+
+
+@dataclass
 class LMReportConfig(ModelCardConfig):
     """The report of a causal-LM pipeline: the teacher and every model the earlier stages saved (GGUF files included),
     side by side; then the served model is copied with its model card and the report."""
@@ -308,3 +324,10 @@ class LMReportConfig(ModelCardConfig):
     budget: Optional[BudgetConfig] = None
     """With it, the report and the card name the best artifact within this budget; None: they show the Pareto fronts
     only."""
+    completions: CompletionConfig = field(default_factory=CompletionConfig)
+    """Generation quality beside perplexity: each model's greedy completions of the same test openings (GGUF files
+    in llama.cpp)."""
+    gate: list[GateRule] = field(default_factory=list)
+    """Thresholds on the measured figures (`distill.core.gate`), e.g. `"test_perplexity <= 1.5 * teacher"`,
+    `"kld_mean <= 0.05"`, `"test_loop_share <= 0.2"`: a failing one stops the pipeline before `push`; the report and
+    the card record each outcome. Empty: no gate."""

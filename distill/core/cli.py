@@ -1,6 +1,7 @@
 """The command line every recipe shares: `--config file.yaml` plus `key.sub=value` overrides, the job's check, the
-run, and its summary printed. A bad config ends the program with one line, `config error: ...`, and exit status 2;
-`--debug` (or DISTILL_DEBUG=1) shows the traceback instead."""
+run, and its summary printed. A bad config ends the program with one line, `config error: ...`, and exit status 2; a
+failed gate (`distill.core.gate`) with `gate failed: ...` and exit status 3; `--debug` (or DISTILL_DEBUG=1) shows the
+traceback instead."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,13 @@ from typing import Any, Callable, Optional
 
 from distill.core.config import parse_args
 from distill.core.errors import ConfigError
+from distill.core.gate import GateFailed
 from distill.core.jobs import Job
 from distill.core.run import launch_teardown
 
 DEBUG_FLAG = "--debug"
+CONFIG_ERROR_EXIT = 2
+GATE_FAILED_EXIT = 3
 DEBUG_ENV = "DISTILL_DEBUG"
 
 
@@ -26,14 +30,16 @@ def split_debug(argv: list[str]) -> tuple[bool, list[str]]:
 
 @contextmanager
 def config_errors(debug: bool):
-    """A `ConfigError` inside ends the program: one line on stderr and exit status 2 (the traceback with `debug`)."""
+    """A `ConfigError` inside ends the program: one line on stderr and exit status 2 (a `GateFailed`: exit status
+    3); the traceback with `debug`."""
     try:
         yield
-    except ConfigError as err:
+    except (ConfigError, GateFailed) as err:
         if debug:
             raise
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+        failed_gate = isinstance(err, GateFailed)
+        print(f"{'gate failed' if failed_gate else 'config error'}: {err}", file=sys.stderr)
+        sys.exit(GATE_FAILED_EXIT if failed_gate else CONFIG_ERROR_EXIT)
 
 
 def run_recipe(job: Job, argv: Optional[list[str]] = None, adjust: Optional[Callable[[Any], Any]] = None) -> Any:

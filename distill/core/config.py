@@ -268,6 +268,9 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         return _coerce(inner[0], value, path)
     if dataclasses.is_dataclass(hint):
+        # a section that has a one-string form (a gate rule) parses it itself
+        if isinstance(value, str) and hasattr(hint, "from_text"):
+            return hint.from_text(value, path)
         return from_dict(hint, value, path)
     if origin is list:
         if not isinstance(value, (list, tuple)):

@@ -65,11 +65,17 @@ class LMEvalConfig:
     """Fixed prompts, each completed greedily by the final student (generations.jsonl)."""
     max_new_tokens: int = 32
     """The most tokens generated after each prompt."""
-    teacher_nll_prompts: int = 0
-    """With prompt/completion or chat data: how many test prompts the final student completes greedily (up to
-    `max_new_tokens`) for the teacher to score: the teacher's mean negative log-likelihood per completion token
-    (lower: the student writes what the teacher would), in metrics.json, the completions in completions.jsonl. The
-    teacher is loaded for it if the run did not load it. 0: not measured."""
+    teacher_nll_prompts: int = 50
+    """How many test prompts the final student completes greedily (up to `max_new_tokens`): with prompt/completion
+    or chat data the examples' prompts, with plain text each text's first `prompt_tokens` tokens. metrics.json gets
+    the share of completions that loop (`test_loop_share`, `distill.lm.metrics.loops`), their distinct-2 and mean
+    length, and the teacher's mean negative log-likelihood per completion token (`test_teacher_nll`; lower: the
+    student writes what the teacher would); completions.jsonl the completions. The teacher is loaded for it if the
+    run did not load it (a cached run). Not measured with `student_tokenizer` (the teacher cannot read the student's
+    tokens). 0: not measured."""
+    prompt_tokens: int = 16
+    """With plain text: the tokens of each test text's opening that form its prompt (fewer for a shorter text, so
+    that at least one token of it is left to continue)."""
 
 
 @dataclass

@@ -86,3 +86,9 @@ def evaluation_texts(cfg, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[
     limit = cfg.eval_examples
     return {name: splits[name]["input_ids"][:limit] if limit else splits[name]["input_ids"]
             for name in ("validation", "test")}
+
+
+def text_prompts(texts: list[list[int]], tokens: int) -> list[list[int]]:
+    """Each text's opening as a prompt: its first `tokens` token ids, fewer for a text too short to leave one of its
+    tokens to continue."""
+    return [ids[:max(min(tokens, len(ids) - 1), 1)] for ids in texts]

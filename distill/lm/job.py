@@ -32,7 +32,7 @@ from distill.core.trainer import Trainer
 from distill.lm.align import cross_tokenized, shared_vocabulary
 from distill.lm.cache.store import CachedTeacherCollator, CacheKey, TeacherCache
 from distill.lm.config import LMDistillConfig, LMEvalConfig
-from distill.lm.data import PROMPT_LENGTH, CrossTokenizerCollator, LMCollator, held_out_splits
+from distill.lm.data import PROMPT_LENGTH, CrossTokenizerCollator, LMCollator, held_out_splits, text_prompts
 from distill.lm.metrics import PERPLEXITY, teacher_nll_of_completions
 from distill.lm.on_policy import OnPolicyBatches
 from distill.lm.sampling import SamplingConfig, check_sampling, complete, stop_tokens
@@ -106,7 +106,7 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
     generations = greedy_generations(student, tokenizer, cfg.eval, chat=uses_chat_template(cfg.data))
     if accelerator.is_main_process:
         write_text_atomic(run_dir / "generations.jsonl", jsonl_text(generations))
-    if cfg.eval.teacher_nll_prompts:
+    if cfg.eval.teacher_nll_prompts and not cfg.student_tokenizer:
         teacher = teacher or load_causal_lm(cfg.teacher).to(accelerator.device)
         extra.update(score_completions(student, teacher, tokenizer, splits["test"], cfg, run_dir,
                                        accelerator.is_main_process))
@@ -134,10 +134,11 @@ def fit_vocabulary(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 def score_completions(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                       test_set, cfg: LMDistillConfig, run_dir, write: bool) -> dict[str, float]:
-    """The student's greedy completions of the first `eval.teacher_nll_prompts` test prompts, scored by the teacher
-    (`teacher_nll_of_completions`), written to completions.jsonl."""
+    """The student's greedy completions of the first `eval.teacher_nll_prompts` test prompts (of plain text: the
+    texts' openings), scored by the teacher (`teacher_nll_of_completions`), written to completions.jsonl."""
     rows = test_set.select(range(min(cfg.eval.teacher_nll_prompts, len(test_set))))
-    prompts = [ids[:length] for ids, length in zip(rows["input_ids"], rows[PROMPT_LENGTH])]
+    prompts = ([ids[:length] for ids, length in zip(rows["input_ids"], rows[PROMPT_LENGTH])]
+               if PROMPT_LENGTH in rows.column_names else text_prompts(rows["input_ids"], cfg.eval.prompt_tokens))
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
     scores, completions = teacher_nll_of_completions(student, teacher, prompts, greedy, stop_tokens(tokenizer),
                                                      tokenizer.pad_token_id, cfg.train.eval_batch_size)
@@ -179,9 +180,9 @@ def check_lm_distill(cfg: LMDistillConfig) -> None:
         raise ConfigError(f"data.max_length must be at least 2 (a token and the next); got {cfg.data.max_length}")
     if cfg.eval.max_new_tokens < 1:
         raise ConfigError(f"eval.max_new_tokens must be at least 1; got {cfg.eval.max_new_tokens}")
-    if cfg.eval.teacher_nll_prompts and cfg.data.format == "text":
-        raise ConfigError("eval.teacher_nll_prompts scores the student's completions of held-out prompts: it needs "
-                          "data.format prompt_completion or chat")
+    if cfg.eval.teacher_nll_prompts < 0 or cfg.eval.prompt_tokens < 1:
+        raise ConfigError(f"eval.teacher_nll_prompts must be at least 0 and eval.prompt_tokens at least 1; got "
+                          f"{cfg.eval.teacher_nll_prompts} and {cfg.eval.prompt_tokens}")
     if cfg.train.sharding == "fsdp2" and cfg.on_policy.lmbda > 0:
         raise ConfigError("on_policy with train.sharding: fsdp2: processes sample completions of different lengths, "
                           "and a sharded student needs every process in each forward pass; use sharding: none")

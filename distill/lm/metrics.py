@@ -51,8 +51,8 @@ def teacher_nll_of_completions(student: PreTrainedModel, teacher: PreTrainedMode
                                sampling: SamplingConfig, stops: set[int], pad_id: int, batch_size: int
                                ) -> tuple[dict[str, float], list[list[int]]]:
     """The student's greedy (or `sampling`) completions of `prompts`, scored by the teacher: its mean negative
-    log-likelihood per completion token (lower: the student writes what the teacher would have written), the mean
-    completion length, their distinct-2; and the completions."""
+    log-likelihood per completion token (lower: the student writes what the teacher would have written), with their
+    `generation_scores`; and the completions."""
     was_training = teacher.training
     teacher.eval()
     nll = tokens = 0.0
@@ -66,9 +66,33 @@ def teacher_nll_of_completions(student: PreTrainedModel, teacher: PreTrainedMode
         nll, tokens = nll + sums.sum().item(), tokens + counts.sum().item()
         completions += written
     teacher.train(was_training)
-    scores = {"teacher_nll": nll / max(tokens, 1), "completion_tokens": tokens / max(len(prompts), 1),
-              "completion_distinct_2": distinct_bigrams(completions)}
-    return scores, completions
+    return {"teacher_nll": nll / max(tokens, 1), **generation_scores(completions)}, completions
+
+
+def generation_scores(completions: list[list[int]]) -> dict[str, float]:
+    """What greedy completions show that perplexity does not: the share that loop (`loops`), their distinct-2, and
+    their mean length in tokens."""
+    return {"loop_share": sum(map(loops, completions)) / max(len(completions), 1),
+            "completion_distinct_2": distinct_bigrams(completions),
+            "completion_tokens": sum(map(len, completions)) / max(len(completions), 1)}
+
+
+LOOP_SPAN = 4
+"""The shortest span whose back-to-back repeat counts as a loop."""
+
+
+def loops(tokens: list[int], span: int = LOOP_SPAN) -> bool:
+    """Whether a completion loops: some span of at least `span` tokens is followed right away by itself
+    (`A B C D A B C D`, or "is a story of the world is a story of the world"). A cycle is caught once it has gone
+    round twice (a cycle shorter than `span` tokens: twice its smallest multiple that is not), while prose that uses
+    a phrase twice apart, or doubles a short word ("very very good"), does not count."""
+    for shift in range(span, len(tokens) // 2 + 1):
+        run = 0
+        for a, b in zip(tokens, tokens[shift:]):
+            run = run + 1 if a == b else 0
+            if run == shift:
+                return True
+    return False
 
 
 def distinct_bigrams(completions: list[list[int]]) -> float:

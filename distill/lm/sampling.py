@@ -78,10 +78,11 @@ def complete(model: PreTrainedModel, prompts: list[list[int]], cfg: SamplingConf
             break
         step_ids, mask = tokens[:, None], torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     model.train(was_training)
-    return [_until_stop(row, stop_ids) for row in written.tolist()]
+    return [until_stop(row, stop_ids) for row in written.tolist()]
 
 
-def _until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+def until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    """`tokens` up to and including the first of `stop_ids`."""
     for i, token in enumerate(tokens):
         if token in stop_ids:
             return tokens[:i + 1]

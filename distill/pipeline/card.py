@@ -1,15 +1,17 @@
 """The model card (README.md) of a compressed model, in the Hub's format: YAML front matter (base_model, datasets,
-library_name, tags, model-index with the served model's accuracy), then every compression step with its settings,
-the metrics table, how to load the model (the flags its checkpoint needs) and its limitations."""
+library_name, tags, model-index with the served model's figures: `model_index`), then every compression step with
+its settings, the metrics table, the gate's outcome, how to load the model (the flags its checkpoint needs) and its
+limitations."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import yaml
 
+from distill.core.gate import outcome_text
 from distill.core.offline import DATASET_ALIASES, MODEL_ALIASES
 
 KIND_TAGS = {"distill": ["distillation"], "distill_lm": ["distillation"], "prune": ["pruning"], "prune_lm": ["pruning"],
@@ -39,6 +41,42 @@ class CardFacts:
     accuracy: float
     license: Optional[str]
     tags: list[str]
+    gate: list[dict] = field(default_factory=list)
+    """The outcome of each gate rule (`distill.core.gate.gate_outcomes`)."""
+
+
+class IndexDataset(NamedTuple):
+    name: str
+    type: str
+    split: str
+
+
+class IndexEntry(NamedTuple):
+    """One measured value of the card's `model-index`."""
+    task: str
+    """The Hub task type, e.g. `text-generation`."""
+    dataset: IndexDataset
+    metric: str
+    """The metric's type, e.g. `accuracy`, `perplexity`."""
+    value: float
+    name: Optional[str] = None
+    """The metric's display name."""
+
+
+def model_index(model_name: str, entries: list[IndexEntry]) -> list[dict]:
+    """The Hub's `model-index` front matter: one result per task and dataset, holding their metrics in order."""
+    results: dict[tuple[str, IndexDataset], list[dict]] = {}
+    for entry in entries:
+        results.setdefault((entry.task, entry.dataset), []).append(
+            {"type": entry.metric, "value": entry.value, **({"name": entry.name} if entry.name else {})})
+    return [{"name": model_name, "results": [
+        {"task": {"type": task, "name": task.replace("-", " ").title()}, "dataset": dataset._asdict(),
+         "metrics": metrics} for (task, dataset), metrics in results.items()]}]
+
+
+def card_dataset(facts: CardFacts | LMCardFacts, split: str) -> IndexDataset:
+    """The dataset a card's figures were measured on: its Hub id when it has one, else its name."""
+    return IndexDataset(facts.dataset_name, facts.datasets[0] if facts.datasets else facts.dataset_name, split)
 
 
 def hub_model_id(name: str) -> Optional[str]:
@@ -68,7 +106,8 @@ def model_card(model_dir: Path, facts: CardFacts, steps: list[CardStep], table: 
     config = json.loads((Path(model_dir) / "config.json").read_text())
     sections = [front_matter(facts, steps), f"# {facts.repo_id or 'Compressed model'}",
                 summary(facts, steps), steps_section(steps), metrics_section(table, plot_file, facts),
-                loading_section(config, facts.repo_id or PLACEHOLDER_REPO), limitations_section(config, facts)]
+                *gate_section(facts.gate), loading_section(config, facts.repo_id or PLACEHOLDER_REPO),
+                limitations_section(config, facts)]
     return "\n\n".join(sections) + "\n"
 
 
@@ -77,12 +116,9 @@ def front_matter(facts: CardFacts, steps: list[CardStep]) -> str:
     metadata: dict[str, Any] = {
         "base_model": facts.base_model, "datasets": facts.datasets or None, "library_name": "transformers",
         "license": facts.license, "pipeline_tag": "text-classification", "tags": list(dict.fromkeys(tags + facts.tags)),
-        "model-index": [{"name": facts.repo_id or "compressed-model", "results": [{
-            "task": {"type": "text-classification", "name": "Text Classification"},
-            "dataset": {"name": facts.dataset_name, "type": facts.datasets[0] if facts.datasets else facts.dataset_name,
-                        "split": facts.split},
-            "metrics": [{"type": "accuracy", "value": round(facts.accuracy, 4), "name": f"{facts.split} accuracy"}],
-        }]}],
+        "model-index": model_index(facts.repo_id or "compressed-model", [IndexEntry(
+            "text-classification", card_dataset(facts, facts.split), "accuracy", round(facts.accuracy, 4),
+            f"{facts.split} accuracy")]),
     }
     values = {key: value for key, value in metadata.items() if value is not None}
     return f"---\n{yaml.safe_dump(values, sort_keys=False)}---"
@@ -108,6 +144,14 @@ def metrics_section(table: str, plot_file: Optional[str], facts: CardFacts) -> s
     plot = f"\n\n![accuracy against size and latency]({plot_file})" if plot_file else ""
     return (f"## Metrics\n\nEvery model the steps saved, measured side by side ({facts.split} split; CPU latency at "
             f"a fixed batch, measured in alternation); the first row is the reference.\n\n{table}{plot}")
+
+
+def gate_section(outcomes: list[dict]) -> list[str]:
+    """The gate's rules with their outcomes (no section without a gate)."""
+    if not outcomes:
+        return []
+    lines = "\n".join(f"- {outcome_text(outcome)}" for outcome in outcomes)
+    return [f"## Gate\n\nThe thresholds the model had to meet before it could be pushed:\n\n{lines}"]
 
 
 def loading_flags(config: dict) -> list[str]:
@@ -165,6 +209,10 @@ class LMCardFacts:
     """GGUF files shipped beside the model, for llama.cpp."""
     recommendation: Optional[str] = None
     """Which measured artifact to serve within the user's budget (`quant.measure.lm_report.recommendation`)."""
+    results: list[IndexEntry] = field(default_factory=list)
+    """The model-index entries beside the test perplexity (generation quality, benchmark tasks)."""
+    gate: list[dict] = field(default_factory=list)
+    """The outcome of each gate rule (`distill.core.gate.gate_outcomes`)."""
 
 
 def lm_model_card(model_dir: Path, facts: LMCardFacts, steps: list[CardStep], table: str, plot_file: Optional[str]
@@ -174,12 +222,9 @@ def lm_model_card(model_dir: Path, facts: LMCardFacts, steps: list[CardStep], ta
     metadata = {"base_model": facts.base_model, "datasets": facts.datasets or None, "library_name": "transformers",
                 "license": facts.license, "pipeline_tag": "text-generation",
                 "tags": list(dict.fromkeys(tags + (["gguf"] if facts.gguf_files else []) + facts.tags)),
-                "model-index": [{"name": facts.repo_id or "compressed-model", "results": [{
-                    "task": {"type": "text-generation", "name": "Text Generation"},
-                    "dataset": {"name": facts.dataset_name, "type": facts.datasets[0] if facts.datasets
-                                else facts.dataset_name, "split": "test"},
-                    "metrics": [{"type": "perplexity", "value": round(facts.perplexity, 3),
-                                 "name": "test perplexity"}]}]}]}
+                "model-index": model_index(facts.repo_id or "compressed-model", [IndexEntry(
+                    "text-generation", card_dataset(facts, "test"), "perplexity", round(facts.perplexity, 3),
+                    "test perplexity"), *facts.results])}
     front = "---\n" + yaml.safe_dump({k: v for k, v in metadata.items() if v is not None}, sort_keys=False) + "---"
     chain = " -> ".join(f"{step.name} ({step.kind})" for step in steps)
     base = f" from `{facts.base_model}`" if facts.base_model else ""
@@ -190,7 +235,7 @@ def lm_model_card(model_dir: Path, facts: LMCardFacts, steps: list[CardStep], ta
                "side on the same held-out texts; generation speed on the CPU of the machine that ran the pipeline, at "
                f"batch 1.\n\n{table}{plot}" + (f"\n\n{facts.recommendation}" if facts.recommendation else ""))
     sections = [front, f"# {facts.repo_id or 'Compressed language model'}", summary, steps_section(steps), metrics,
-                lm_loading_section(config, facts.repo_id or PLACEHOLDER_REPO, facts.gguf_files),
+                *gate_section(facts.gate), lm_loading_section(config, facts.repo_id or PLACEHOLDER_REPO, facts.gguf_files),
                 lm_limitations_section(config, facts)]
     return "\n\n".join(sections) + "\n"
 

@@ -11,7 +11,8 @@ inline overrides over it), its input model, and that the order can work. Stage `
 `output_dir/<ii>-<name>/` and writes `stage.json` there twice, atomically: when it starts and, last, when it is
 complete. The file holds a hash of the stage's resolved config chained to the previous stage's hash, so a re-run
 skips a complete stage whose hash is unchanged, reruns one whose config (or any earlier stage's) changed, and lets
-an interrupted one resume from its runner's own checkpoints. The pipeline runs in one process."""
+an interrupted one resume from its runner's own checkpoints. A stage whose metrics hold a failed gate (a report's
+`gate`, `distill.core.gate`) stops the pipeline there, before `push`. The pipeline runs in one process."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ from typing import Any, Callable, Optional
 
 from distill.core.config import CorpusConfig, DataConfig, from_dict, merge_values, read_config_file, to_dict
 from distill.core.errors import ConfigError
+from distill.core.gate import require_passed
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, load_jobs, register_job
 from distill.core.models import resolve_model
@@ -36,6 +38,8 @@ from distill.core.run import OnStep
 logger = logging.getLogger(__name__)
 
 MARKER = "stage.json"
+REPORT_KINDS = ("report", "report_lm")
+"""The stage kinds that write the served model's card (and may hold a gate): a push follows one of them."""
 REFERENCE = "@"
 
 
@@ -84,8 +88,8 @@ class StageKind:
     the last feeds the next stage unless the entry's `output_model` picks another."""
     check: Callable[[Any], None] = lambda cfg: None
     """Config-only checks, nothing loaded."""
-    after: Optional[str] = None
-    """A kind that must run before this one, unless the entry names its own `model`."""
+    after: tuple[str, ...] = ()
+    """Kinds one of which must run before this one, unless the entry names its own `model`."""
 
     @classmethod
     def of_job(cls, job: Job, run: Callable[[Any, "StageContext"], dict], **options) -> StageKind:
@@ -127,7 +131,7 @@ class StageContext:
 def with_push(cfg: PipelineConfig, repo_id: str) -> PipelineConfig:
     """`cfg` with a final `push` stage to `repo_id`, whose id the report stages' model cards name."""
     stages = [dataclasses.replace(entry, overrides={**entry.overrides, "repo_id": repo_id})
-              if entry.kind == "report" else entry for entry in cfg.stages]
+              if entry.kind in REPORT_KINDS else entry for entry in cfg.stages]
     return dataclasses.replace(cfg, stages=stages + [StageEntry(kind="push", overrides={"repo_id": repo_id})])
 
 
@@ -137,11 +141,14 @@ def run_pipeline(cfg: PipelineConfig, on_step: OnStep = None) -> list[Stage]:
     for i, stage in enumerate(stages):
         if is_complete(stage):
             logger.info("%s: complete, skipped", stage.label)
-            continue
-        logger.info("%s: running %s into %s", stage.label, stage.kind_name, stage.folder)
-        start_stage(stage)
-        metrics = stage.kind.run(stage.cfg, StageContext(stages[:i], on_step))
-        write_marker(stage, complete=True, metrics=metrics)
+            metrics = read_marker(stage.folder)["metrics"]
+        else:
+            logger.info("%s: running %s into %s", stage.label, stage.kind_name, stage.folder)
+            start_stage(stage)
+            metrics = stage.kind.run(stage.cfg, StageContext(stages[:i], on_step))
+            write_marker(stage, complete=True, metrics=metrics)
+        # a report's failed gate stops the pipeline before the next stage (push), on a rerun too
+        require_passed(metrics.get("gate", []), stage.label)
     return stages
 
 
@@ -161,9 +168,9 @@ def plan_stage(cfg: PipelineConfig, index: int, entry: StageEntry, earlier: list
     kind = stage_kind(entry.kind, where)
     if any(stage.name == name for stage in earlier):
         raise ConfigError(f"{where}: an earlier stage has this name; give one of them a `name`")
-    if kind.after and entry.model is None and not any(stage.kind_name == kind.after for stage in earlier):
-        raise ConfigError(f"{where}: a '{entry.kind}' stage needs a '{kind.after}' stage before it (or its own "
-                          "`model`)")
+    if kind.after and entry.model is None and not any(stage.kind_name in kind.after for stage in earlier):
+        needed = " or ".join(f"'{name}'" for name in kind.after)
+        raise ConfigError(f"{where}: a '{entry.kind}' stage needs a {needed} stage before it (or its own `model`)")
     folder = Path(cfg.output_dir) / f"{index + 1:02d}-{name}"
     given = resolve_references(recipe_values(entry, where), earlier, where)
     input_model = input_model_of(entry, dotted_get(given, kind.input_field), earlier, where)

@@ -10,7 +10,7 @@ from distill.encoder.general import GENERAL_DISTILL
 from distill.encoder.job import DISTILL
 from distill.lm.job import LM_DISTILL
 from distill.pipeline.hub import PUSH
-from distill.pipeline.plan import StageKind, register_stage
+from distill.pipeline.plan import REPORT_KINDS, StageKind, register_stage
 
 
 def distill_outputs(cfg: DistillConfig) -> dict[str, str]:
@@ -29,5 +29,5 @@ register_stage("distill", StageKind.of_job(DISTILL, run_training_job(DISTILL), i
 register_stage("general_distill", StageKind.of_job(GENERAL_DISTILL, run_training_job(GENERAL_DISTILL),
                                                    input_field="teacher"))
 register_stage("push", StageKind.of_job(PUSH, lambda cfg, context: PUSH.run(cfg), input_field="model",
-                                        outputs=lambda cfg: {}, after="report"))
+                                        outputs=lambda cfg: {}, after=REPORT_KINDS))
 register_stage("distill_lm", StageKind.of_job(LM_DISTILL, run_training_job(LM_DISTILL), input_field="student.model"))

@@ -31,6 +31,8 @@ from quant.quantize import Evaluation
 from quant.schemes.variants import load_variant
 
 REPORT_NAME = "compression_report"
+FIGURES = ["accuracy", "parameters", "disk_mb", "weight_mb", "latency_ms", "examples_per_s"]
+"""The figures of every row, which a gate may name."""
 PLOT_FILE = f"{REPORT_NAME}.png"
 MATPLOTLIB_INSTALL = 'pip install -e ".[report]"'
 

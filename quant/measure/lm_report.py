@@ -1,8 +1,10 @@
 """The report of a causal-LM pipeline: the teacher and every model the earlier stages saved (each quantized variant,
 each GGUF file), measured side by side on the same held-out texts: validation and test perplexity, agreement of the
-greedy next token with the teacher's, parameters, size on disk, and CPU generation speed at batch 1 (prefill of one
-`speed.prompt_tokens`-token prompt, decode of `speed.new_tokens` tokens, each model in a process of its own so that
-its resident peak is its own: `quant.measure.generation_speed`). GGUF files are measured in llama.cpp.
+greedy next token with the teacher's, generation quality (the share of greedy completions of the test texts'
+openings that loop, their distinct-2 and mean length), parameters, size on disk, and CPU generation speed at batch 1
+(prefill of one `speed.prompt_tokens`-token prompt, decode of `speed.new_tokens` tokens, each model in a process of
+its own so that its resident peak is its own: `quant.measure.generation_speed`). GGUF files are measured in
+llama.cpp.
 
 Written as `lm_report.json`, a Markdown table (`.md`) and a plot of perplexity against decode speed and against disk
 size (`.png`). The pipeline's `report_lm` stage (`quant.stages`) writes them beside the served model, with its
@@ -10,7 +12,7 @@ GGUF files and card."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -19,10 +21,13 @@ import torch
 
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
-from distill.core.models import load_causal_lm, load_tokenizer, resolve_model
-from distill.lm.data import evaluation_texts
+from distill.core.gate import check_gate
+from distill.core.models import ensure_pad_token, load_causal_lm, load_tokenizer, resolve_model
+from distill.lm.data import evaluation_texts, text_prompts
+from distill.lm.metrics import generation_scores
+from distill.lm.sampling import SamplingConfig, complete, stop_tokens, until_stop
 from quant.config import BudgetConfig, LMReportConfig
-from quant.export.gguf import gguf_logits, gguf_perplexity, loaded
+from quant.export.gguf import gguf_logits, gguf_perplexity, greedy_ids, loaded
 from quant.measure.classifier_metrics import weight_memory
 from quant.measure.compression_report import pareto_front, require_matplotlib
 from quant.measure.generation_speed import speed
@@ -32,6 +37,11 @@ from quant.schemes.variants import load_variant
 
 REPORT_NAME = "lm_report"
 PLOT_FILE = f"{REPORT_NAME}.png"
+FIGURES = ["validation_perplexity", "test_perplexity", "next_token_agreement", "kld_mean", "kld_p99", "parameters",
+           "weight_mb", "disk_mb", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb"]
+"""The figures of every row, which a gate may name."""
+COMPLETION_FIGURES = ["test_loop_share", "test_completion_distinct_2", "test_completion_tokens"]
+"""The figures of the greedy completions (`completions`), when they are measured."""
 
 
 @dataclass
@@ -47,26 +57,44 @@ class LMCandidate:
         return self.path.suffix == ".gguf"
 
 
+@dataclass
+class Openings:
+    """The test texts' openings that every model completes greedily, and how."""
+    prompts: list[list[int]]
+    max_new_tokens: int
+    stops: set[int] = field(default_factory=set)
+    pad_id: int = 0
+    batch_size: int = 8
+
+
 def check_lm_report(cfg: LMReportConfig) -> None:
     for name in ("validation_examples", "test_examples", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1; got {getattr(cfg, name)}")
     if cfg.speed.prompt_tokens < 1 or cfg.speed.new_tokens < 1 or cfg.speed.repeats < 1:
         raise ConfigError("speed.prompt_tokens, speed.new_tokens and speed.repeats must be at least 1")
+    completions = cfg.completions
+    if completions.prompts < 0 or completions.prompt_tokens < 1 or completions.max_new_tokens < 1:
+        raise ConfigError("completions.prompts must be at least 0, completions.prompt_tokens and "
+                          "completions.max_new_tokens at least 1")
+    check_gate(cfg.gate, FIGURES + (COMPLETION_FIGURES if completions.prompts else []))
     require_matplotlib()
 
 
 def measure_candidates(cfg: LMReportConfig, candidates: list[LMCandidate]) -> list[dict]:
-    tokenizer = load_tokenizer(cfg.teacher)
+    tokenizer = ensure_pad_token(load_tokenizer(cfg.teacher))
     texts = evaluation_texts(cfg, tokenizer)
     prompt = speed_prompt(texts["test"], cfg.speed.prompt_tokens)
     threads = cfg.speed.threads or torch.get_num_threads()
+    openings = Openings(text_prompts(texts["test"][:cfg.completions.prompts], cfg.completions.prompt_tokens),
+                        cfg.completions.max_new_tokens, stop_tokens(tokenizer), tokenizer.pad_token_id,
+                        cfg.eval_batch_size)
     reference = None
     rows = []
     for candidate in candidates:
         row = {"model": candidate.label, "stage": candidate.stage, "kind": candidate.kind, "path": str(candidate.path),
-               **(measure_gguf(candidate.path, texts, threads) if candidate.gguf else measure_torch(candidate.path,
-                                                                                                     texts))}
+               **(measure_gguf(candidate.path, texts, threads, openings) if candidate.gguf
+                  else measure_torch(candidate.path, texts, openings))}
         logits = row.pop("logits")
         reference = logits if reference is None else reference
         row.update(next_token_agreement=agreement(logits, reference), **divergence(logits, reference))
@@ -75,12 +103,16 @@ def measure_candidates(cfg: LMReportConfig, candidates: list[LMCandidate]) -> li
     return rows
 
 
-def measure_torch(path: Path, texts: dict) -> dict:
+def measure_torch(path: Path, texts: dict, openings: Openings) -> dict:
     model = load_variant(path).eval() if path.is_dir() else load_causal_lm(str(path), dtype=torch.float32).eval()
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=openings.max_new_tokens)
+    written = [completion for start in range(0, len(openings.prompts), openings.batch_size)
+               for completion in complete(model, openings.prompts[start:start + openings.batch_size], greedy,
+                                          openings.stops, openings.pad_id)]
     return {"validation_perplexity": text_perplexity(model, texts["validation"]),
             "test_perplexity": text_perplexity(model, texts["test"]), "logits": torch_logits(model, texts["test"]),
             "parameters": count_parameters(model), "weight_mb": weight_memory(model, [])["weight_mb"],
-            "disk_mb": folder_mb(path)}
+            "disk_mb": folder_mb(path), **completion_figures(written)}
 
 
 @torch.no_grad()
@@ -88,12 +120,20 @@ def torch_logits(model, texts: list[list[int]]) -> list[np.ndarray]:
     return [logits_of(model, torch.tensor([ids]))[0].float().numpy() for ids in texts]
 
 
-def measure_gguf(path: Path, texts: dict, threads: int) -> dict:
+def measure_gguf(path: Path, texts: dict, threads: int, openings: Openings) -> dict:
     with loaded(path, threads) as llm:
+        written = [until_stop(greedy_ids(llm, prompt, openings.max_new_tokens), openings.stops)
+                   for prompt in openings.prompts]
         return {"validation_perplexity": gguf_perplexity(llm, texts["validation"]),
                 "test_perplexity": gguf_perplexity(llm, texts["test"]),
                 "logits": [gguf_logits(llm, ids).astype(np.float32) for ids in texts["test"]],
-                "parameters": None, "weight_mb": path.stat().st_size / 1e6, "disk_mb": path.stat().st_size / 1e6}
+                "parameters": None, "weight_mb": path.stat().st_size / 1e6, "disk_mb": path.stat().st_size / 1e6,
+                **completion_figures(written)}
+
+
+def completion_figures(completions: list[list[int]]) -> dict[str, float]:
+    """`COMPLETION_FIGURES` of a model's greedy completions; none without completions (not measured)."""
+    return {f"test_{name}": value for name, value in generation_scores(completions).items()} if completions else {}
 
 
 def agreement(logits: list[np.ndarray], reference: list[np.ndarray]) -> float:
@@ -160,19 +200,27 @@ def recommendation(rows: list[dict], budget: Optional[BudgetConfig], served: str
 
 def markdown_table(rows: list[dict], prompt_tokens: int, new_tokens: int) -> str:
     base, on_front = rows[0], fronts(rows)
-    lines = [f"| model | stage kind | val. ppl | test ppl | next-token agreement | KLD mean | KLD p99 | parameters | "
-             f"disk MB | peak RSS MB | prefill tok/s ({prompt_tokens}) | decode tok/s ({new_tokens}) | "
-             f"decode speed-up | Pareto front |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| model | stage kind | val. ppl | test ppl | next-token agreement | KLD mean | KLD p99 | loop share | "
+             f"distinct-2 | completion tokens | parameters | disk MB | peak RSS MB | prefill tok/s ({prompt_tokens}) | "
+             f"decode tok/s ({new_tokens}) | decode speed-up | Pareto front |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         params = f"{row['parameters'] / 1e6:.1f}M" if row["parameters"] else "-"
         front = ", ".join(name for name, models in on_front.items() if row["model"] in models) or "-"
         lines.append(f"| {row['model']} | {row['kind']} | {row['validation_perplexity']:.2f} | "
                      f"{row['test_perplexity']:.2f} | {row['next_token_agreement']:.2%} | {row['kld_mean']:.4f} | "
-                     f"{row['kld_p99']:.3f} | {params} | {row['disk_mb']:.1f} | {row['peak_rss_mb']:.0f} | "
+                     f"{row['kld_p99']:.3f} | {completion_cells(row)} | {params} | {row['disk_mb']:.1f} | "
+                     f"{row['peak_rss_mb']:.0f} | "
                      f"{row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s']:.1f} | "
                      f"{row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x | {front} |")
     return "\n".join(lines)
+
+
+def completion_cells(row: dict) -> str:
+    if "test_loop_share" not in row:
+        return "- | - | -"
+    return (f"{row['test_loop_share']:.0%} | {row['test_completion_distinct_2']:.3f} | "
+            f"{row['test_completion_tokens']:.1f}")
 
 
 def plot(rows: list[dict], path: Path) -> None:

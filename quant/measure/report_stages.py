@@ -12,11 +12,15 @@ import torch
 from distill.core.config import to_dict
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import tokenizer_sha256
+from distill.core.gate import check_gate, gate_outcomes
 from distill.core.models import load_tokenizer
 from distill.pipeline.card import (
     CardFacts,
     CardStep,
+    IndexDataset,
+    IndexEntry,
     LMCardFacts,
+    card_dataset,
     hub_dataset_id,
     hub_model_id,
     lm_model_card,
@@ -25,7 +29,14 @@ from distill.pipeline.card import (
 from distill.pipeline.plan import Stage, StageContext
 from quant.config import LMReportConfig, ReportConfig
 from quant.export.onnx import is_onnx, require_onnxruntime
-from quant.measure.compression_report import PLOT_FILE, Candidate, measure_models, require_matplotlib, write_report
+from quant.measure.compression_report import (
+    FIGURES,
+    PLOT_FILE,
+    Candidate,
+    measure_models,
+    require_matplotlib,
+    write_report,
+)
 from quant.measure.lm_report import PLOT_FILE as LM_PLOT_FILE
 from quant.measure.lm_report import (
     fronts,
@@ -44,6 +55,7 @@ CARD_OMITS = ("output_dir", "data")
 
 def check_report_config(cfg: ReportConfig) -> None:
     check_measurement(cfg)
+    check_gate(cfg.gate, FIGURES)
     require_matplotlib()
     if is_onnx(cfg.model):
         raise ConfigError(f"the report serves a transformers model with its card, not the ONNX file {cfg.model}; "
@@ -70,15 +82,17 @@ def run_report(cfg: ReportConfig, context: StageContext) -> dict:
     header = {"split": cfg.split, "examples": len(evaluation.loader.dataset),
               "latency_batch": [cfg.latency.batch_size, cfg.latency.max_length], "threads": torch.get_num_threads(),
               "torch": torch.__version__, "served": cfg.model}
+    served = next(row for row in rows if Path(row["path"]) == Path(cfg.model))
+    header["gate"] = gate_outcomes(cfg.gate, rows, served["model"])
     if any(row["runtime"] == "onnxruntime" for row in rows):
         header["onnxruntime"] = require_onnxruntime().__version__
     tmp = Path(cfg.output_dir) / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(cfg.model, tmp)
     table = write_report(rows, tmp, header)
-    served = next(row for row in rows if Path(row["path"]) == Path(cfg.model))
-    card = model_card(tmp, card_facts(cfg, context.earlier, served["accuracy"]), card_steps(context.earlier), table,
-                      PLOT_FILE)
+    facts = card_facts(cfg, context.earlier, served["accuracy"])
+    facts.gate = header["gate"]
+    card = model_card(tmp, facts, card_steps(context.earlier), table, PLOT_FILE)
     (tmp / "README.md").write_text(card)
     os.replace(tmp, Path(cfg.output_dir) / "model")
     return {"rows": rows, **header}
@@ -120,8 +134,10 @@ def card_steps(earlier: list[Stage]) -> list[CardStep]:
 def run_lm_report(cfg: LMReportConfig, context: StageContext) -> dict:
     """Measure, write the report, then `output_dir/model`: the served model, its GGUF files, the report, the card."""
     rows = measure_candidates(cfg, lm_candidates(cfg, context.earlier))
+    served = next(row for row in rows if Path(row["path"]) == Path(cfg.model))
     header = {"texts": {"validation": cfg.eval_examples, "test": cfg.eval_examples}, "served": cfg.model,
-              "threads": cfg.speed.threads or torch.get_num_threads(), "torch": torch.__version__}
+              "threads": cfg.speed.threads or torch.get_num_threads(), "torch": torch.__version__,
+              "completions": to_dict(cfg.completions), "gate": gate_outcomes(cfg.gate, rows, served["model"])}
     tmp = Path(cfg.output_dir) / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(cfg.model, tmp)
@@ -132,13 +148,21 @@ def run_lm_report(cfg: LMReportConfig, context: StageContext) -> dict:
         shutil.copy2(path, tmp / path.name)
     advice = recommendation(rows, cfg.budget, cfg.model)
     table = write_lm_report(rows, tmp, header, cfg.speed, advice)
-    served = next(row for row in rows if Path(row["path"]) == Path(cfg.model))
     datasets = cfg.datasets if cfg.datasets is not None else [d for d in [hub_dataset_id(cfg.data.source)] if d]
     facts = LMCardFacts(repo_id=cfg.repo_id, base_model=cfg.base_model or hub_model_id(cfg.teacher), datasets=datasets,
                         dataset_name=datasets[0] if datasets else Path(cfg.data.source).name,
                         perplexity=served["test_perplexity"], license=cfg.license, tags=cfg.tags,
-                        gguf_files=[path.name for path in gguf], recommendation=advice)
+                        gguf_files=[path.name for path in gguf], recommendation=advice, gate=header["gate"])
+    facts.results = generation_entries(served, card_dataset(facts, "test"))
     (tmp / "README.md").write_text(lm_model_card(tmp, facts, card_steps(context.earlier), table, LM_PLOT_FILE))
     os.replace(tmp, Path(cfg.output_dir) / "model")
     best = recommended(rows, cfg.budget)
     return {"rows": rows, **header, "pareto_fronts": fronts(rows), "recommended": best["model"] if best else None}
+
+
+def generation_entries(served: dict, dataset: IndexDataset) -> list[IndexEntry]:
+    """The card's model-index entries for the served model's greedy completions, when they were measured."""
+    names = {"test_loop_share": "loop share of greedy completions",
+             "test_completion_distinct_2": "distinct-2 of greedy completions"}
+    return [IndexEntry("text-generation", dataset, figure[len("test_"):], round(served[figure], 4), name)
+            for figure, name in names.items() if figure in served]

@@ -196,8 +196,7 @@ def test_the_teachers_nll_of_the_students_completions_by_hand():
     ({"data": CorpusConfig(format="text"), "eval": LMEvalConfig()}, "plain text has none"),
     ({"stages": [StageConfig(losses=[*JSD, LossConfig(name="next_token_ce")])]}, "its own samples"),
     ({"stages": [StageConfig(losses=[LossConfig(name="topk_kl")])], "cache": "c"}, "not a cache"),
-    ({"data": CorpusConfig(format="text"), "on_policy": OnPolicyConfig(),
-      "eval": LMEvalConfig(teacher_nll_prompts=4)}, "teacher_nll_prompts scores"),
+    ({"eval": LMEvalConfig(prompt_tokens=0)}, "eval.prompt_tokens at least 1"),
 ])
 def test_on_policy_settings_are_refused_before_work(tmp_path, teacher_dir, pairs_file, change, message):
     with pytest.raises(ConfigError, match=message):

@@ -5,12 +5,13 @@ that differ are refused; a layer-subset student holds the chosen layers; metrics
 that max_length cut; the offline conversion is atomic."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import distill.core.offline
 import distill.lm.job
@@ -23,7 +24,7 @@ from distill.core.models import resolve_model
 from distill.core.student import build_student
 from distill.core.trainer import Objective, forward_options
 from distill.lm.cache.job import build_from_config
-from distill.lm.config import CacheConfig
+from distill.lm.config import CacheConfig, LMEvalConfig
 from distill.lm.data import LMCollator
 from distill.lm.job import check_lm_distill, distill_lm
 from distill.lm.metrics import perplexity
@@ -72,6 +73,14 @@ def test_online_run_trains_saves_a_reloadable_student_and_writes_generations(tmp
     rows = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
     assert [row["prompt"] for row in rows] == ["the film was", "a movie"]
     assert all(isinstance(row["completion"], str) for row in rows)
+    # plain text: the test texts' openings, completed by the student and scored by the teacher
+    assert metrics["test_teacher_nll"] > 0 and 1 <= metrics["test_completion_tokens"] <= 4
+    assert 0 <= metrics["test_loop_share"] <= 1 and 0 < metrics["test_completion_distinct_2"] <= 1
+    completions = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    test_ids = tokenizer(Path(corpus.source).read_text().splitlines()[52:60], truncation=True, max_length=16)
+    # at most eval.prompt_tokens (16) tokens, leaving the last one of the (max_length 16) text to continue
+    assert [row["prompt"] for row in completions] == [tokenizer.decode(ids[:-1]) for ids in test_ids["input_ids"]]
 
 
 def test_hidden_state_loss_joins_the_token_losses_over_the_layer_map(tmp_path, teacher_dir, corpus):
@@ -133,7 +142,8 @@ def test_cached_run_reads_the_cache_and_never_runs_the_teacher(tmp_path, teacher
     student = StudentConfig(layers=[1])
     if student_from == "saved":  # the teacher is never loaded: its weights cannot be compared, the rest is
         student = StudentConfig(init="pretrained", model=str(save_lm(tmp_path / "student", WORDS)))
-    distill_lm(lm_cfg(tmp_path, teacher_dir, corpus, CACHED, cache=str(cache), student=student))
+    unscored = LMEvalConfig(prompts=["a movie"], max_new_tokens=4, teacher_nll_prompts=0)
+    distill_lm(lm_cfg(tmp_path, teacher_dir, corpus, CACHED, cache=str(cache), student=student, eval=unscored))
     assert calls == {"forward": 0, "loads": int(student_from == "teacher")}
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("train_topk_kl", 0) > 0 for r in records)

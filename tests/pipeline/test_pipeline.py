@@ -99,7 +99,7 @@ def entry(kind, **values):
     ([entry("quantize", model="runs/none/model")], r"stage 1 \('quantize'\): input model: model path not found"),
     ([entry("quantize")], r"stage 1 \('quantize'\) is the first stage and names no input model"),
     ([entry("finetune"), entry("push", overrides={"repo_id": "me/m"})],
-     r"stage 2 \('push'\): a 'push' stage needs a 'report' stage before it"),
+     r"stage 2 \('push'\): a 'push' stage needs a 'report' or 'report_lm' stage before it"),
     ([entry("finetune"), entry("report"), entry("push", overrides={"repo_id": "me/m"}), entry("quantize")],
      r"stage 4 \('quantize'\) needs a model, but stage 3 \('push'\) before it saves none"),
     ([entry("finetune"), entry("distill", overrides={"stages": [{"epochs": 1, "loses": []}]})],

@@ -14,8 +14,14 @@ from transformers import LlamaForCausalLM
 import quant.measure.lm_report as lm_report
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
-from quant.config import BudgetConfig, LMReportConfig, SpeedConfig
+from distill.core.gate import GateRule
+from distill.lm.data import evaluation_texts, text_prompts
+from distill.lm.metrics import distinct_bigrams
+from distill.lm.sampling import SamplingConfig, complete, stop_tokens
+from quant.config import BudgetConfig, CompletionConfig, LMReportConfig, SpeedConfig
 from quant.measure.lm_report import (
+    COMPLETION_FIGURES,
+    FIGURES,
     LMCandidate,
     agreement,
     check_lm_report,
@@ -38,17 +44,20 @@ SPEED = {"prefill_tokens_per_s": 400.0, "decode_tokens_per_s": 20.0, "peak_rss_m
 def row(model: str, decode: float, parameters=None, path="m", ppl=10.0, disk=12.25, stage="-") -> dict:
     return {"model": model, "stage": stage, "kind": "quantize_lm", "path": path, "validation_perplexity": ppl,
             "test_perplexity": ppl * 1.1, "next_token_agreement": 0.875, "kld_mean": 0.0123, "kld_p99": 0.25,
+            "test_loop_share": 0.25, "test_completion_distinct_2": 0.5, "test_completion_tokens": 31.5,
             "parameters": parameters, "disk_mb": disk, **SPEED, "decode_tokens_per_s": decode}
 
 
 def test_the_table_shows_each_model_with_its_speed_up_over_the_first():
-    table = markdown_table([row("teacher", 20.0, parameters=135_000_000), row("q4", 50.0, path="model-q4.gguf")],
-                           prompt_tokens=64, new_tokens=16)
+    rows = [row("teacher", 20.0, parameters=135_000_000), row("q4", 50.0, path="model-q4.gguf")]
+    table = markdown_table(rows, prompt_tokens=64, new_tokens=16)
     lines = table.splitlines()
     assert "prefill tok/s (64)" in lines[0] and "decode tok/s (16)" in lines[0] and len(lines) == 4
-    assert lines[2] == ("| teacher | quantize_lm | 10.00 | 11.00 | 87.50% | 0.0123 | 0.250 | 135.0M | 12.2 | 300 | "
-                        "400 | 20.0 | 1.00x | disk |")
-    assert lines[3].startswith("| q4 | quantize_lm | 10.00 | 11.00 | 87.50% | 0.0123 | 0.250 | - |")
+    assert lines[2] == ("| teacher | quantize_lm | 10.00 | 11.00 | 87.50% | 0.0123 | 0.250 | 25% | 0.500 | 31.5 | "
+                        "135.0M | 12.2 | 300 | 400 | 20.0 | 1.00x | disk |")
+    assert lines[3].startswith("| q4 | quantize_lm | 10.00 | 11.00 | 87.50% | 0.0123 | 0.250 | 25% | 0.500 | 31.5 | - |")
+    unmeasured = {key: value for key, value in rows[1].items() if key not in COMPLETION_FIGURES}
+    assert "| 0.250 | - | - | - | - |" in markdown_table([rows[0], unmeasured], prompt_tokens=64, new_tokens=16)
     assert lines[3].endswith("| 50.0 | 2.50x | speed |")
 
 
@@ -123,7 +132,8 @@ def test_each_candidate_is_measured_on_the_same_texts_against_the_teacher(tmp_pa
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(text for text, _ in make_sentences(20)) + "\n")
     cfg = LMReportConfig(teacher=str(folders[0]), data=CorpusConfig(source=str(corpus), max_length=16),
-                         validation_examples=4, test_examples=4, speed=SpeedConfig(prompt_tokens=8, new_tokens=2))
+                         validation_examples=4, test_examples=4, speed=SpeedConfig(prompt_tokens=8, new_tokens=2),
+                         completions=CompletionConfig(prompts=3, prompt_tokens=4, max_new_tokens=5))
     prompts = []
     monkeypatch.setattr(lm_report, "speed", lambda path, prompt, *args: prompts.append(prompt) or SPEED)
     teacher, other = measure_candidates(cfg, [LMCandidate("teacher", "-", "-", folders[0]),
@@ -134,6 +144,13 @@ def test_each_candidate_is_measured_on_the_same_texts_against_the_teacher(tmp_pa
     weights = (folders[0] / "model.safetensors").stat().st_size / 1e6
     assert teacher["disk_mb"] == weights and teacher["parameters"] == other["parameters"] > 0
     assert "predictions" not in teacher and {**teacher, **SPEED} == teacher
+    assert set(FIGURES + COMPLETION_FIGURES) <= set(teacher)
+    openings = text_prompts(evaluation_texts(cfg, tokenizer)["test"][:3], 4)
+    written = complete(LlamaForCausalLM.from_pretrained(folders[1]), openings,
+                       SamplingConfig(temperature=0.0, max_new_tokens=5), stop_tokens(tokenizer), tokenizer.pad_token_id)
+    assert other["test_completion_tokens"] == sum(map(len, written)) / 3 <= 5
+    assert other["test_completion_distinct_2"] == distinct_bigrams(written)
+    assert teacher["test_completion_distinct_2"] != other["test_completion_distinct_2"]
     assert len(prompts) == 2 and prompts[0] == prompts[1] and len(prompts[0]) == 8
 
 
@@ -150,6 +167,12 @@ def test_the_report_files_are_written(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"test_examples": 0}, "test_examples must be at least 1"),
     ({"speed": SpeedConfig(new_tokens=0)}, "speed.prompt_tokens, speed.new_tokens and speed.repeats"),
+    ({"completions": CompletionConfig(prompt_tokens=0)}, "completions.prompt_tokens and"),
+    ({"gate": [GateRule("test_perplexityy", max=2)]}, r"gate\[0\]: the report measures no figure 'test_perplexityy'; "
+                                                      "it measures validation_perplexity, test_perplexity, "),
+    ({"gate": [GateRule("test_loop_share", max=0.2)], "completions": CompletionConfig(prompts=0)},
+     "no figure 'test_loop_share'"),
+    ({"gate": [GateRule("kld_mean")]}, "one bound, max or min"),
 ])
 def test_settings_that_cannot_work_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
