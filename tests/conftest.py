@@ -298,7 +298,7 @@ def pipeline_cfg(root: Path, csv: Path, teacher: Path, distill_lr: float = 1e-3)
                                                "latency": PIPELINE_LATENCY}),
         StageEntry(kind="report", overrides={"eval_batch_size": 64, "latency": PIPELINE_LATENCY,
                                              "base_model": "tiny/bert", "datasets": ["tiny/sentiment"],
-                                             "repo_id": "me/tiny-student"}),
+                                             "repo_id": "me/tiny-student", "gate": ["disk_mb <= 1.0 * teacher"]}),
     ])
 
 

@@ -133,6 +133,7 @@ class LMDistillConfig:
     """On-policy batches: the student's own completions of the data's prompts (needs prompt/completion or chat
     data and a token loss that runs the teacher)."""
     eval: LMEvalConfig = field(default_factory=LMEvalConfig)
-    """What the run measures beyond perplexity: greedy completions of fixed prompts."""
+    """What the run measures beyond perplexity: greedy completions of fixed prompts, and of test prompts (the share
+    that loop, their distinct-2 and length, the teacher's NLL of them)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training loop's settings."""

@@ -7,7 +7,9 @@ The corpus is tokenized once with the teacher's tokenizer (`corpus_token_ids`, a
 `test_examples` texts are the test slice, the `validation_examples` before them the validation slice, the rest are
 trained on; metrics.json records the three index ranges and the corpus fingerprint. Hidden-state losses (`hidden_mse`,
 `hidden_cosine` over `layer_map`) may join the token losses when the teacher runs. The validation metric is
-perplexity (lower is better); `generations.jsonl` holds the final student's greedy completion of each fixed prompt."""
+perplexity (lower is better); `generations.jsonl` holds the final student's greedy completion of each fixed prompt,
+`completions.jsonl` its completions of the first test prompts (or openings of test texts), whose loop share,
+distinct-2, length and teacher NLL metrics.json reports."""
 from __future__ import annotations
 
 import logging

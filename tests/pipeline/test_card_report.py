@@ -7,9 +7,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distill.core.errors import ConfigError
+from distill.core.gate import GateRule
 from distill.core.models import load_tokenizer
-from distill.pipeline.card import CardFacts, hub_dataset_id, hub_model_id, loading_section, model_card
-from quant.measure.compression_report import markdown_table, pareto_front, stored_parameters
+from distill.pipeline.card import (
+    CardFacts,
+    IndexDataset,
+    IndexEntry,
+    hub_dataset_id,
+    hub_model_id,
+    loading_section,
+    model_card,
+    model_index,
+)
+from quant.config import ReportConfig
+from quant.measure.compression_report import FIGURES, markdown_table, pareto_front, stored_parameters
+from quant.measure.report_stages import check_report_config
 from quant.schemes.variants import build_variant, load_variant
 
 MODELS = ["teacher", "student", "quantize/fp32", "quantize/dynamic_int8"]
@@ -32,6 +45,7 @@ def test_the_report_has_a_row_per_saved_model_in_json_markdown_and_png(tiny_pipe
     assert report["split"] == "test" and report["latency_batch"] == [4, 16]
     for row in rows:
         assert 0 <= row["accuracy"] <= 1 and row["latency_ms"] > 0 and row["disk_mb"] > 0
+        assert set(FIGURES) <= set(row)  # what a gate may name is measured
         assert row["examples_per_s"] == pytest.approx(4000 / row["latency_ms"])
     teacher, student, fp32, int8 = rows
     assert student["parameters"] < teacher["parameters"] and student["disk_mb"] < teacher["disk_mb"]
@@ -56,6 +70,9 @@ def test_the_card_has_hub_front_matter_every_step_the_metrics_and_how_to_load(ti
     assert "variants:\n- fp32\n- dynamic_int8" in card and "| quantize/dynamic_int8 | quantize |" in card
     assert 'from_pretrained("me/tiny-student")' in card and "quantize_dynamic" in card
     assert "trust_remote_code" not in card and "## Limitations" in card
+    (gate,) = report["gate"]  # the student is smaller on disk than the teacher: passed, and recorded
+    assert gate["passed"] and gate["value"] < gate["threshold"] == report["rows"][0]["disk_mb"]
+    assert "- disk_mb of quantize/dynamic_int8 is" in card and "(disk_mb <= 1 * teacher): passed" in card
 
 
 def test_loading_code_names_remote_code_for_pruned_and_bitsandbytes_settings_for_quantized_checkpoints():
@@ -125,3 +142,25 @@ def test_the_report_measures_task_models_not_a_general_distillations_headless_en
     stages = [Stage(i, name, name, None, None, tmp_path, "-", {"model": tmp_path / name}, tmp_path / name, "-")
               for i, name in enumerate(["general", "student"])]
     assert [c.label for c in candidates_of(stages, str(tmp_path / "student"))] == ["student"]
+
+
+def test_model_index_holds_one_result_per_task_and_dataset_with_its_metrics_in_order():
+    imdb, sst2 = IndexDataset("IMDB", "stanfordnlp/imdb", "test"), IndexDataset("SST-2", "glue", "validation")
+    index = model_index("me/model", [IndexEntry("text-generation", imdb, "perplexity", 12.5, "test perplexity"),
+                                     IndexEntry("text-classification", sst2, "accuracy", 0.91),
+                                     IndexEntry("text-generation", imdb, "loop_share", 0.1)])
+    parsed = yaml.safe_load(yaml.safe_dump({"model-index": index}))["model-index"]
+    assert [entry["name"] for entry in parsed] == ["me/model"]
+    generation, classification = parsed[0]["results"]
+    assert generation["task"] == {"type": "text-generation", "name": "Text Generation"}
+    assert generation["dataset"] == {"name": "IMDB", "type": "stanfordnlp/imdb", "split": "test"}
+    assert generation["metrics"] == [{"type": "perplexity", "value": 12.5, "name": "test perplexity"},
+                                     {"type": "loop_share", "value": 0.1}]
+    assert classification["dataset"]["split"] == "validation" and classification["metrics"][0]["value"] == 0.91
+
+
+def test_a_classifier_report_gate_on_a_figure_it_does_not_measure_is_refused():
+    with pytest.raises(ConfigError, match=r"gate\[0\]: the report measures no figure 'acuracy'; it measures "
+                                          "accuracy, "):
+        check_report_config(ReportConfig(model="m", gate=[GateRule("acuracy", min=0.9, relative_to="teacher")]))
+    check_report_config(ReportConfig(model="m", gate=[GateRule("accuracy", min=0.9, relative_to="teacher")]))
