@@ -84,6 +84,11 @@ class CorpusConfig(SourceConfig):
     """`prompt_completion`: render the prompt as the user's turn and the completion as the assistant's answer with
     the tokenizer's chat template; false joins them as plain text, the completion ending with eos. `chat` always
     uses the template."""
+    packing: Optional[bool] = None
+    """Causal-LM distillation (`distill_lm`) only: pack the training texts, untruncated and joined with eos, into
+    blocks of `max_length` tokens (per-text position ids and a block-diagonal mask, so no text sees another);
+    validation and test stay whole texts. None: pack when the run can (`format: text`, the teacher's tokenizer, no
+    teacher `cache`); true: refused where it cannot; false: truncate each text at `max_length`."""
 
 
 @dataclass
