@@ -86,9 +86,10 @@ class CorpusConfig(SourceConfig):
     uses the template."""
     packing: Optional[bool] = None
     """Causal-LM distillation (`distill_lm`) only: pack the training texts, untruncated and joined with eos, into
-    blocks of `max_length` tokens (per-text position ids and a block-diagonal mask, so no text sees another);
-    validation and test stay whole texts. None: pack when the run can (`format: text`, the teacher's tokenizer, no
-    teacher `cache`); true: refused where it cannot; false: truncate each text at `max_length`."""
+    blocks of `max_length` tokens (prompt/completion and chat examples whole, never cut); per-text position ids and a
+    block-diagonal mask keep each text from seeing another. Validation and test stay whole texts. None: pack where the
+    run can (not with a teacher `cache`, `student_tokenizer` or `on_policy`); true: refused where it cannot; false:
+    truncate each text at `max_length`."""
 
 
 @dataclass

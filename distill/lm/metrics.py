@@ -1,5 +1,6 @@
 """What a causal-LM run measures: perplexity over real target tokens (the LM head run a chunk of positions at a time,
-so no full logits), the validation metric that selects its best epoch."""
+so no full logits), the validation metric that selects its best epoch; the same over whole texts of any length,
+through sliding windows."""
 from __future__ import annotations
 
 import math

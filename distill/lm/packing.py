@@ -40,8 +40,8 @@ class BlockPacker:
 
 
 def pack_texts(texts: list[list[int]], eos_id: int, max_length: int) -> dict[str, list[list[int]]]:
-    """Whole texts, each ending with `eos_id` (if the tokenizer has one), laid end to end and cut into blocks of `max_length` tokens (the last
-    one shorter)."""
+    """Whole texts, each ending with `eos_id` (when the tokenizer has one), laid end to end and cut into blocks of
+    `max_length` tokens (the last one shorter)."""
     packer = BlockPacker(max_length)
     for ids in texts:
         ids = ids if eos_id is None or ids[-1:] == [eos_id] else [*ids, eos_id]
