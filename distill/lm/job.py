@@ -102,7 +102,7 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
     layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher_config.num_hidden_layers)
     student = trainer.fit(cfg.stages, LossSetup(student.config, teacher_config, layer_map, vocab_size, shared_vocab))
     extra = {"splits": ranges, "vocab_size": vocab_size, "dropped_examples": corpus.dropped, "packing": packs(cfg),
-             "train_target_tokens": trainer.target_tokens,
+             "train_examples": len(splits["train"]), "train_target_tokens": trainer.target_tokens,
              "memory_per_process_bytes": trainer.memory_per_process,
              **({"shared_vocabulary": shared_vocab.summary()} if shared_vocab is not None else {}),
              **({"on_policy": on_policy.counts} if cfg.on_policy.lmbda > 0 else {})}
@@ -130,8 +130,10 @@ def lm_splits(corpus: TokenizedCorpus, cfg: LMDistillConfig, eos_id: Optional[in
     if packs(cfg):
         end = ranges["train"][1]
         blocks = packed_training_texts(corpus, end, eos_id, cfg.data.max_length)
-        logger.info("data.packing: %d training examples (%d tokens) make %d blocks of up to data.max_length=%d tokens",
-                    end, sum(map(len, blocks["input_ids"])), len(blocks["input_ids"]), cfg.data.max_length)
+        # in place of the truncation warning, which the packed training split no longer earns
+        logger.warning("data.packing: %d training examples (%d tokens) make %d blocks of up to data.max_length=%d "
+                       "tokens", end, sum(map(len, blocks["input_ids"])), len(blocks["input_ids"]),
+                       cfg.data.max_length)
         splits["train"] = Dataset.from_dict(blocks)
     truncation = {name: truncation_shares(corpus.full_lengths[slice(*ranges[name])], cfg.data.max_length)
                   for name in splits if name != "train" or not packs(cfg)}

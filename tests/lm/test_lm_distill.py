@@ -27,22 +27,10 @@ from distill.lm.config import CacheConfig
 from distill.lm.data import LMCollator
 from distill.lm.job import check_lm_distill, distill_lm
 from distill.lm.metrics import perplexity
-from tests.conftest import make_sentences, make_tokenizer, tiny_causal_lm, train_cfg
+from tests.conftest import make_tokenizer, tiny_causal_lm, train_cfg
 from tests.helpers.lm_runs import ONLINE, WORDS, lm_cfg, save_lm
 
 CACHED = [LossConfig(name="topk_kl", weight=0.5), LossConfig(name="next_token_ce", weight=0.5)]
-
-
-@pytest.fixture
-def teacher_dir(tmp_path):
-    return save_lm(tmp_path / "teacher", WORDS)
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(text for text, _ in make_sentences(60)) + "\n")
-    return CorpusConfig(source=str(path), max_length=16)
 
 
 def build_cache(tmp_path, teacher_dir, corpus, **overrides):

@@ -2,7 +2,8 @@
 and labels worked out by hand; a packed batch reaches the model without its attention mask and cache, and each text
 of a packed block gets exactly the logits it gets alone (Llama, Qwen2 and Gemma3 with sliding windows shorter than
 the texts; SDPA and eager attention); whole-text perplexity scores every token once through sliding windows; runs
-pack where they can, refuse packing where they cannot, and count the targets they trained on."""
+pack where they can (prompt/completion examples whole), refuse packing where they cannot, and count the targets they
+trained on."""
 import itertools
 import json
 import math
@@ -12,6 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from distill.core.config import CorpusConfig, LossConfig, StageConfig
+from distill.core.data import corpus_tokens
 from distill.core.errors import ConfigError
 from distill.core.loss_interface import model_inputs
 from distill.lm.data import LMCollator
@@ -20,7 +22,7 @@ from distill.lm.metrics import perplexity, sliding_windows, whole_text_perplexit
 from distill.lm.packing import pack_examples, pack_texts, packs
 from tests.conftest import make_sentences, make_tokenizer, train_cfg
 from tests.helpers.families import VOCAB, tiny_family_model
-from tests.helpers.lm_runs import WORDS, lm_cfg, save_lm
+from tests.helpers.lm_runs import WORDS, lm_cfg
 
 X = -100
 
@@ -91,18 +93,6 @@ def test_whole_text_perplexity_is_the_perplexity_of_the_whole_texts_when_the_win
     assert windowed != pytest.approx(whole, rel=1e-3) and math.isfinite(windowed)
 
 
-@pytest.fixture
-def teacher_dir(tmp_path):
-    return save_lm(tmp_path / "teacher", WORDS)
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(text for text, _ in make_sentences(60)) + "\n")
-    return CorpusConfig(source=str(path), max_length=8)
-
-
 def test_plain_text_runs_pack_by_default_and_count_every_target_they_trained_on(tmp_path, teacher_dir, corpus):
     """One epoch over the training texts: packed, every token but each piece's first is a target; truncated, each
     text's first max_length tokens but its first."""
@@ -119,10 +109,22 @@ def test_plain_text_runs_pack_by_default_and_count_every_target_they_trained_on(
     cuts = [cut for cut in range(8, sum(lengths), 8) if cut not in ends]  # block boundaries inside a text
     assert metrics[None]["packing"] is True and "train" not in metrics[None]["truncation"]
     assert metrics[None]["train_target_tokens"] == sum(lengths) - len(lengths) - len(cuts)
+    assert metrics[None]["train_examples"] == math.ceil(sum(lengths) / 8) and metrics[False]["train_examples"] == 44
     assert metrics[False]["packing"] is False and "train" in metrics[False]["truncation"]
     assert metrics[False]["train_target_tokens"] == sum(min(length, 8) - 1 for length in lengths)
     for run in metrics.values():
         assert run["test_perplexity_whole"] > 1 and run["test_perplexity"] > 1
+
+
+def test_prompt_completion_runs_pack_whole_examples_and_train_on_every_completion_token(tmp_path, teacher_dir,
+                                                                                        pairs_file):
+    corpus = CorpusConfig(source=str(pairs_file), format="prompt_completion", chat_template=False, max_length=32)
+    tokens = corpus_tokens(corpus, make_tokenizer(WORDS))
+    distill_lm(lm_cfg(tmp_path, teacher_dir, corpus, train=train_cfg(batch_size=8, eval_batch_size=8)))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["packing"] is True and "test_perplexity_whole" not in metrics
+    completions = [len(ids) - prompt for ids, prompt in zip(tokens.ids[:44], tokens.prompt_lengths[:44])]
+    assert metrics["splits"]["train"] == [0, 44] and metrics["train_target_tokens"] == sum(completions)
 
 
 @pytest.mark.parametrize("change, message", [
