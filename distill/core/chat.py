@@ -109,6 +109,8 @@ class TokenizedCorpus:
     dropped: int = 0
     columns: dict[str, list] = field(default_factory=dict)
     """More per-example columns the splits carry (a teacher's own tokenization, aligned positions)."""
+    whole: Optional[list[list[int]]] = None
+    """Plain text: each text's token ids untruncated (what packing and the whole-text perplexity read)."""
 
 
 def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, pairs: list[PromptCompletion], max_length: int,

@@ -51,8 +51,9 @@ def corpus_tokens(corpus: CorpusConfig, tokenizer: PreTrainedTokenizerBase) -> T
     """The corpus tokenized: plain texts, or prompt/completion examples in `corpus.format` (`distill.core.chat`)."""
     if corpus.format == "text":
         texts = load_texts(corpus)
-        full = [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]
-        return TokenizedCorpus(tokenizer(texts, truncation=True, max_length=corpus.max_length)["input_ids"], full)
+        whole = tokenizer(texts, verbose=False)["input_ids"]
+        return TokenizedCorpus(tokenizer(texts, truncation=True, max_length=corpus.max_length)["input_ids"],
+                               [len(ids) for ids in whole], whole=whole)
     return tokenize_pairs(tokenizer, load_pairs(corpus), corpus.max_length, uses_chat_template(corpus))
 
 

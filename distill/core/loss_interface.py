@@ -49,9 +49,26 @@ TEACHER_INPUTS = ("teacher_input_ids", "teacher_attention_mask")
 student's (`distill.lm.align`)."""
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The entries of a batch that a model's forward takes: not the labels, nor cached teacher rows."""
-    return {name: value for name, value in batch.items() if name != "labels" and not name.startswith(TEACHER_PREFIX)}
+POSITION_IDS = "position_ids"
+"""The batch key of a packed batch's position ids, which restart at 0 at every text (`distill.lm.packing`)."""
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
+    """The entries of a batch that a model's forward takes: not the labels, nor cached teacher rows. A packed batch
+    (one with `position_ids`) goes without its attention mask and KV cache: only then do transformers' masks read the
+    restarts of the position ids as text boundaries (a block-diagonal causal mask); its padding comes last, so no
+    real token sees it."""
+    inputs = {name: value for name, value in batch.items() if name != "labels" and not name.startswith(TEACHER_PREFIX)}
+    if POSITION_IDS in inputs:
+        del inputs["attention_mask"]
+        inputs["use_cache"] = False
+    return inputs
+
+
+def token_targets(labels: torch.Tensor) -> int:
+    """The next-token targets of a batch of token labels (B, L): the positions t whose labels[t + 1] is not -100;
+    0 for labels of whole examples (B,)."""
+    return int((labels[:, 1:] != IGNORED_LABEL).sum()) if labels.ndim == 2 else 0
 
 
 def teacher_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ from distill.core.loss_interface import (
     build_losses,
     model_inputs,
     teacher_inputs,
+    token_targets,
 )
 from distill.core.tracking import log_record, quiet_loggers
 
@@ -210,6 +211,8 @@ class TrainState:
     """Best validation metric of each student, when a trainer selects several (mutual learning)."""
     processes: int = 1
     """How many processes trained: a resume must use as many (each saved its own data position and shards)."""
+    target_tokens: int = 0
+    """Next-token targets this process trained on so far, every stage counted (`token_targets`)."""
 
 
 BatchTransform = Callable[[dict[str, torch.Tensor], TrainState, PreTrainedModel], dict[str, torch.Tensor]]
@@ -260,6 +263,8 @@ class Trainer:
         self.objective: Optional[Objective] = None
         self.trace = RankTrace.from_env(accelerator.process_index)
         self.memory_per_process: dict[str, int] = {}
+        self.target_tokens = 0
+        """Next-token targets trained on, by every process together (0 when labels are one per example)."""
         self._stage_parts: tuple = ()  # the stage's objective, optimizer and schedule, for sharded checkpoints
 
     # ----- public -----------------------------------------------------------------------------------------
@@ -273,9 +278,12 @@ class Trainer:
                 continue
             resuming = index == state.stage and self.checkpoint_dir.exists()
             is_last = index == len(stages) - 1
-            fresh = TrainState(stage=index, processes=state.processes)
-            self._run_stage(index, stage, setup, state if resuming else fresh, is_last)
-            state = TrainState(stage=index + 1, processes=state.processes)
+            fresh = TrainState(stage=index, processes=state.processes, target_tokens=state.target_tokens)
+            state = state if resuming else fresh
+            self._run_stage(index, stage, setup, state, is_last)
+            state = TrainState(stage=index + 1, processes=state.processes, target_tokens=state.target_tokens)
+        counted = torch.tensor(state.target_tokens, device=self.accelerator.device)
+        self.target_tokens = int(self.accelerator.reduce(counted, "sum"))
         if self.cfg.select_best and self.best_path.exists():
             best = load_file(self.best_path)
             if self.sharded:
@@ -343,6 +351,7 @@ class Trainer:
                     batch = self.batch_transform(batch, state, unwrapped.student)
                 if self.trace:
                     self.trace.record_batch(batch)
+                state.target_tokens += token_targets(batch["labels"])
                 unwrapped.set_progress(state.global_step / total_steps)
                 with acc.accumulate(objective):
                     if self.sharded:  # reduce-scatter gradients only on the batch that steps

@@ -11,7 +11,7 @@ from distill.core.chat import TokenizedCorpus
 from distill.core.data import corpus_tokens
 from distill.core.errors import ConfigError
 from distill.core.fingerprint import token_ids_sha256
-from distill.core.loss_interface import TEACHER_INPUTS
+from distill.core.loss_interface import POSITION_IDS, TEACHER_INPUTS
 from distill.losses.causal.cross_tokenizer import ALIGNED_KEYS
 from distill.losses.causal.fused import IGNORE_INDEX
 
@@ -21,18 +21,23 @@ PROMPT_LENGTH = "prompt_length"
 
 class LMCollator:
     """Pads token ids and adds `labels`: the input ids, -100 at padding and, for examples that carry a
-    `prompt_length`, at the prompt's tokens (only the completion's tokens are targets)."""
+    `prompt_length`, at the prompt's tokens (only the completion's tokens are targets). Examples that carry their own
+    `labels` (packed blocks, sliding windows) keep them, padded with -100, and their `position_ids`, padded with 0."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        prompts = [feature.get(PROMPT_LENGTH, 0) for feature in features]
-        batch = self.pad([{k: v for k, v in feature.items() if k != PROMPT_LENGTH} for feature in features])
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-        for row, length in enumerate(prompts):
-            labels[row, :length] = IGNORE_INDEX
-        batch["labels"] = labels
+        own = (PROMPT_LENGTH, POSITION_IDS, "labels")
+        batch = self.pad([{k: v for k, v in feature.items() if k not in own} for feature in features])
+        if "labels" in features[0]:
+            batch["labels"] = padded([feature["labels"] for feature in features], IGNORE_INDEX)
+        else:
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+            for row, feature in enumerate(features):
+                batch["labels"][row, :feature.get(PROMPT_LENGTH, 0)] = IGNORE_INDEX
+        if POSITION_IDS in features[0]:
+            batch[POSITION_IDS] = padded([feature[POSITION_IDS] for feature in features], 0)
         return batch
 
 

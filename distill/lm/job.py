@@ -5,20 +5,23 @@ mixed with `next_token_ce` on the text itself.
 
 The corpus is tokenized once with the teacher's tokenizer (`corpus_token_ids`, as a cache build does). Its last
 `test_examples` texts are the test slice, the `validation_examples` before them the validation slice, the rest are
-trained on; metrics.json records the three index ranges and the corpus fingerprint. Hidden-state losses (`hidden_mse`,
-`hidden_cosine` over `layer_map`) may join the token losses when the teacher runs. The validation metric is
-perplexity (lower is better); `generations.jsonl` holds the final student's greedy completion of each fixed prompt,
-`completions.jsonl` its completions of the first test prompts (or openings of test texts), whose loop share,
-distinct-2, length and teacher NLL metrics.json reports."""
+trained on, packed into full blocks where the run can (`distill.lm.packing`, `data.packing`); metrics.json records
+the three index ranges, the corpus fingerprint and the next-token targets trained on (`train_target_tokens`).
+Hidden-state losses (`hidden_mse`, `hidden_cosine` over `layer_map`) may join the token losses when the teacher
+runs. The validation metric is perplexity (lower is better); on plain text the test texts are also scored whole
+(`test_perplexity_whole`, a sliding window over each). `generations.jsonl` holds the final student's greedy
+completion of each fixed prompt, `completions.jsonl` its completions of the first test prompts (or openings of test
+texts), whose loop share, distinct-2, length and teacher NLL metrics.json reports."""
 from __future__ import annotations
 
 import logging
 from typing import Optional
 
 import torch
+from datasets import Dataset, DatasetDict
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.core.chat import prompt_ids, user_turn, uses_chat_template
+from distill.core.chat import TokenizedCorpus, prompt_ids, user_turn, uses_chat_template
 from distill.core.data import corpus_tokens, load_texts, truncation_shares
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
@@ -35,8 +38,9 @@ from distill.lm.align import cross_tokenized, shared_vocabulary
 from distill.lm.cache.store import CachedTeacherCollator, CacheKey, TeacherCache
 from distill.lm.config import LMDistillConfig, LMEvalConfig
 from distill.lm.data import PROMPT_LENGTH, CrossTokenizerCollator, LMCollator, held_out_splits, text_prompts
-from distill.lm.metrics import PERPLEXITY, teacher_nll_of_completions
+from distill.lm.metrics import PERPLEXITY, teacher_nll_of_completions, whole_text_perplexity
 from distill.lm.on_policy import OnPolicyBatches
+from distill.lm.packing import packed_training_texts, packing_refusal, packs
 from distill.lm.sampling import SamplingConfig, check_sampling, complete, stop_tokens
 from distill.lm.vocab import common_vocab_size
 from distill.losses.causal.cross_tokenizer import CROSS_TOKENIZER_LOSSES
@@ -65,10 +69,7 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
     corpus = (cross_tokenized(load_texts(cfg.data), tokenizer, teacher_tokenizer, cfg.data.max_length)
               if cfg.student_tokenizer else corpus_tokens(cfg.data, tokenizer))
     examples = corpus.ids
-    splits, ranges = held_out_splits(corpus, cfg, with_cache_index=cfg.cache is not None)
-    truncation = {name: truncation_shares(corpus.full_lengths[slice(*ranges[name])], cfg.data.max_length)
-                  for name in splits}
-    warn_truncation(truncation, cfg.data.max_length)
+    splits, ranges, truncation = lm_splits(corpus, cfg, teacher_tokenizer.eos_token_id)
     if corpus.dropped:
         logger.warning("%d of %d examples left out: their prompt alone fills data.max_length=%d tokens",
                        corpus.dropped, corpus.dropped + len(examples), cfg.data.max_length)
@@ -101,7 +102,8 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
                  "dropped_examples": corpus.dropped})
     layer_map = build_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher_config.num_hidden_layers)
     student = trainer.fit(cfg.stages, LossSetup(student.config, teacher_config, layer_map, vocab_size, shared_vocab))
-    extra = {"splits": ranges, "vocab_size": vocab_size, "dropped_examples": corpus.dropped,
+    extra = {"splits": ranges, "vocab_size": vocab_size, "dropped_examples": corpus.dropped, "packing": packs(cfg),
+             "train_examples": len(splits["train"]), "train_target_tokens": trainer.target_tokens,
              "memory_per_process_bytes": trainer.memory_per_process,
              **({"shared_vocabulary": shared_vocab.summary()} if shared_vocab is not None else {}),
              **({"on_policy": on_policy.counts} if cfg.on_policy.lmbda > 0 else {})}
@@ -112,9 +114,32 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
         teacher = teacher or load_causal_lm(cfg.teacher).to(accelerator.device)
         extra.update(score_completions(student, teacher, tokenizer, splits["test"], cfg, run_dir,
                                        accelerator.is_main_process))
+    if corpus.whole is not None:
+        extra["test_perplexity_whole"] = whole_text_perplexity(
+            student, corpus.whole[slice(*ranges["test"])], cfg.data.max_length, task_collate,
+            cfg.train.eval_batch_size, accelerator)
     task = Task(tokenizer, splits, [], task_collate, truncation)
     return finish_run(accelerator, run_dir, student, task, cfg.train.eval_batch_size, PERPLEXITY,
                       files=trainer.saved_files(), extra={**extra, "generations": len(generations)})
+
+
+def lm_splits(corpus: TokenizedCorpus, cfg: LMDistillConfig, eos_id: Optional[int]
+              ) -> tuple[DatasetDict, dict[str, list[int]], dict[str, dict[str, float]]]:
+    """`held_out_splits`, the training split packed when the run packs (`packs`), and the share of each truncated
+    split that `data.max_length` cut (warned about when large)."""
+    splits, ranges = held_out_splits(corpus, cfg, with_cache_index=cfg.cache is not None)
+    if packs(cfg):
+        end = ranges["train"][1]
+        blocks = packed_training_texts(corpus, end, eos_id, cfg.data.max_length)
+        # in place of the truncation warning, which the packed training split no longer earns
+        logger.warning("data.packing: %d training examples (%d tokens) make %d blocks of up to data.max_length=%d "
+                       "tokens", end, sum(map(len, blocks["input_ids"])), len(blocks["input_ids"]),
+                       cfg.data.max_length)
+        splits["train"] = Dataset.from_dict(blocks)
+    truncation = {name: truncation_shares(corpus.full_lengths[slice(*ranges[name])], cfg.data.max_length)
+                  for name in splits if name != "train" or not packs(cfg)}
+    warn_truncation(truncation, cfg.data.max_length)
+    return splits, ranges, truncation
 
 
 def fit_vocabulary(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fresh: bool) -> None:
@@ -178,6 +203,10 @@ def check_lm_distill(cfg: LMDistillConfig) -> None:
     if cfg.validation_examples < 1 or cfg.test_examples < 1:
         raise ConfigError(f"validation_examples and test_examples must be at least 1; got {cfg.validation_examples} "
                           f"and {cfg.test_examples}")
+    refusal = packing_refusal(cfg)
+    if cfg.data.packing and refusal:
+        raise ConfigError(f"data.packing: true cannot pack this run's training split: {refusal}; set "
+                          "data.packing=false (or leave it unset: packed where it can be)")
     if cfg.data.max_length < 2:
         raise ConfigError(f"data.max_length must be at least 2 (a token and the next); got {cfg.data.max_length}")
     if cfg.eval.max_new_tokens < 1:

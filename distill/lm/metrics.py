@@ -1,8 +1,10 @@
 """What a causal-LM run measures: perplexity over real target tokens (the LM head run a chunk of positions at a time,
-so no full logits), the validation metric that selects its best epoch."""
+so no full logits), the validation metric that selects its best epoch; the same over whole texts of any length,
+through sliding windows."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +14,9 @@ from transformers import PreTrainedModel
 
 from distill.core.evaluate import ValidationMetric
 from distill.core.loss_interface import model_inputs
+from distill.core.run import evaluation_loader
 from distill.lm.sampling import SamplingConfig, complete, pack_completions
-from distill.losses.causal.fused import LogitSource, next_tokens, target_positions
+from distill.losses.causal.fused import IGNORE_INDEX, LogitSource, next_tokens, target_positions
 
 
 @torch.no_grad()
@@ -41,6 +44,27 @@ def example_nll(source: LogitSource, labels: torch.Tensor, chunk_size: int) -> t
         nll = F.cross_entropy(source.rows(chunk, None), targets[chunk], reduction="none")
         sums.index_add_(0, chunk // labels.shape[1], nll)
     return sums, torch.bincount(positions // labels.shape[1], minlength=len(labels))
+
+
+def sliding_windows(ids: list[int], max_length: int) -> list[dict[str, list[int]]]:
+    """A text of any length as windows of at most `max_length` tokens, `max_length // 2` apart, each labelled only at
+    the tokens that no earlier window scored (transformers' perplexity guide): every token but the first is predicted
+    once, and from the second window on with at least `max_length // 2` tokens of context."""
+    windows, scored = [], 0
+    for start in range(0, len(ids), max(max_length // 2, 1)):
+        end = min(start + max_length, len(ids))
+        windows.append({"input_ids": ids[start:end], "labels": [IGNORE_INDEX] * (scored - start) + ids[scored:end]})
+        scored = end
+        if end == len(ids):
+            break
+    return windows
+
+
+def whole_text_perplexity(model: PreTrainedModel, texts: list[list[int]], max_length: int, collate: Callable,
+                          batch_size: int, accelerator: Accelerator) -> float:
+    """`perplexity` over whole texts of any length (token ids, untruncated), through their `sliding_windows`."""
+    windows = [window for ids in texts for window in sliding_windows(ids, max_length)]
+    return perplexity(model, evaluation_loader(accelerator, windows, collate, batch_size), accelerator)
 
 
 PERPLEXITY = ValidationMetric("perplexity", perplexity, higher_is_better=False)

@@ -2,7 +2,23 @@ import json
 
 import pytest
 
+from distill.core.config import CorpusConfig
 from tests.conftest import make_sentences
+from tests.helpers.lm_runs import WORDS, save_lm
+
+
+@pytest.fixture
+def teacher_dir(tmp_path):
+    """A tiny random Llama teacher with the word-level tokenizer."""
+    return save_lm(tmp_path / "teacher", WORDS)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """60 short texts of the tiny vocabulary, one per line, cut at 16 tokens."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(text for text, _ in make_sentences(60)) + "\n")
+    return CorpusConfig(source=str(path), max_length=16)
 
 
 @pytest.fixture

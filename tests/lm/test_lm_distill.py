@@ -28,22 +28,10 @@ from distill.lm.config import CacheConfig, LMEvalConfig
 from distill.lm.data import LMCollator
 from distill.lm.job import check_lm_distill, distill_lm
 from distill.lm.metrics import perplexity
-from tests.conftest import make_sentences, make_tokenizer, tiny_causal_lm, train_cfg
+from tests.conftest import make_tokenizer, tiny_causal_lm, train_cfg
 from tests.helpers.lm_runs import ONLINE, WORDS, lm_cfg, save_lm
 
 CACHED = [LossConfig(name="topk_kl", weight=0.5), LossConfig(name="next_token_ce", weight=0.5)]
-
-
-@pytest.fixture
-def teacher_dir(tmp_path):
-    return save_lm(tmp_path / "teacher", WORDS)
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(text for text, _ in make_sentences(60)) + "\n")
-    return CorpusConfig(source=str(path), max_length=16)
 
 
 def build_cache(tmp_path, teacher_dir, corpus, **overrides):
@@ -197,8 +185,9 @@ def test_metrics_report_the_share_of_each_slice_that_max_length_cut(tmp_path, te
     words = {"train": [3, 6, 7, 4, 10, 5, 6, 9], "validation": [6, 6, 3, 4], "test": [7, 3, 10, 5]}
     path = tmp_path / "corpus.txt"
     path.write_text("".join(" ".join(["film"] * count) + "\n" for counts in words.values() for count in counts))
-    cfg = lm_cfg(tmp_path, teacher_dir, CorpusConfig(source=str(path), max_length=8), validation_examples=4,
-                 test_examples=4, train=train_cfg(batch_size=8, eval_batch_size=8, max_steps_per_stage=1))
+    cfg = lm_cfg(tmp_path, teacher_dir, CorpusConfig(source=str(path), max_length=8, packing=False),
+                 validation_examples=4, test_examples=4,
+                 train=train_cfg(batch_size=8, eval_batch_size=8, max_steps_per_stage=1))
     distill_lm(cfg)
     truncation = json.loads((tmp_path / "run" / "metrics.json").read_text())["truncation"]
     assert truncation == {"train": {"examples": 3 / 8, "tokens": (1 + 4 + 3) / 66},  # of 5, 8, 9, 6, 12, 7, 8, 11
