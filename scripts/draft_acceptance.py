@@ -17,9 +17,8 @@ from pathlib import Path
 from distill.core.cli import config_errors, split_debug
 from distill.core.config import parse_args
 from distill.core.data import corpus_tokens
-from distill.core.errors import ConfigError
-from distill.core.models import load_causal_lm, load_tokenizer, vocabulary_difference
-from distill.lm.acceptance import acceptance
+from distill.core.models import load_causal_lm, load_tokenizer
+from distill.lm.acceptance import acceptance, check_draft_tokenizer
 from distill.lm.config import LMDistillConfig
 from distill.lm.data import held_out_splits
 
@@ -54,12 +53,9 @@ def main(argv: list[str]) -> None:
     args, config_args = parser.parse_known_args(argv)
     with config_errors(debug):
         cfg = parse_args(LMDistillConfig, config_args)
-        tokenizer = load_tokenizer(args.target)
         for draft in args.draft:
-            differ = vocabulary_difference(load_tokenizer(draft), tokenizer)
-            if differ:
-                raise ConfigError(f"draft {draft} and target {args.target} tokenize differently ({differ}): a draft "
-                                  "must propose the target's own token ids")
+            check_draft_tokenizer(draft, args.target)
+        tokenizer = load_tokenizer(args.target)
         prompts = prompts_of(cfg, tokenizer, args.prompts, args.prompt_tokens)
         target = load_causal_lm(args.target).eval()
         rows = {}

@@ -16,7 +16,17 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from distill.core.errors import ConfigError
+from distill.core.models import load_tokenizer, vocabulary_difference
 from distill.lm.sampling import SamplingConfig, complete
+
+
+def check_draft_tokenizer(draft: str, target: str) -> None:
+    """A draft must propose the target's own token ids: the same tokenizer vocabulary, id for id."""
+    differ = vocabulary_difference(load_tokenizer(draft), load_tokenizer(target))
+    if differ:
+        raise ConfigError(f"draft {draft} and target {target} tokenize differently ({differ}): a draft must propose "
+                          "the target's own token ids, which cross-tokenizer distillation cannot give it")
 
 
 def greedy_tokens_per_pass(matches: list[list[bool]], k: int) -> float:
