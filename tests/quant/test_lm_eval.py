@@ -14,6 +14,7 @@ from quant.measure.lm_eval import (
     OFFLINE_TASKS,
     RESULTS_FILE,
     check_tasks,
+    hf_lm,
     last_word_docs,
     run_lm_eval,
     sentiment_docs,
@@ -31,7 +32,7 @@ PROMPT = "{}\nQuestion: Is this review positive or negative?\nAnswer:"
 def evaluated(tmp_path_factory):
     model, tokenizer = tiny_lm_for_eval()
     folder = tmp_path_factory.mktemp("lm_eval")
-    return model, tokenizer, folder, run_lm_eval(model, tokenizer, list(OFFLINE_TASKS), folder, LIMIT, 4)
+    return model, tokenizer, folder, run_lm_eval(hf_lm(model, tokenizer, 4), list(OFFLINE_TASKS), folder, LIMIT)
 
 
 def test_sentiment_accuracy_is_the_hand_computed_choice_of_the_right_label(evaluated):

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 import quant.measure.lm_report as lm_report
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
-from quant.config import BudgetConfig, LMReportConfig, SpeedConfig
+from quant.config import BudgetConfig, HarnessConfig, LMReportConfig, SpeedConfig
 from quant.measure.lm_report import (
     LMCandidate,
     agreement,
@@ -22,6 +22,7 @@ from quant.measure.lm_report import (
     divergence,
     fronts,
     lm_candidates,
+    lm_eval_table,
     markdown_table,
     measure_candidates,
     recommendation,
@@ -123,7 +124,8 @@ def test_each_candidate_is_measured_on_the_same_texts_against_the_teacher(tmp_pa
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(text for text, _ in make_sentences(20)) + "\n")
     cfg = LMReportConfig(teacher=str(folders[0]), data=CorpusConfig(source=str(corpus), max_length=16),
-                         validation_examples=4, test_examples=4, speed=SpeedConfig(prompt_tokens=8, new_tokens=2))
+                         validation_examples=4, test_examples=4, speed=SpeedConfig(prompt_tokens=8, new_tokens=2),
+                         lm_eval=None)
     prompts = []
     monkeypatch.setattr(lm_report, "speed", lambda path, prompt, *args: prompts.append(prompt) or SPEED)
     teacher, other = measure_candidates(cfg, [LMCandidate("teacher", "-", "-", folders[0]),
@@ -133,7 +135,7 @@ def test_each_candidate_is_measured_on_the_same_texts_against_the_teacher(tmp_pa
     assert teacher["test_perplexity"] != other["test_perplexity"] and teacher["test_perplexity"] > 1
     weights = (folders[0] / "model.safetensors").stat().st_size / 1e6
     assert teacher["disk_mb"] == weights and teacher["parameters"] == other["parameters"] > 0
-    assert "predictions" not in teacher and {**teacher, **SPEED} == teacher
+    assert "predictions" not in teacher and {**teacher, **SPEED} == teacher and teacher["lm_eval"] is None
     assert len(prompts) == 2 and prompts[0] == prompts[1] and len(prompts[0]) == 8
 
 
@@ -147,8 +149,20 @@ def test_the_report_files_are_written(tmp_path):
     assert (tmp_path / "lm_report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_lm_eval_table_has_a_column_per_task_and_metric_and_a_row_per_measured_model(tmp_path):
+    scores = {"sentiment": {"acc": 0.5, "acc_norm": 0.25, "examples": 4}, "lastword": {"acc": 0.125, "examples": 8}}
+    rows = [{**row("teacher", 20.0), "lm_eval": scores}, {**row("q4", 40.0), "lm_eval": None}]
+    assert lm_eval_table(rows).splitlines() == [
+        "| model | sentiment acc (4) | sentiment acc_norm (4) | lastword acc (8) |", "|---|---|---|---|",
+        "| teacher | 0.5 | 0.25 | 0.125 |"]
+    table = write_lm_report(rows, tmp_path, {}, SpeedConfig(prompt_tokens=8, new_tokens=2))
+    assert table.endswith(lm_eval_table(rows)) and lm_eval_table(rows[1:]) == ""
+
+
 @pytest.mark.parametrize("change, message", [
     ({"test_examples": 0}, "test_examples must be at least 1"),
+    ({"lm_eval": HarnessConfig(limit=0)}, "lm_eval.limit and lm_eval.batch_size must be at least 1; got 0 and 8"),
+    ({"lm_eval": HarnessConfig(tasks=[])}, "lm_eval.tasks is empty; the offline tasks: rotten_tomatoes_sentiment"),
     ({"speed": SpeedConfig(new_tokens=0)}, "speed.prompt_tokens, speed.new_tokens and speed.repeats"),
 ])
 def test_settings_that_cannot_work_are_refused(change, message):
