@@ -17,6 +17,7 @@ from distill.core.config import (
     TrainConfig,
 )
 from distill.core.gate import GateRule
+from quant.measure.lm_eval import DEFAULT_TASKS
 
 
 @dataclass
@@ -278,6 +279,20 @@ class SpeedConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """lm-evaluation-harness tasks run on the teacher and every transformers model of the report
+    (`quant.measure.lm_eval`), in process on the CPU."""
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    """lm-eval task names. Offline: the tasks shipped in quant/measure/lm_eval_tasks (Rotten Tomatoes sentiment as a
+    zero-shot choice, and the last word of a review); with the Hub, any lm-eval task."""
+    limit: Optional[int] = 30
+    """Documents per task (the first ones); None: all. The default keeps the default pipeline within a few extra
+    minutes on 2 cores, at the price of wide error bars."""
+    batch_size: int = 8
+    """Requests per forward pass."""
+
+
+@dataclass
 class BudgetConfig:
     """What the served model may cost: the report recommends the artifact with the lowest test perplexity within it,
     whichever stage made it (the teacher's own quantized files included)."""
@@ -331,3 +346,6 @@ class LMReportConfig(ModelCardConfig):
     """Thresholds on the measured figures (`distill.core.gate`), e.g. `"test_perplexity <= 1.5 * teacher"`,
     `"kld_mean <= 0.05"`, `"test_loop_share <= 0.2"`: a failing one stops the pipeline before `push`; the report and
     the card record each outcome. Empty: no gate."""
+    lm_eval: Optional[HarnessConfig] = field(default_factory=HarnessConfig)
+    """lm-evaluation-harness tasks measured on each transformers model (a table in the report and the card); None:
+    none."""

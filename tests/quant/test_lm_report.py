@@ -18,7 +18,7 @@ from distill.core.gate import GateRule
 from distill.lm.data import evaluation_texts, text_prompts
 from distill.lm.metrics import distinct_bigrams
 from distill.lm.sampling import SamplingConfig, complete, stop_tokens
-from quant.config import BudgetConfig, CompletionConfig, LMReportConfig, SpeedConfig
+from quant.config import BudgetConfig, CompletionConfig, HarnessConfig, LMReportConfig, SpeedConfig
 from quant.measure.lm_report import (
     COMPLETION_FIGURES,
     FIGURES,
@@ -28,6 +28,7 @@ from quant.measure.lm_report import (
     divergence,
     fronts,
     lm_candidates,
+    lm_eval_table,
     markdown_table,
     measure_candidates,
     recommendation,
@@ -133,7 +134,7 @@ def test_each_candidate_is_measured_on_the_same_texts_against_the_teacher(tmp_pa
     corpus.write_text("\n".join(text for text, _ in make_sentences(20)) + "\n")
     cfg = LMReportConfig(teacher=str(folders[0]), data=CorpusConfig(source=str(corpus), max_length=16),
                          validation_examples=4, test_examples=4, speed=SpeedConfig(prompt_tokens=8, new_tokens=2),
-                         completions=CompletionConfig(prompts=3, prompt_tokens=4, max_new_tokens=5))
+                         completions=CompletionConfig(prompts=3, prompt_tokens=4, max_new_tokens=5), lm_eval=None)
     prompts = []
     monkeypatch.setattr(lm_report, "speed", lambda path, prompt, *args: prompts.append(prompt) or SPEED)
     teacher, other = measure_candidates(cfg, [LMCandidate("teacher", "-", "-", folders[0]),
@@ -143,7 +144,7 @@ def test_each_candidate_is_measured_on_the_same_texts_against_the_teacher(tmp_pa
     assert teacher["test_perplexity"] != other["test_perplexity"] and teacher["test_perplexity"] > 1
     weights = (folders[0] / "model.safetensors").stat().st_size / 1e6
     assert teacher["disk_mb"] == weights and teacher["parameters"] == other["parameters"] > 0
-    assert "predictions" not in teacher and {**teacher, **SPEED} == teacher
+    assert "predictions" not in teacher and {**teacher, **SPEED} == teacher and teacher["lm_eval"] is None
     assert set(FIGURES + COMPLETION_FIGURES) <= set(teacher)
     openings = text_prompts(evaluation_texts(cfg, tokenizer)["test"][:3], 4)
     written = complete(LlamaForCausalLM.from_pretrained(folders[1]), openings,
@@ -164,8 +165,20 @@ def test_the_report_files_are_written(tmp_path):
     assert (tmp_path / "lm_report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_lm_eval_table_has_a_column_per_task_and_metric_and_a_row_per_measured_model(tmp_path):
+    scores = {"sentiment": {"acc": 0.5, "acc_norm": 0.25, "examples": 4}, "lastword": {"acc": 0.125, "examples": 8}}
+    rows = [{**row("teacher", 20.0), "lm_eval": scores}, {**row("q4", 40.0), "lm_eval": None}]
+    assert lm_eval_table(rows).splitlines() == [
+        "| model | sentiment acc (4) | sentiment acc_norm (4) | lastword acc (8) |", "|---|---|---|---|",
+        "| teacher | 0.5 | 0.25 | 0.125 |"]
+    table = write_lm_report(rows, tmp_path, {}, SpeedConfig(prompt_tokens=8, new_tokens=2))
+    assert table.endswith(lm_eval_table(rows)) and lm_eval_table(rows[1:]) == ""
+
+
 @pytest.mark.parametrize("change, message", [
     ({"test_examples": 0}, "test_examples must be at least 1"),
+    ({"lm_eval": HarnessConfig(limit=0)}, "lm_eval.limit and lm_eval.batch_size must be at least 1; got 0 and 8"),
+    ({"lm_eval": HarnessConfig(tasks=[])}, "lm_eval.tasks is empty; the offline tasks: rotten_tomatoes_sentiment"),
     ({"speed": SpeedConfig(new_tokens=0)}, "speed.prompt_tokens, speed.new_tokens and speed.repeats"),
     ({"completions": CompletionConfig(prompt_tokens=0)}, "completions.prompt_tokens and"),
     ({"gate": [GateRule("test_perplexityy", max=2)]}, r"gate\[0\]: the report measures no figure 'test_perplexityy'; "
