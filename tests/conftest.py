@@ -14,6 +14,8 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
@@ -77,14 +79,15 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def save_smollm2_tokenizer_lm(folder: Path, **config) -> Path:
-    """A random 2-layer Llama saved with the offline SmolLM2 tokenizer (one that llama.cpp's GGUF converter knows)."""
+def save_smollm2_tokenizer_lm(folder: Path, family: str = "llama", **config) -> Path:
+    """A random 2-layer Llama (or another `family`) saved with the offline SmolLM2 tokenizer (one that llama.cpp's GGUF
+    converter knows)."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("offline:SmolLM2-135M-Instruct"))
     torch.manual_seed(0)
     values = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(LlamaConfig(**{**values, **config})).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **{**values, **config})).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -10,7 +10,7 @@ from distill.core.jobs import JOB_TABLE, load_jobs
 from distill.pipeline.plan import STAGE_KINDS
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-OTHER_PREFIXES = {"compress": "pipeline", "teacher": "finetune", "cache_": "build_teacher_cache"}
+OTHER_PREFIXES = {"compress": "pipeline", "qad": "pipeline", "teacher": "finetune", "cache_": "build_teacher_cache"}
 """A recipe YAML's name starts with its job's name (`distill_lm_chat.yaml`: distill_lm), or else with one of these."""
 
 

@@ -93,6 +93,17 @@ class OnPolicyConfig:
 
 
 @dataclass
+class QADConfig:
+    """Quantization-aware distillation: the student trains with its weights fake-quantized on a serving format's
+    grid (straight-through), so that the format's ordinary export of the saved weights is the model it trained."""
+    format: str = "gguf"
+    """The serving format whose grid the weights train on; `gguf`: llama.cpp's own quantizer, each tensor in the type
+    llama.cpp gives it in a file of `type` (`quant.qad.gguf`)."""
+    type: str = "q4_k_m"
+    """The format's type, as its export names it (GGUF: `q4_k_m`, `q3_k_m`, `q2_k`, `q4_0`, `q8_0`, ...)."""
+
+
+@dataclass
 class LMDistillConfig:
     """Distil a causal LM into a smaller one on unlabelled text, token by token (`distill.lm.job`)."""
     teacher: str = "offline:SmolLM2-135M-Instruct"
@@ -137,3 +148,8 @@ class LMDistillConfig:
     that loop, their distinct-2 and length, the teacher's NLL of them)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training loop's settings."""
+    qad: Optional[QADConfig] = None
+    """Quantization-aware distillation: the student (e.g. the teacher itself, `student.model` = the teacher, or a
+    pruned model) trains fake-quantized on a format's grid; `model/` holds its latent weights, which the format's
+    export (GGUF: export_gguf with the same type, without calibration) puts on the trained grid. The reported
+    perplexities are the fake-quantized student's. None: plain training."""

@@ -25,6 +25,7 @@ from distill.core.chat import TokenizedCorpus, prompt_ids, user_turn, uses_chat_
 from distill.core.data import corpus_tokens, load_texts, truncation_shares
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
+from distill.core.fake_quant import fake_quant_format
 from distill.core.fingerprint import config_sha256, token_ids_sha256, tokenizer_sha256, weights_sha256
 from distill.core.io import jsonl_text, write_text_atomic
 from distill.core.jobs import Job, register_job
@@ -87,6 +88,7 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
         vocab_size = common_vocab_size(student_tokenizer, tokenizer, student.config.get_text_config().vocab_size,
                                        teacher_config.get_text_config().vocab_size)
         collate = task_collate = LMCollator(tokenizer)
+    qad = fake_quant_format(cfg.qad.format).apply(student, tokenizer, cfg.qad, run_dir) if cfg.qad else None
     if cfg.cache is not None:  # a cache of the teacher's tokenization, laid out by the teacher's token positions
         cache_ids = corpus.columns[TEACHER_INPUTS[0]] if cfg.student_tokenizer else examples
         cache = open_cache(cfg, teacher_tokenizer, cache_ids, teacher_config, teacher)
@@ -106,7 +108,8 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
              "train_examples": len(splits["train"]), "train_target_tokens": trainer.target_tokens,
              "memory_per_process_bytes": trainer.memory_per_process,
              **({"shared_vocabulary": shared_vocab.summary()} if shared_vocab is not None else {}),
-             **({"on_policy": on_policy.counts} if cfg.on_policy.lmbda > 0 else {})}
+             **({"on_policy": on_policy.counts} if cfg.on_policy.lmbda > 0 else {}),
+             **({"qad": qad.summary} if qad is not None else {})}
     generations = greedy_generations(student, tokenizer, cfg.eval, chat=uses_chat_template(cfg.data))
     if accelerator.is_main_process:
         write_text_atomic(run_dir / "generations.jsonl", jsonl_text(generations))
@@ -120,7 +123,8 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
             cfg.train.eval_batch_size, accelerator)
     task = Task(tokenizer, splits, [], task_collate, truncation)
     return finish_run(accelerator, run_dir, student, task, cfg.train.eval_batch_size, PERPLEXITY,
-                      files=trainer.saved_files(), extra={**extra, "generations": len(generations)})
+                      files=trainer.saved_files(), extra={**extra, "generations": len(generations)},
+                      save=qad.save if qad is not None else None)
 
 
 def lm_splits(corpus: TokenizedCorpus, cfg: LMDistillConfig, eos_id: Optional[int]
@@ -219,6 +223,16 @@ def check_lm_distill(cfg: LMDistillConfig) -> None:
                           "and a sharded student needs every process in each forward pass; use sharding: none")
     check_on_policy(cfg)
     check_cross_tokenizer(cfg)
+    if cfg.qad is not None:
+        check_qad(cfg)
+
+
+def check_qad(cfg: LMDistillConfig) -> None:
+    """The format's own checks of its type and of the model the student starts from."""
+    if cfg.train.sharding == "fsdp2":
+        raise ConfigError("qad with train.sharding: fsdp2: the grid is computed from whole weight rows, which a "
+                          "sharded student splits across processes; use sharding: none")
+    fake_quant_format(cfg.qad.format).check(cfg.qad, cfg.student.model or cfg.teacher)
 
 
 def check_cross_tokenizer(cfg: LMDistillConfig) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -48,16 +49,21 @@ def activation_importance(model: PreTrainedModel, texts: list[list[int]]) -> tup
 
 
 def gguf_named(importance: dict[str, np.ndarray], family: str, layers: int) -> dict[str, np.ndarray]:
-    """The same matrix keyed by GGUF tensor names (`blk.0.attn_q.weight`), through the `gguf` package's name map."""
-    gguf = require_package("gguf", "the importance matrix needs", "bash scripts/setup.sh")
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_ARCH[family]), layers)
-    named = {}
-    for name, values in importance.items():
-        mapped = names.get_name(name, try_suffixes=(".weight",))
-        if mapped is None:
+    """The same matrix keyed by GGUF tensor names (`blk.0.attn_q.weight`)."""
+    names = gguf_names(importance, family, layers)
+    return {names[name]: values for name, values in importance.items()}
+
+
+def gguf_names(names: Iterable[str], family: str, layers: int) -> dict[str, str]:
+    """The GGUF tensor name the converter gives each transformers parameter name, through the `gguf` package's map."""
+    gguf = require_package("gguf", "GGUF tensor names need", "bash scripts/setup.sh")
+    tensor_names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_ARCH[family]), layers)
+    mapped = {}
+    for name in names:
+        mapped[name] = tensor_names.get_name(name, try_suffixes=(".weight",))
+        if mapped[name] is None:
             raise RuntimeError(f"no GGUF tensor name for {name} ({family})")
-        named[mapped] = values
-    return named
+    return mapped
 
 
 @dataclass
