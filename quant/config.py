@@ -33,6 +33,15 @@ class BnbConfig:
 
 
 @dataclass
+class WeightSchemeConfig:
+    """Settings of the compressed-tensors variants (`rtn_w4a16`, `gptq_w4a16`, `w8a8_int8`), made by llm-compressor."""
+    group_size: int = 64
+    """4-bit variants: consecutive weights of a row that share one scale. It must divide the input width of every
+    quantized Linear (refused before work otherwise): 64 divides SmolLM2's 576, which 128, the usual choice for wider
+    models, does not."""
+
+
+@dataclass
 class LatencyConfig:
     """Latency of one forward pass on a fixed batch of the evaluation texts, padded to `max_length`."""
     batch_size: int = 32
@@ -248,11 +257,19 @@ class LMQuantConfig:
     output_dir: str = "runs/student-lm-quant"
     """The run folder: config.yaml, a folder per variant, metrics.json and report.md."""
     variants: list[str] = field(default_factory=lambda: ["fp32", "bf16", "dynamic_int8", "bnb_int8", "bnb_nf4"])
-    """The variants, as for classifiers: `fp32`, `bf16`, `fp16`, `dynamic_int8`, `bnb_int8`, `bnb_nf4`, `bnb_fp4`."""
+    """The variants, as for classifiers: `fp32`, `bf16`, `fp16`, `dynamic_int8`, `bnb_int8`, `bnb_nf4`, `bnb_fp4`;
+    and, saved as compressed-tensors (vLLM, SGLang): `rtn_w4a16` (int4 weights rounded to nearest), `gptq_w4a16`
+    (int4 weights calibrated by GPTQ) and `w8a8_int8` (SmoothQuant, then GPTQ int8 weights and int8 activations)."""
     skip_modules: Optional[list[str]] = None
     """Modules kept in full precision; None: the LM head (the architecture's task heads)."""
     bnb: BnbConfig = field(default_factory=BnbConfig)
     """bitsandbytes settings for `bnb_*` variants."""
+    scheme: WeightSchemeConfig = field(default_factory=WeightSchemeConfig)
+    """Settings of the compressed-tensors variants."""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    """The calibration text of `gptq_w4a16` and `w8a8_int8`, as pruning and the importance matrix take
+    it (the first training texts; `batch_size` is not used: each text runs alone). It must hold at least as many
+    tokens as the widest quantized Linear has input features."""
     data: CorpusConfig = field(default_factory=CorpusConfig)
     """The corpus, split as the causal-LM distillation job splits it."""
     validation_examples: int = 50

@@ -1,13 +1,18 @@
 """Quantization of a causal LM, measured by what an LM is for: each variant of the saved model (bf16, dynamic int8,
-bitsandbytes int8 / NF4 / FP4, as for classifiers) is built, saved into `output_dir/<variant>/`, reloaded (logits
-compared with the in-memory model) and measured on the held-out texts of the corpus, split as the distillation job
-splits it: validation and test perplexity, agreement of its greedy next token with the teacher's at every real
-position of the test texts, weight memory and size on disk. Everything runs on the CPU, in one process.
+bitsandbytes int8 / NF4 / FP4, as for classifiers; int4 and int8 compressed-tensors for vLLM, rounded to nearest or
+calibrated by GPTQ or SmoothQuant + GPTQ on the first training texts) is built, saved into `output_dir/<variant>/`,
+reloaded (logits compared with the in-memory model) and measured from the reloaded folder on the held-out texts of the
+corpus, split as the distillation job splits it: validation and test perplexity, agreement of its greedy next token
+with the teacher's at every real position of the test texts, the mean and 99th percentile KL divergence from the
+unquantized model's next-token distribution and how often their top-1 tokens agree (llama.cpp's
+`perplexity --kl-divergence` figures), weight memory, size on disk and the seconds it took to make. Everything runs on
+the CPU, in one process.
 
 `output_dir` gets `config.yaml`, `metrics.json` and `report.md`."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -19,10 +24,12 @@ from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.models import ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.core.run import RunResult, open_run
-from distill.lm.data import evaluation_texts
+from distill.lm.data import calibration_ids, evaluation_texts
 from quant.config import LMQuantConfig
 from quant.measure.classifier_metrics import weight_memory
+from quant.measure.divergence import divergence_summary, token_divergences
 from quant.quantize import quiet_int8_cast_warning
+from quant.schemes.compressed import CALIBRATED, COMPRESSED_VARIANTS, check_compressed, check_scheme
 from quant.schemes.loading import auto_class, empty_model, load_config, skip_patterns
 from quant.schemes.variants import build_variant, check_variants, load_variant
 
@@ -31,6 +38,9 @@ TextIds = list[list[int]]
 
 def check_lm_quant(cfg: LMQuantConfig) -> None:
     check_variants(cfg.variants, cfg.bnb)
+    check_scheme(cfg.scheme)
+    if cfg.calibration.examples < 1:
+        raise ConfigError(f"calibration.examples must be at least 1; got {cfg.calibration.examples}")
     for name in ("validation_examples", "test_examples", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1; got {getattr(cfg, name)}")
@@ -47,19 +57,24 @@ def check_causal_lm(name: str) -> None:
 def quantize_lm(cfg: LMQuantConfig) -> RunResult:
     check_lm_quant(cfg)
     check_causal_lm(cfg.model)
+    tokenizer = ensure_pad_token(load_tokenizer(cfg.model))
+    calibration = calibration_ids(cfg, tokenizer) if set(cfg.variants) & set(CALIBRATED) else []
+    if set(cfg.variants) & set(COMPRESSED_VARIANTS):
+        check_compressed(cfg.model, cfg.variants, cfg.scheme, calibration, cfg.skip_modules)
     run_dir = open_run(cfg)
     quiet_int8_cast_warning()
-    tokenizer = ensure_pad_token(load_tokenizer(cfg.model))
     texts = evaluation_texts(cfg, tokenizer)
-    teacher = load_causal_lm(cfg.teacher or cfg.model, dtype=torch.float32).eval()
+    unquantized = load_causal_lm(cfg.model, dtype=torch.float32).eval()
+    teacher = load_causal_lm(cfg.teacher, dtype=torch.float32).eval() if cfg.teacher else unquantized
     reference = greedy_next_tokens(teacher, texts["test"])
     del teacher
     skip = skip_patterns(empty_model(cfg.model), cfg.skip_modules)
     rows, models = {}, {}
     for variant in cfg.variants:
         models[variant], rows[variant] = build_and_measure(cfg, variant, run_dir / variant, tokenizer, texts,
-                                                           reference, skip)
+                                                           reference, skip, unquantized, calibration)
     metrics = {"model": cfg.model, "teacher": cfg.teacher or cfg.model, "texts": {k: len(v) for k, v in texts.items()},
+               "calibration": {"texts": len(calibration), "tokens": sum(map(len, calibration))},
                "skip_modules": skip, "torch": torch.__version__, "variants": rows}
     write_json_atomic(metrics, run_dir / "metrics.json")
     (run_dir / "report.md").write_text(markdown_table(list(rows.values())) + "\n")
@@ -67,8 +82,11 @@ def quantize_lm(cfg: LMQuantConfig) -> RunResult:
 
 
 def build_and_measure(cfg: LMQuantConfig, variant: str, folder: Path, tokenizer, texts: dict[str, TextIds],
-                      reference: list[torch.Tensor], skip: list[str]) -> tuple[PreTrainedModel, dict]:
-    built = build_variant(cfg.model, variant, tokenizer, folder, cfg.bnb, cfg.skip_modules)
+                      reference: list[torch.Tensor], skip: list[str], unquantized: PreTrainedModel,
+                      calibration: TextIds) -> tuple[PreTrainedModel, dict]:
+    start = time.perf_counter()
+    built = build_variant(cfg.model, variant, tokenizer, folder, cfg.bnb, cfg.skip_modules, cfg.scheme, calibration)
+    seconds = time.perf_counter() - start
     probe = torch.tensor([texts["test"][0]])
     expected = logits_of(built, probe)
     del built
@@ -77,7 +95,9 @@ def build_and_measure(cfg: LMQuantConfig, variant: str, folder: Path, tokenizer,
            "validation_perplexity": text_perplexity(model, texts["validation"]),
            "test_perplexity": text_perplexity(model, texts["test"]),
            "next_token_agreement": next_token_agreement(model, texts["test"], reference),
-           "parameters": count_parameters(model), **weight_memory(model, skip), "disk_mb": disk_size_mb(folder)}
+           **divergence_from(unquantized, model, texts["test"]),
+           "parameters": count_parameters(model), **weight_memory(model, skip), "disk_mb": disk_size_mb(folder),
+           "seconds": seconds}
     return model, row
 
 
@@ -111,12 +131,25 @@ def next_token_agreement(model: PreTrainedModel, texts: TextIds, reference: list
     return same / max(sum(len(r) for r in reference), 1)
 
 
+@torch.no_grad()
+def divergence_from(reference: PreTrainedModel, model: PreTrainedModel, texts: TextIds) -> dict[str, float]:
+    """KL(reference || model) of the next-token distributions, and whether their top-1 tokens agree, at every
+    position that predicts a token of the text (`quant.measure.divergence`)."""
+    kls, same = [], []
+    for ids in texts:
+        expected, got = (logits_of(each, torch.tensor([ids]))[0, :-1].numpy() for each in (reference, model))
+        kl, agree = token_divergences(expected, got)
+        kls.append(kl)
+        same.append(agree)
+    return divergence_summary(kls, same)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| variant | val. ppl | test ppl | next-token agreement | weights MB | disk MB | reload equal |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | val. ppl | test ppl | next-token agreement | mean KLD | same top-1 | weights MB | disk MB | "
+             "seconds | reload equal |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['validation_perplexity']:.2f} | {r['test_perplexity']:.2f} | "
-              f"{r['next_token_agreement']:.2%} | {r['weight_mb']:.1f} | {r['disk_mb']:.1f} | {r['reload_equal']} |"
-              for r in rows]
+              f"{r['next_token_agreement']:.2%} | {r['kld_mean']:.4f} | {r['same_top1']:.2%} | {r['weight_mb']:.1f} | "
+              f"{r['disk_mb']:.1f} | {r['seconds']:.1f} | {r['reload_equal']} |" for r in rows]
     return "\n".join(lines)
 
 

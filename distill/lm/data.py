@@ -84,6 +84,13 @@ def held_out_splits(corpus: TokenizedCorpus, cfg, with_cache_index: bool
     return splits, {**bounds, "corpus_sha256": token_ids_sha256(examples)}
 
 
+def calibration_ids(cfg, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """The token ids of the first `cfg.calibration.examples` training texts of `cfg.data` (split as
+    `held_out_splits` splits it): the calibration text of pruning, of the importance matrix and of GPTQ."""
+    splits, _ = held_out_splits(corpus_tokens(cfg.data, tokenizer), cfg, with_cache_index=False)
+    return splits["train"]["input_ids"][:cfg.calibration.examples]
+
+
 def evaluation_texts(cfg, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[list[int]]]:
     """The token ids of the validation and test texts of `cfg.data`, split as `held_out_splits` splits it, the first
     `cfg.eval_examples` of each (None: all)."""

@@ -27,13 +27,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.core.conversion_cache import cache_root
-from distill.core.data import corpus_tokens
 from distill.core.errors import ConfigError, did_you_mean, require_package
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.models import is_compressed, load_causal_lm, load_tokenizer, resolve_model
 from distill.core.run import RunResult, continues, open_run
-from distill.lm.data import evaluation_texts, held_out_splits
+from distill.lm.data import calibration_ids, evaluation_texts
 from quant.config import GgufConfig
 from quant.export.imatrix import QuantizerMatrix, activation_importance, gguf_named
 from quant.measure.divergence import divergence_summary, log_softmax, token_divergences
@@ -331,8 +330,7 @@ def calibration_texts(cfg: GgufConfig, tokenizer: PreTrainedTokenizerBase) -> li
     section, or no type that the quantizer makes. Too few tokens are refused before the model loads."""
     if cfg.calibration is None or all(name in CONVERTER_TYPES for name in cfg.types):
         return []
-    splits, _ = held_out_splits(corpus_tokens(cfg.data, tokenizer), cfg, with_cache_index=False)
-    texts = splits["train"]["input_ids"][:cfg.calibration.examples]
+    texts = calibration_ids(cfg, tokenizer)
     tokens = sum(len(ids) for ids in texts)
     if tokens < IMATRIX_TOKENS:
         raise ConfigError(f"calibration has {tokens} tokens ({len(texts)} texts of at most {cfg.data.max_length}); "
