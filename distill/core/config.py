@@ -84,12 +84,12 @@ class CorpusConfig(SourceConfig):
     """`prompt_completion`: render the prompt as the user's turn and the completion as the assistant's answer with
     the tokenizer's chat template; false joins them as plain text, the completion ending with eos. `chat` always
     uses the template."""
-    packing: Optional[bool] = None
+    packing: Optional[bool] = False
     """Causal-LM distillation (`distill_lm`) only: pack the training texts, untruncated and joined with eos, into
     blocks of `max_length` tokens (prompt/completion and chat examples whole, never cut); per-text position ids and a
-    block-diagonal mask keep each text from seeing another. Validation and test stay whole texts. None: pack where the
-    run can (not with a teacher `cache`, `student_tokenizer` or `on_policy`); true: refused where it cannot; false:
-    truncate each text at `max_length`."""
+    block-diagonal mask keep each text from seeing another. Validation and test stay whole texts. null: pack where the
+    run can (not with a teacher `cache`, `student_tokenizer` or `on_policy`); true: refused where it cannot; false
+    (the default, under which every published figure was measured): truncate each text at `max_length`."""
 
 
 @dataclass

@@ -5,7 +5,7 @@ mixed with `next_token_ce` on the text itself.
 
 The corpus is tokenized once with the teacher's tokenizer (`corpus_token_ids`, as a cache build does). Its last
 `test_examples` texts are the test slice, the `validation_examples` before them the validation slice, the rest are
-trained on, packed into full blocks where the run can (`distill.lm.packing`, `data.packing`); metrics.json records
+trained on, packed into full blocks when `data.packing` asks (`distill.lm.packing`); metrics.json records
 the three index ranges, the corpus fingerprint and the next-token targets trained on (`train_target_tokens`).
 Hidden-state losses (`hidden_mse`, `hidden_cosine` over `layer_map`) may join the token losses when the teacher
 runs. The validation metric is perplexity (lower is better); on plain text the test texts are also scored whole
@@ -210,7 +210,7 @@ def check_lm_distill(cfg: LMDistillConfig) -> None:
     refusal = packing_refusal(cfg)
     if cfg.data.packing and refusal:
         raise ConfigError(f"data.packing: true cannot pack this run's training split: {refusal}; set "
-                          "data.packing=false (or leave it unset: packed where it can be)")
+                          "data.packing=false (or null: packed where it can be)")
     if cfg.data.max_length < 2:
         raise ConfigError(f"data.max_length must be at least 2 (a token and the next); got {cfg.data.max_length}")
     if cfg.eval.max_new_tokens < 1:

@@ -93,12 +93,13 @@ def test_whole_text_perplexity_is_the_perplexity_of_the_whole_texts_when_the_win
     assert windowed != pytest.approx(whole, rel=1e-3) and math.isfinite(windowed)
 
 
-def test_plain_text_runs_pack_by_default_and_count_every_target_they_trained_on(tmp_path, teacher_dir, corpus):
+def test_plain_text_runs_pack_where_they_can_and_count_every_target_they_trained_on(tmp_path, teacher_dir, corpus):
     """One epoch over the training texts: packed, every token but each piece's first is a target; truncated, each
     text's first max_length tokens but its first."""
     tokenizer = make_tokenizer(WORDS)
     lengths = [len(ids) for ids in tokenizer([text for text, _ in make_sentences(60)[:44]])["input_ids"]]
     metrics = {}
+    assert CorpusConfig().packing is False  # the default: every published figure was measured truncated
     for packing in (None, False):
         cfg = lm_cfg(tmp_path / str(packing), teacher_dir, CorpusConfig(source=corpus.source, max_length=8,
                                                                         packing=packing),
@@ -118,7 +119,8 @@ def test_plain_text_runs_pack_by_default_and_count_every_target_they_trained_on(
 
 def test_prompt_completion_runs_pack_whole_examples_and_train_on_every_completion_token(tmp_path, teacher_dir,
                                                                                         pairs_file):
-    corpus = CorpusConfig(source=str(pairs_file), format="prompt_completion", chat_template=False, max_length=32)
+    corpus = CorpusConfig(source=str(pairs_file), format="prompt_completion", chat_template=False, max_length=32,
+                          packing=None)
     tokens = corpus_tokens(corpus, make_tokenizer(WORDS))
     distill_lm(lm_cfg(tmp_path, teacher_dir, corpus, train=train_cfg(batch_size=8, eval_batch_size=8)))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -131,7 +133,7 @@ def test_prompt_completion_runs_pack_whole_examples_and_train_on_every_completio
     ({"cache": "somewhere", "stages": [StageConfig(losses=[LossConfig(name="topk_kl")])]}, "a teacher cache holds"),
     ({"student_tokenizer": "somewhere"}, "student_tokenizer aligns"),
 ])
-def test_packing_is_refused_in_one_line_where_it_cannot_pack_and_left_off_when_unset(tmp_path, corpus, change,
+def test_packing_is_refused_in_one_line_where_it_cannot_pack_and_left_off_when_null(tmp_path, corpus, change,
                                                                                     message):
     cfg = lm_cfg(tmp_path, tmp_path / "absent", CorpusConfig(source=corpus.source, packing=True), **change)
     with pytest.raises(ConfigError, match=f"data.packing: true cannot pack .*{message}"):
