@@ -85,8 +85,11 @@ def teacher_nll_of_completions(student: PreTrainedModel, teacher: PreTrainedMode
         chunk = prompts[start:start + batch_size]
         written = complete(student, chunk, sampling, stops, pad_id)
         batch = {name: value.to(teacher.device) for name, value in pack_completions(chunk, written, pad_id).items()}
-        outputs = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        sums, counts = example_nll(LogitSource(outputs.logits), batch["labels"], chunk_size=256)
+        # as in training: a sharded teacher's gathered weights were made under inference mode, and only there can
+        # they be gathered into again
+        with torch.inference_mode():
+            outputs = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            sums, counts = example_nll(LogitSource(outputs.logits), batch["labels"], chunk_size=256)
         nll, tokens = nll + sums.sum().item(), tokens + counts.sum().item()
         completions += written
     teacher.train(was_training)
