@@ -68,7 +68,7 @@ def models(tmp_path_factory):
 def pipeline_yaml(root, served: str, name: str, gate=GATE, push=True) -> str:
     report = {"validation_examples": 4, "test_examples": 6, "eval_examples": 6, "teacher": str(root / "teacher"),
               "speed": {"prompt_tokens": 8, "new_tokens": 2}, "gate": gate,
-              "completions": {"prompts": 4, "prompt_tokens": 4, "max_new_tokens": 8}}
+              "completions": {"prompts": 4, "prompt_tokens": 4, "max_new_tokens": 8}, "lm_eval": None}
     stages = [{"kind": "report_lm", "model": str(root / served), "overrides": report}]
     values = {"output_dir": str(root / f"run-{name}"), "corpus": {"source": str(root / "corpus.txt"), "max_length": 16},
               "stages": stages + ([{"kind": "push", "overrides": {"repo_id": "me/tiny-lm"}}] if push else [])}
