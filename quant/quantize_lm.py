@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -91,11 +92,12 @@ def build_and_measure(cfg: LMQuantConfig, variant: str, folder: Path, tokenizer,
     expected = logits_of(built, probe)
     del built
     model = load_variant(folder).eval()
+    logits = [logits_of(model, torch.tensor([ids]))[0] for ids in texts["test"]]  # one pass for the test figures
     row = {"variant": variant, "reload_equal": torch.equal(logits_of(model, probe), expected),
            "validation_perplexity": text_perplexity(model, texts["validation"]),
-           "test_perplexity": text_perplexity(model, texts["test"]),
-           "next_token_agreement": next_token_agreement(model, texts["test"], reference),
-           **divergence_from(unquantized, model, texts["test"]),
+           "test_perplexity": logits_perplexity(logits, texts["test"]),
+           "next_token_agreement": next_token_agreement(logits, reference),
+           **divergence_from(unquantized, logits, texts["test"]),
            "parameters": count_parameters(model), **weight_memory(model, skip), "disk_mb": disk_size_mb(folder),
            "seconds": seconds}
     return model, row
@@ -110,12 +112,14 @@ def logits_of(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
 def text_perplexity(model: PreTrainedModel, texts: TextIds) -> float:
     """exp of the mean next-token NLL over every real token of `texts`, one text per forward pass (no padding, so
     every variant sees exactly the same computation)."""
-    nll, count = 0.0, 0
-    for ids in texts:
-        logits = logits_of(model, torch.tensor([ids]))[0]
-        nll += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum").item()
-        count += len(ids) - 1
-    return math.exp(nll / max(count, 1))
+    return logits_perplexity((logits_of(model, torch.tensor([ids]))[0] for ids in texts), texts)
+
+
+def logits_perplexity(logits: Iterable[torch.Tensor], texts: TextIds) -> float:
+    """`text_perplexity` from each text's logits at every position, (positions, vocabulary), float32."""
+    nll = sum(torch.nn.functional.cross_entropy(rows[:-1], torch.tensor(ids[1:]), reduction="sum").item()
+              for rows, ids in zip(logits, texts))
+    return math.exp(nll / max(sum(len(ids) - 1 for ids in texts), 1))
 
 
 @torch.no_grad()
@@ -124,21 +128,19 @@ def greedy_next_tokens(model: PreTrainedModel, texts: TextIds) -> list[torch.Ten
     return [logits_of(model, torch.tensor([ids]))[0].argmax(-1) for ids in texts]
 
 
-def next_token_agreement(model: PreTrainedModel, texts: TextIds, reference: list[torch.Tensor]) -> float:
-    """The share of positions where `model`'s most likely next token is the reference model's."""
-    mine = greedy_next_tokens(model, texts)
-    same = sum((a == b).sum().item() for a, b in zip(mine, reference))
+def next_token_agreement(logits: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """The share of positions where the most likely next token (of each text's `logits`) is the reference model's."""
+    same = sum((rows.argmax(-1) == r).sum().item() for rows, r in zip(logits, reference))
     return same / max(sum(len(r) for r in reference), 1)
 
 
 @torch.no_grad()
-def divergence_from(reference: PreTrainedModel, model: PreTrainedModel, texts: TextIds) -> dict[str, float]:
-    """KL(reference || model) of the next-token distributions, and whether their top-1 tokens agree, at every
-    position that predicts a token of the text (`quant.measure.divergence`)."""
+def divergence_from(reference: PreTrainedModel, logits: list[torch.Tensor], texts: TextIds) -> dict[str, float]:
+    """KL(reference || model) of the next-token distributions (the model's as `logits` of each text), and whether
+    their top-1 tokens agree, at every position that predicts a token of the text (`quant.measure.divergence`)."""
     kls, same = [], []
-    for ids in texts:
-        expected, got = (logits_of(each, torch.tensor([ids]))[0, :-1].numpy() for each in (reference, model))
-        kl, agree = token_divergences(expected, got)
+    for rows, ids in zip(logits, texts):
+        kl, agree = token_divergences(logits_of(reference, torch.tensor([ids]))[0, :-1].numpy(), rows[:-1].numpy())
         kls.append(kl)
         same.append(agree)
     return divergence_summary(kls, same)

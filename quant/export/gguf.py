@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -229,7 +229,13 @@ def predicted_tokens(texts: list[list[int]]) -> int:
 
 def gguf_perplexity(llm, texts: list[list[int]]) -> float:
     """exp of the mean next-token NLL over `texts` (token ids), from llama.cpp's logits."""
-    return math.exp(sum(text_nll(gguf_logits(llm, ids), ids) for ids in texts) / predicted_tokens(texts))
+    return scores_perplexity((gguf_logits(llm, ids) for ids in texts), texts)
+
+
+def scores_perplexity(logits: Iterable[np.ndarray], texts: list[list[int]]) -> float:
+    """`gguf_perplexity` from each text's llama.cpp logits already read (float32 or float64: the NLL is summed in
+    float64 either way)."""
+    return math.exp(sum(text_nll(rows, ids) for rows, ids in zip(logits, texts)) / predicted_tokens(texts))
 
 
 @torch.no_grad()

@@ -28,13 +28,13 @@ from distill.lm.data import evaluation_texts, text_prompts
 from distill.lm.metrics import generation_scores
 from distill.lm.sampling import SamplingConfig, complete, stop_tokens, until_stop
 from quant.config import BudgetConfig, LMReportConfig
-from quant.export.gguf import gguf_logits, gguf_perplexity, greedy_ids, loaded
+from quant.export.gguf import gguf_logits, gguf_perplexity, greedy_ids, loaded, scores_perplexity
 from quant.measure.classifier_metrics import weight_memory
 from quant.measure.compression_report import pareto_front, require_matplotlib
 from quant.measure.generation_speed import speed
 from quant.measure.lm_eval import check_tasks, hf_lm, run_lm_eval, task_metrics
 from quant.measure.divergence import token_divergences
-from quant.quantize_lm import logits_of, text_perplexity
+from quant.quantize_lm import logits_of, logits_perplexity, text_perplexity
 from quant.schemes.variants import load_variant
 
 REPORT_NAME = "lm_report"
@@ -118,8 +118,9 @@ def measure_torch(path: Path, texts: dict, openings: Openings, harness: Optional
     written = [completion for start in range(0, len(openings.prompts), openings.batch_size)
                for completion in complete(model, openings.prompts[start:start + openings.batch_size], greedy,
                                           openings.stops, openings.pad_id)]
+    logits = torch_logits(model, texts["test"])
     return {"validation_perplexity": text_perplexity(model, texts["validation"]),
-            "test_perplexity": text_perplexity(model, texts["test"]), "logits": torch_logits(model, texts["test"]),
+            "test_perplexity": logits_perplexity(map(torch.from_numpy, logits), texts["test"]), "logits": logits,
             "parameters": count_parameters(model), "weight_mb": weight_memory(model, [])["weight_mb"],
             "disk_mb": folder_mb(path), "lm_eval": harness(model) if harness else None,
             **completion_figures(written)}
@@ -154,10 +155,10 @@ def measure_gguf(path: Path, texts: dict, threads: int, openings: Openings, harn
     with loaded(path, threads) as llm:
         written = [until_stop(greedy_ids(llm, prompt, openings.max_new_tokens), openings.stops)
                    for prompt in openings.prompts]
+        logits = [gguf_logits(llm, ids).astype(np.float32) for ids in texts["test"]]
         return {"lm_eval": harness(llm) if harness else None,
                 "validation_perplexity": gguf_perplexity(llm, texts["validation"]),
-                "test_perplexity": gguf_perplexity(llm, texts["test"]),
-                "logits": [gguf_logits(llm, ids).astype(np.float32) for ids in texts["test"]],
+                "test_perplexity": scores_perplexity(logits, texts["test"]), "logits": logits,
                 "parameters": None, "weight_mb": path.stat().st_size / 1e6, "disk_mb": path.stat().st_size / 1e6,
                 **completion_figures(written)}
 
