@@ -329,6 +329,13 @@ class CompletionConfig:
     """The tokens of each text's opening (fewer for a shorter text)."""
     max_new_tokens: int = 32
     """The most tokens written after each opening (fewer when the model writes its end-of-text token)."""
+    draft_prompts: int = 16
+    """The first of those openings (at most `prompts`) on which each model is also measured as the teacher's
+    speculative-decoding draft (`distill.lm.acceptance`), against the teacher's greedy continuation of
+    `max_new_tokens` tokens: `draft_alpha` (the sampled rule's acceptance rate) and `draft_tokens_per_pass` (greedy,
+    at `draft_k` proposals per pass; the teacher's own row is the ceiling, about `draft_k` + 1). 0: not measured."""
+    draft_k: int = 4
+    """Draft tokens proposed per teacher pass for `draft_tokens_per_pass`."""
 
 
 @dataclass

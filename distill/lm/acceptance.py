@@ -13,6 +13,9 @@ distribution. `acceptance_rate` is its mean over the positions of the target's c
 a target pass then yields (1 - alpha^(k+1)) / (1 - alpha) tokens in expectation, taking the positions' rates as equal."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from transformers import PreTrainedModel
 
@@ -61,30 +64,62 @@ def greedy_continuation(model: PreTrainedModel, prompt: list[int], new_tokens: i
                     pad_id=0)[0]
 
 
+LogitsOf = Callable[[list[int]], torch.Tensor]
+"""A draft as the scorer sees it: a row of token ids -> its next-token logits at every position (any runtime)."""
+
+
+def model_logits(model: PreTrainedModel) -> LogitsOf:
+    device = next(model.parameters()).device
+    return lambda ids: model(torch.tensor([ids], device=device)).logits[0]
+
+
+@dataclass
+class TargetPaths:
+    """The target's greedy continuation of each prompt (prompt and continuation as one row of ids) and its logits
+    at the positions that predict the continuation: what every draft is scored against, computed once."""
+    ids: list[list[int]]
+    starts: list[int]
+    logits: list[torch.Tensor]
+
+
 @torch.inference_mode()
-def draft_agreement(target: PreTrainedModel, draft: PreTrainedModel, prompts: list[list[int]], new_tokens: int
-                    ) -> tuple[list[list[bool]], float]:
-    """Per prompt, whether the draft's greedy proposal equals the target's greedy token at each position of the
-    target's greedy continuation; and the mean over those positions of 1 - TV(target, draft)."""
-    matches, rates = [], []
+def target_paths(target: PreTrainedModel, prompts: list[list[int]], new_tokens: int) -> TargetPaths:
+    """`target`'s greedy paths from `prompts`, `new_tokens` each (`TargetPaths`)."""
+    paths, logits_of = TargetPaths([], [], []), model_logits(target)
     for prompt in prompts:
-        continuation = greedy_continuation(target, prompt, new_tokens)
-        ids = torch.tensor([prompt + continuation])
-        positions = slice(len(prompt) - 1, ids.shape[1] - 1)  # the logits that predict each continuation token
-        p = torch.softmax(target(ids).logits[0, positions].double(), -1)
-        q = torch.softmax(draft(ids).logits[0, positions].double(), -1)
-        matches.append((q.argmax(-1) == torch.tensor(continuation)).tolist())
+        row = prompt + greedy_continuation(target, prompt, new_tokens)
+        paths.ids.append(row)
+        paths.starts.append(len(prompt) - 1)  # the logits that predict each continuation token
+        paths.logits.append(logits_of(row)[len(prompt) - 1:-1].float().cpu())
+    return paths
+
+
+@torch.inference_mode()
+def draft_agreement(paths: TargetPaths, draft: LogitsOf) -> tuple[list[list[bool]], float]:
+    """Per path, whether the draft's greedy proposal equals the target's greedy token at each position of the
+    target's continuation; and the mean over those positions of 1 - TV(target, draft)."""
+    matches, rates = [], []
+    for row, start, target_logits in zip(paths.ids, paths.starts, paths.logits):
+        logits = torch.as_tensor(draft(row))[start:-1].double().cpu()
+        p = torch.softmax(target_logits.double(), -1)
+        q = torch.softmax(logits[:, :p.shape[-1]], -1)  # a draft's padded embedding rows are never target tokens
+        matches.append((q.argmax(-1) == torch.tensor(row[start + 1:])).tolist())
         rates.append(torch.minimum(p, q).sum(-1))
     return matches, float(torch.cat(rates).mean()) if rates else 0.0
 
 
-def acceptance(target: PreTrainedModel, draft: PreTrainedModel, prompts: list[list[int]], new_tokens: int,
-               ks: list[int]) -> dict:
-    """metrics of `draft` as `target`'s draft: per k, greedy tokens per target pass (exact) and the sampled rule's
-    expected tokens per pass; the sampled acceptance rate alpha; the greedy match share."""
-    matches, alpha = draft_agreement(target, draft, prompts, new_tokens)
+def paths_acceptance(paths: TargetPaths, draft: LogitsOf, ks: list[int]) -> dict:
+    """metrics of `draft` as the paths' target's draft: per k, greedy tokens per target pass (exact) and the
+    sampled rule's expected tokens per pass; the sampled acceptance rate alpha; the greedy match share."""
+    matches, alpha = draft_agreement(paths, draft)
     flat = [m for row in matches for m in row]
-    return {"alpha": alpha, "greedy_match": sum(flat) / max(len(flat), 1), "prompts": len(prompts),
-            "new_tokens": new_tokens,
+    return {"alpha": alpha, "greedy_match": sum(flat) / max(len(flat), 1), "prompts": len(paths.ids),
+            "new_tokens": max((len(row) for row in matches), default=0),
             "per_k": {k: {"greedy_tokens_per_pass": greedy_tokens_per_pass(matches, k),
                           "sampled_tokens_per_pass": expected_tokens_per_pass(alpha, k)} for k in ks}}
+
+
+def acceptance(target: PreTrainedModel, draft: PreTrainedModel, prompts: list[list[int]], new_tokens: int,
+               ks: list[int]) -> dict:
+    """`paths_acceptance` of `draft` on `target`'s greedy paths from `prompts`."""
+    return paths_acceptance(target_paths(target, prompts, new_tokens), model_logits(draft), ks)

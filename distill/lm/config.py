@@ -76,6 +76,14 @@ class LMEvalConfig:
     prompt_tokens: int = 16
     """With plain text: the tokens of each test text's opening that form its prompt (fewer for a shorter text, so
     that at least one token of it is left to continue)."""
+    draft_prompts: int = 16
+    """How many of those test prompts also measure the final student as the teacher's draft for speculative decoding
+    (`distill.lm.acceptance`, on the teacher's greedy continuations of up to `max_new_tokens`): metrics.json's
+    `draft_acceptance` holds the share of the teacher's tokens the student would propose, the sampled acceptance
+    rate alpha and, per k in `draft_k`, the tokens each teacher pass yields. Not measured with `student_tokenizer`
+    (a draft must propose the teacher's own token ids). 0: not measured."""
+    draft_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """Draft tokens proposed per teacher pass, each at least 1."""
 
 
 @dataclass
@@ -90,6 +98,9 @@ class OnPolicyConfig:
     """Nucleus sampling of the student's tokens; 1 draws from the whole distribution."""
     max_new_tokens: int = 64
     """The most tokens the student writes per prompt."""
+    prompt_tokens: int = 16
+    """With plain text: the tokens of each training text's opening that form the prompt the student continues
+    (fewer for a shorter text, so that one token of it is left to continue); the data's own prompts otherwise."""
 
 
 @dataclass
@@ -130,9 +141,10 @@ class LMDistillConfig:
     None: the teacher's tokenizer."""
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(losses=[
         LossConfig(name="forward_kl"), LossConfig(name="next_token_ce")])])
-    """Causal token losses (`forward_kl`, `reverse_kl`, `jsd`, `topk_kl` (needs `cache`), `next_token_ce`),
-    cross-tokenizer losses (`aligned_kl`, `uld`, `aligned_topk_kl` (needs `cache`); with `student_tokenizer`), and
-    hidden-state losses over `layer_map` (`hidden_mse`, `hidden_cosine`; they need the running teacher)."""
+    """Causal token losses (`forward_kl`, `reverse_kl`, `jsd`, `total_variation`, `topk_kl` (needs `cache`),
+    `next_token_ce`), cross-tokenizer losses (`aligned_kl`, `uld`, `aligned_topk_kl` (needs `cache`); with
+    `student_tokenizer`), and hidden-state losses over `layer_map` (`hidden_mse`, `hidden_cosine`; they need the
+    running teacher)."""
     layer_map: LayerMapConfig = field(default_factory=LayerMapConfig)
     """Which teacher layer's hidden state each student layer matches, for `hidden_mse` / `hidden_cosine`."""
     cache: Optional[str] = None
@@ -141,8 +153,8 @@ class LMDistillConfig:
     match this run's tokenizer, corpus token ids, k and temperature, and the teacher's config; the teacher's weights
     are compared too when the run loads the teacher anyway (a student copied from it, or a loss that runs it)."""
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
-    """On-policy batches: the student's own completions of the data's prompts (needs prompt/completion or chat
-    data and a token loss that runs the teacher)."""
+    """On-policy batches: the student's own completions of the data's prompts, or of plain texts' openings (needs a
+    token loss that runs the teacher; plain text is not packed then)."""
     eval: LMEvalConfig = field(default_factory=LMEvalConfig)
     """What the run measures beyond perplexity: greedy completions of fixed prompts, and of test prompts (the share
     that loop, their distinct-2 and length, the teacher's NLL of them)."""

@@ -1,7 +1,7 @@
 """Causal-LM distillation (`LMDistillConfig`): a student built from the teacher (by default every other layer of it)
 learns the teacher's next-token distributions on unlabelled text, token by token, in the shared `Trainer`: from the
-teacher running beside it (`forward_kl`, `reverse_kl`, `jsd`) or from a teacher cache (`topk_kl`, no teacher run),
-mixed with `next_token_ce` on the text itself.
+teacher running beside it (`forward_kl`, `reverse_kl`, `jsd`, `total_variation`) or from a teacher cache (`topk_kl`,
+no teacher run), mixed with `next_token_ce` on the text itself.
 
 The corpus is tokenized once with the teacher's tokenizer (`corpus_token_ids`, as a cache build does). Its last
 `test_examples` texts are the test slice, the `validation_examples` before them the validation slice, the rest are
@@ -11,7 +11,8 @@ Hidden-state losses (`hidden_mse`, `hidden_cosine` over `layer_map`) may join th
 runs. The validation metric is perplexity (lower is better); on plain text the test texts are also scored whole
 (`test_perplexity_whole`, a sliding window over each). `generations.jsonl` holds the final student's greedy
 completion of each fixed prompt, `completions.jsonl` its completions of the first test prompts (or openings of test
-texts), whose loop share, distinct-2, length and teacher NLL metrics.json reports."""
+texts), whose loop share, distinct-2, length and teacher NLL metrics.json reports, beside the student's acceptance
+as the teacher's draft in speculative decoding (`draft_acceptance`, `distill.lm.acceptance`)."""
 from __future__ import annotations
 
 import logging
@@ -35,6 +36,7 @@ from distill.core.models import ensure_pad_token, load_causal_lm, load_tokenizer
 from distill.core.run import OnStep, RunResult, Task, check_train, finish_run, start_run, warn_truncation
 from distill.core.student import build_student, check_student_config
 from distill.core.trainer import Trainer
+from distill.lm.acceptance import acceptance
 from distill.lm.align import cross_tokenized, shared_vocabulary
 from distill.lm.cache.store import CachedTeacherCollator, CacheKey, TeacherCache
 from distill.lm.config import LMDistillConfig, LMEvalConfig
@@ -97,7 +99,8 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
     teacher = teacher if needs_teacher(cfg) else None
     if teacher is not None:  # after the student is built from its float32 weights
         teacher.to(getattr(torch, cfg.train.teacher_dtype))
-    on_policy = OnPolicyBatches(cfg.on_policy, tokenizer, cfg.seed, accelerator.process_index)
+    on_policy = OnPolicyBatches(cfg.on_policy, tokenizer, cfg.seed, accelerator.process_index,
+                                plain_text=cfg.data.format == "text")
     trainer = Trainer(accelerator, student, teacher, splits, collate, cfg.train, cfg.seed, run_dir, on_step,
                       metric=PERPLEXITY, batch_transform=on_policy if cfg.on_policy.lmbda > 0 else None)
     trainer.log({"student_parameters": count_parameters(student), "vocab_size": vocab_size, "splits": ranges,
@@ -113,10 +116,15 @@ def distill_lm(cfg: LMDistillConfig, on_step: OnStep = None) -> RunResult:
     generations = greedy_generations(student, tokenizer, cfg.eval, chat=uses_chat_template(cfg.data))
     if accelerator.is_main_process:
         write_text_atomic(run_dir / "generations.jsonl", jsonl_text(generations))
-    if cfg.eval.teacher_nll_prompts and not cfg.student_tokenizer:
+    if (cfg.eval.teacher_nll_prompts or cfg.eval.draft_prompts) and not cfg.student_tokenizer:
         teacher = teacher or load_causal_lm(cfg.teacher).to(accelerator.device)
-        extra.update(score_completions(student, teacher, tokenizer, splits["test"], cfg, run_dir,
-                                       accelerator.is_main_process))
+        if cfg.eval.teacher_nll_prompts:
+            extra.update(score_completions(student, teacher, tokenizer, splits["test"], cfg, run_dir,
+                                           accelerator.is_main_process))
+        if cfg.eval.draft_prompts:
+            prompts = held_out_prompts(splits["test"], cfg, cfg.eval.draft_prompts)
+            extra["draft_acceptance"] = acceptance(teacher, student, prompts, cfg.eval.max_new_tokens,
+                                                   cfg.eval.draft_k)
     if corpus.whole is not None:
         extra["test_perplexity_whole"] = whole_text_perplexity(
             student, corpus.whole[slice(*ranges["test"])], cfg.data.max_length, task_collate,
@@ -167,9 +175,7 @@ def score_completions(student: PreTrainedModel, teacher: PreTrainedModel, tokeni
                       test_set, cfg: LMDistillConfig, run_dir, write: bool) -> dict[str, float]:
     """The student's greedy completions of the first `eval.teacher_nll_prompts` test prompts (of plain text: the
     texts' openings), scored by the teacher (`teacher_nll_of_completions`), written to completions.jsonl."""
-    rows = test_set.select(range(min(cfg.eval.teacher_nll_prompts, len(test_set))))
-    prompts = ([ids[:length] for ids, length in zip(rows["input_ids"], rows[PROMPT_LENGTH])]
-               if PROMPT_LENGTH in rows.column_names else text_prompts(rows["input_ids"], cfg.eval.prompt_tokens))
+    prompts = held_out_prompts(test_set, cfg, cfg.eval.teacher_nll_prompts)
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
     scores, completions = teacher_nll_of_completions(student, teacher, prompts, greedy, stop_tokens(tokenizer),
                                                      tokenizer.pad_token_id, cfg.train.eval_batch_size)
@@ -178,6 +184,15 @@ def score_completions(student: PreTrainedModel, teacher: PreTrainedModel, tokeni
                    for prompt, completion in zip(prompts, completions))
         write_text_atomic(run_dir / "completions.jsonl", jsonl_text(written))
     return {f"test_{name}": value for name, value in scores.items()}
+
+
+def held_out_prompts(test_set, cfg: LMDistillConfig, count: int) -> list[list[int]]:
+    """The first `count` test prompts: the examples' prompts with prompt/completion or chat data, the texts' openings
+    with plain text."""
+    rows = test_set.select(range(min(count, len(test_set))))
+    if PROMPT_LENGTH in rows.column_names:
+        return [ids[:length] for ids, length in zip(rows["input_ids"], rows[PROMPT_LENGTH])]
+    return text_prompts(rows["input_ids"], cfg.eval.prompt_tokens)
 
 
 def check_lm_distill(cfg: LMDistillConfig) -> None:
@@ -215,6 +230,9 @@ def check_lm_distill(cfg: LMDistillConfig) -> None:
         raise ConfigError(f"data.max_length must be at least 2 (a token and the next); got {cfg.data.max_length}")
     if cfg.eval.max_new_tokens < 1:
         raise ConfigError(f"eval.max_new_tokens must be at least 1; got {cfg.eval.max_new_tokens}")
+    if cfg.eval.draft_prompts < 0 or not cfg.eval.draft_k or min(cfg.eval.draft_k) < 1:
+        raise ConfigError(f"eval.draft_prompts must be at least 0 and eval.draft_k a list of draft tokens per teacher "
+                          f"pass, each at least 1; got {cfg.eval.draft_prompts} and {cfg.eval.draft_k}")
     if cfg.eval.teacher_nll_prompts < 0 or cfg.eval.prompt_tokens < 1:
         raise ConfigError(f"eval.teacher_nll_prompts must be at least 0 and eval.prompt_tokens at least 1; got "
                           f"{cfg.eval.teacher_nll_prompts} and {cfg.eval.prompt_tokens}")
@@ -271,14 +289,15 @@ def check_on_policy(cfg: LMDistillConfig) -> None:
     check_sampling(policy, "on_policy")
     if policy.lmbda == 0:
         return
-    if cfg.data.format == "text":
-        raise ConfigError("on_policy.lmbda > 0: the student completes the data's prompts, and plain text has none: "
-                          "use data.format prompt_completion or chat")
+    if cfg.data.format == "text" and policy.prompt_tokens < 1:
+        raise ConfigError(f"on_policy.prompt_tokens is the length of the texts' openings the student continues, at "
+                          f"least 1; got {policy.prompt_tokens}")
     losses = {loss.name for stage in cfg.stages for loss in stage.losses}
     if cfg.cache is not None or not any(LOSSES[name].needs_teacher and LOSSES[name].reads_lm_head
                                         for name in losses):
         raise ConfigError("on_policy.lmbda > 0: the teacher must score the student's samples as they are written: "
-                          "use a live teacher's token loss (forward_kl, reverse_kl or jsd), not a cache")
+                          "use a live teacher's token loss (forward_kl, reverse_kl, jsd or total_variation), not a "
+                          "cache")
     if "next_token_ce" in losses:
         raise ConfigError("on_policy.lmbda > 0 with next_token_ce would train the student on its own samples as if "
                           "they were the reference: drop next_token_ce (or set on_policy.lmbda=0)")

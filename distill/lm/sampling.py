@@ -115,6 +115,12 @@ def pack_completions(prompts: list[list[int]], completions: list[list[int]], pad
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def real_rows(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """Each row's real token ids: those its attention mask keeps."""
+    return [[token for token, keep in zip(ids, mask) if keep]
+            for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())]
+
+
 def batch_prompts(batch: dict[str, torch.Tensor], ignore_index: int = -100) -> list[list[int]]:
     """Each row's prompt: its tokens before the first target (`labels` not `ignore_index`)."""
     prompts = []

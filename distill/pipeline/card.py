@@ -213,6 +213,8 @@ class LMCardFacts:
     """The model-index entries beside the test perplexity (generation quality, benchmark tasks)."""
     gate: list[dict] = field(default_factory=list)
     """The outcome of each gate rule (`distill.core.gate.gate_outcomes`)."""
+    draft: Optional[dict] = None
+    """The served model as its teacher's speculative-decoding draft: `alpha`, `tokens_per_pass` at `k` proposals."""
 
 
 def lm_model_card(model_dir: Path, facts: LMCardFacts, steps: list[CardStep], table: str, plot_file: Optional[str]
@@ -236,7 +238,7 @@ def lm_model_card(model_dir: Path, facts: LMCardFacts, steps: list[CardStep], ta
                f"batch 1.\n\n{table}{plot}" + (f"\n\n{facts.recommendation}" if facts.recommendation else ""))
     sections = [front, f"# {facts.repo_id or 'Compressed language model'}", summary, steps_section(steps), metrics,
                 *gate_section(facts.gate), lm_loading_section(config, facts.repo_id or PLACEHOLDER_REPO, facts.gguf_files),
-                lm_limitations_section(config, facts)]
+                *draft_section(facts), lm_limitations_section(config, facts)]
     return "\n\n".join(sections) + "\n"
 
 
@@ -257,6 +259,27 @@ def lm_loading_section(config: dict, repo: str, gguf_files: list[str]) -> str:
         parts.append("`trust_remote_code=True` is needed: the layers have per-layer widths that the stock "
                      "architecture cannot hold, and the checkpoint ships their modeling code (`auto_map`).")
     return "\n\n".join(parts)
+
+
+def draft_section(facts: LMCardFacts) -> list[str]:
+    """How to serve the model as its teacher's draft, with its measured acceptance; [] when not measured."""
+    if facts.draft is None or not facts.base_model:
+        return []
+    draft, target, repo, k = facts.draft, facts.base_model, facts.repo_id or PLACEHOLDER_REPO, facts.draft["k"]
+    return ["## As a draft for speculative decoding", (
+        f"This model reads `{target}`'s tokens, so it can propose tokens that `{target}` checks in one pass; the "
+        f"output stays exactly `{target}`'s. On `{target}`'s greedy continuations of the test texts' openings, "
+        f"{draft['tokens_per_pass']:.2f} tokens per pass of `{target}` with {k} proposals (greedy; at most {k + 1}), "
+        f"and an acceptance rate of {draft['alpha']:.3f} under sampling. It pays only if the draft is much cheaper "
+        "than the target: measure both with `scripts/bench_speculative.py`."),
+        "```python\n" + "\n".join([
+            "# transformers", f'target = AutoModelForCausalLM.from_pretrained("{target}")',
+            f'draft = AutoModelForCausalLM.from_pretrained("{repo}")',
+            "out = target.generate(**inputs, assistant_model=draft, do_sample=False)", "",
+            "# vLLM", "from vllm import LLM",
+            f'llm = LLM(model="{target}", speculative_config={{"model": "{repo}", "num_speculative_tokens": {k}}})'])
+        + "\n```",
+        f"```bash\n# llama.cpp, both as GGUF\nllama-server -m target.gguf -md draft.gguf --draft-max {k}\n```"]
 
 
 def lm_limitations_section(config: dict, facts: LMCardFacts) -> str:

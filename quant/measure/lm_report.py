@@ -24,6 +24,7 @@ from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
 from distill.core.gate import check_gate
 from distill.core.models import ensure_pad_token, load_causal_lm, load_tokenizer, resolve_model
+from distill.lm.acceptance import LogitsOf, TargetPaths, model_logits, paths_acceptance, target_paths
 from distill.lm.data import evaluation_texts, text_prompts
 from distill.lm.metrics import generation_scores
 from distill.lm.sampling import SamplingConfig, complete, stop_tokens, until_stop
@@ -44,6 +45,8 @@ FIGURES = ["validation_perplexity", "test_perplexity", "next_token_agreement", "
 """The figures of every row, which a gate may name."""
 COMPLETION_FIGURES = ["test_loop_share", "test_completion_distinct_2", "test_completion_tokens"]
 """The figures of the greedy completions (`completions`), when they are measured."""
+DRAFT_FIGURES = ["draft_alpha", "draft_tokens_per_pass"]
+"""Each model as the teacher's speculative-decoding draft (`completions.draft_prompts`), when measured."""
 
 
 @dataclass
@@ -67,6 +70,17 @@ class Openings:
     stops: set[int] = field(default_factory=set)
     pad_id: int = 0
     batch_size: int = 8
+    paths: Optional[TargetPaths] = None
+    """The teacher's greedy continuations of the first openings, on which each model is scored as its draft."""
+    draft_k: int = 4
+
+    def draft_figures(self, logits_of: LogitsOf) -> dict[str, float]:
+        """A model's acceptance as the teacher's draft (`DRAFT_FIGURES`); {} when not measured."""
+        if self.paths is None:
+            return {}
+        metrics = paths_acceptance(self.paths, logits_of, [self.draft_k])
+        return {"draft_alpha": metrics["alpha"],
+                "draft_tokens_per_pass": metrics["per_k"][self.draft_k]["greedy_tokens_per_pass"]}
 
 
 def check_lm_report(cfg: LMReportConfig) -> None:
@@ -79,7 +93,11 @@ def check_lm_report(cfg: LMReportConfig) -> None:
     if completions.prompts < 0 or completions.prompt_tokens < 1 or completions.max_new_tokens < 1:
         raise ConfigError("completions.prompts must be at least 0, completions.prompt_tokens and "
                           "completions.max_new_tokens at least 1")
-    check_gate(cfg.gate, FIGURES + (COMPLETION_FIGURES if completions.prompts else []))
+    if completions.draft_prompts < 0 or completions.draft_k < 1:
+        raise ConfigError(f"completions.draft_prompts must be at least 0 and completions.draft_k at least 1; got "
+                          f"{completions.draft_prompts} and {completions.draft_k}")
+    check_gate(cfg.gate, FIGURES + (COMPLETION_FIGURES if completions.prompts else []) +
+               (DRAFT_FIGURES if min(completions.prompts, completions.draft_prompts) else []))
     if cfg.lm_eval is not None:
         if (cfg.lm_eval.limit is not None and cfg.lm_eval.limit < 1) or cfg.lm_eval.batch_size < 1:
             raise ConfigError(f"lm_eval.limit and lm_eval.batch_size must be at least 1; got {cfg.lm_eval.limit} and "
@@ -93,9 +111,13 @@ def measure_candidates(cfg: LMReportConfig, candidates: list[LMCandidate]) -> li
     texts = evaluation_texts(cfg, tokenizer)
     prompt = speed_prompt(texts["test"], cfg.speed.prompt_tokens)
     threads = cfg.speed.threads or torch.get_num_threads()
-    openings = Openings(text_prompts(texts["test"][:cfg.completions.prompts], cfg.completions.prompt_tokens),
-                        cfg.completions.max_new_tokens, stop_tokens(tokenizer), tokenizer.pad_token_id,
-                        cfg.eval_batch_size)
+    completions = cfg.completions
+    openings = Openings(text_prompts(texts["test"][:completions.prompts], completions.prompt_tokens),
+                        completions.max_new_tokens, stop_tokens(tokenizer), tokenizer.pad_token_id,
+                        cfg.eval_batch_size, draft_k=completions.draft_k)
+    if min(completions.prompts, completions.draft_prompts):
+        openings.paths = target_paths(load_causal_lm(cfg.teacher, dtype=torch.float32).eval(),
+                                      openings.prompts[:completions.draft_prompts], completions.max_new_tokens)
     reference = None
     rows = []
     for candidate in candidates:
@@ -123,7 +145,7 @@ def measure_torch(path: Path, texts: dict, openings: Openings, harness: Optional
             "test_perplexity": logits_perplexity(map(torch.from_numpy, logits), texts["test"]), "logits": logits,
             "parameters": count_parameters(model), "weight_mb": weight_memory(model, [])["weight_mb"],
             "disk_mb": folder_mb(path), "lm_eval": harness(model) if harness else None,
-            **completion_figures(written)}
+            **completion_figures(written), **openings.draft_figures(model_logits(model))}
 
 
 def harness_of(cfg: LMReportConfig, tokenizer, label: str) -> Optional[Callable]:
@@ -160,7 +182,8 @@ def measure_gguf(path: Path, texts: dict, threads: int, openings: Openings, harn
                 "validation_perplexity": gguf_perplexity(llm, texts["validation"]),
                 "test_perplexity": scores_perplexity(logits, texts["test"]), "logits": logits,
                 "parameters": None, "weight_mb": path.stat().st_size / 1e6, "disk_mb": path.stat().st_size / 1e6,
-                **completion_figures(written)}
+                **completion_figures(written),
+                **openings.draft_figures(lambda ids: torch.from_numpy(gguf_logits(llm, ids)))}
 
 
 def completion_figures(completions: list[list[int]]) -> dict[str, float]:
@@ -233,15 +256,16 @@ def recommendation(rows: list[dict], budget: Optional[BudgetConfig], served: str
 def markdown_table(rows: list[dict], prompt_tokens: int, new_tokens: int) -> str:
     base, on_front = rows[0], fronts(rows)
     lines = [f"| model | stage kind | val. ppl | test ppl | next-token agreement | KLD mean | KLD p99 | loop share | "
-             f"distinct-2 | completion tokens | parameters | disk MB | peak RSS MB | prefill tok/s ({prompt_tokens}) | "
-             f"decode tok/s ({new_tokens}) | decode speed-up | Pareto front |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"distinct-2 | completion tokens | draft alpha | draft tokens/pass | parameters | disk MB | peak RSS MB | "
+             f"prefill tok/s ({prompt_tokens}) | decode tok/s ({new_tokens}) | decode speed-up | Pareto front |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         params = f"{row['parameters'] / 1e6:.1f}M" if row["parameters"] else "-"
         front = ", ".join(name for name, models in on_front.items() if row["model"] in models) or "-"
         lines.append(f"| {row['model']} | {row['kind']} | {row['validation_perplexity']:.2f} | "
                      f"{row['test_perplexity']:.2f} | {row['next_token_agreement']:.2%} | {row['kld_mean']:.4f} | "
-                     f"{row['kld_p99']:.3f} | {completion_cells(row)} | {params} | {row['disk_mb']:.1f} | "
+                     f"{row['kld_p99']:.3f} | {completion_cells(row)} | {draft_cells(row)} | {params} | "
+                     f"{row['disk_mb']:.1f} | "
                      f"{row['peak_rss_mb']:.0f} | "
                      f"{row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s']:.1f} | "
                      f"{row['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x | {front} |")
@@ -253,6 +277,12 @@ def completion_cells(row: dict) -> str:
         return "- | - | -"
     return (f"{row['test_loop_share']:.0%} | {row['test_completion_distinct_2']:.3f} | "
             f"{row['test_completion_tokens']:.1f}")
+
+
+def draft_cells(row: dict) -> str:
+    if "draft_alpha" not in row:
+        return "- | -"
+    return f"{row['draft_alpha']:.3f} | {row['draft_tokens_per_pass']:.2f}"
 
 
 def lm_eval_table(rows: list[dict]) -> str:

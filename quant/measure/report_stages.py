@@ -152,7 +152,9 @@ def run_lm_report(cfg: LMReportConfig, context: StageContext) -> dict:
     facts = LMCardFacts(repo_id=cfg.repo_id, base_model=cfg.base_model or hub_model_id(cfg.teacher), datasets=datasets,
                         dataset_name=datasets[0] if datasets else Path(cfg.data.source).name,
                         perplexity=served["test_perplexity"], license=cfg.license, tags=cfg.tags,
-                        gguf_files=[path.name for path in gguf], recommendation=advice, gate=header["gate"])
+                        gguf_files=[path.name for path in gguf], recommendation=advice, gate=header["gate"],
+                        draft={"alpha": served["draft_alpha"], "tokens_per_pass": served["draft_tokens_per_pass"],
+                               "k": cfg.completions.draft_k} if "draft_alpha" in served else None)
     facts.results = generation_entries(served, card_dataset(facts, "test"))
     (tmp / "README.md").write_text(lm_model_card(tmp, facts, card_steps(context.earlier), table, LM_PLOT_FILE))
     os.replace(tmp, Path(cfg.output_dir) / "model")

@@ -18,9 +18,9 @@ from distill.lm.data import LMCollator, held_out_splits
 from distill.lm.job import check_lm_distill, distill_lm
 from distill.lm.metrics import distinct_bigrams, teacher_nll_of_completions
 from distill.lm.on_policy import OnPolicyBatches
-from distill.lm.sampling import SamplingConfig, complete, pack_completions, pick_tokens
-from tests.conftest import Interrupt, assert_same_weights, tiny_causal_lm
-from tests.helpers.lm_runs import chat_tokenizer, lm_cfg
+from distill.lm.sampling import SamplingConfig, complete, pack_completions, pick_tokens, stop_tokens
+from tests.conftest import Interrupt, assert_same_weights, make_tokenizer, tiny_causal_lm
+from tests.helpers.lm_runs import WORDS, chat_tokenizer, lm_cfg
 
 JSD = [LossConfig(name="jsd", beta=0.5)]
 
@@ -139,6 +139,31 @@ def test_on_policy_batches_hold_the_students_completions_of_the_prompts():
     assert 10 <= share.counts["on_policy_batches"] <= 30
 
 
+def test_plain_text_on_policy_batches_continue_each_texts_opening():
+    tokenizer = make_tokenizer(WORDS)
+    student = tiny_causal_lm(len(tokenizer), tied=True)
+    texts = [ids(tokenizer, "the film was good and the plot was fine"), ids(tokenizer, "a bad movie")]
+    batch = LMCollator(tokenizer)([{"input_ids": i} for i in texts])  # right-padded, every real token a target
+    transform = OnPolicyBatches(OnPolicyConfig(lmbda=1.0, temperature=0.0, max_new_tokens=5, prompt_tokens=4),
+                                tokenizer, seed=0, rank=0, plain_text=True)
+    out = transform(batch, TrainState(), student)
+    prompts = [texts[0][:4], texts[1][:len(texts[1]) - 1]]  # the short text keeps one token to continue
+    expected = complete(student, prompts, SamplingConfig(0.0, 1.0, 5), stop_tokens(tokenizer), tokenizer.pad_token_id)
+    assert out["labels"].tolist() == pack_completions(prompts, expected, tokenizer.pad_token_id)["labels"].tolist()
+    assert out["input_ids"][0, :4].tolist() == texts[0][:4]
+
+
+def test_a_plain_text_on_policy_run_trains_a_draft_on_its_own_samples(tmp_path, teacher_dir, corpus):
+    losses = [LossConfig(name="total_variation"), LossConfig(name="forward_kl", weight=0.5)]
+    distill_lm(lm_cfg(tmp_path, teacher_dir, corpus, losses,
+                      on_policy=OnPolicyConfig(lmbda=1.0, max_new_tokens=4, prompt_tokens=3)))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["on_policy"]["on_policy_batches"] == metrics["on_policy"]["batches"] == 3
+    assert metrics["packing"] is False and metrics["draft_acceptance"]["prompts"] == 8
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("train_total_variation", 0) > 0 for r in records)
+
+
 def on_policy_cfg(tmp_path, teacher_dir, pairs_file, name="run", **overrides):
     corpus = CorpusConfig(source=str(pairs_file), format="prompt_completion", max_length=32)
     values = dict(data=corpus, output_dir=str(tmp_path / name), stages=[StageConfig(epochs=2, learning_rate=1e-3,
@@ -193,7 +218,8 @@ def test_the_teachers_nll_of_the_students_completions_by_hand():
 @pytest.mark.parametrize("change, message", [
     ({"on_policy": OnPolicyConfig(lmbda=1.5)}, "on_policy.lmbda is the share of on-policy batches, in"),
     ({"on_policy": OnPolicyConfig(lmbda=0.5, top_p=0)}, r"on_policy.top_p must be in \(0, 1\]"),
-    ({"data": CorpusConfig(format="text"), "eval": LMEvalConfig()}, "plain text has none"),
+    ({"data": CorpusConfig(format="text"), "on_policy": OnPolicyConfig(lmbda=0.5, prompt_tokens=0)},
+     "on_policy.prompt_tokens is the length of the texts' openings the student continues, at least 1; got 0"),
     ({"stages": [StageConfig(losses=[*JSD, LossConfig(name="next_token_ce")])]}, "its own samples"),
     ({"stages": [StageConfig(losses=[LossConfig(name="topk_kl")])], "cache": "c"}, "not a cache"),
     ({"eval": LMEvalConfig(prompt_tokens=0)}, "eval.prompt_tokens at least 1"),

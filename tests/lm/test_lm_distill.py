@@ -23,6 +23,7 @@ from distill.core.mapping import LayerMap
 from distill.core.models import resolve_model
 from distill.core.student import build_student
 from distill.core.trainer import Objective, forward_options
+from distill.lm.acceptance import acceptance
 from distill.lm.cache.job import build_from_config
 from distill.lm.config import CacheConfig, LMEvalConfig
 from distill.lm.data import LMCollator
@@ -69,6 +70,13 @@ def test_online_run_trains_saves_a_reloadable_student_and_writes_generations(tmp
     test_ids = tokenizer(Path(corpus.source).read_text().splitlines()[52:60], truncation=True, max_length=16)
     # at most eval.prompt_tokens (16) tokens, leaving the last one of the (max_length 16) text to continue
     assert [row["prompt"] for row in completions] == [tokenizer.decode(ids[:-1]) for ids in test_ids["input_ids"]]
+    # the student as the teacher's speculative-decoding draft, on the same test prompts
+    prompts = [ids[:-1] for ids in test_ids["input_ids"]]
+    expected = acceptance(teacher.eval(), reloaded, prompts, 4, [1, 2, 4, 8])
+    assert metrics["draft_acceptance"]["alpha"] == pytest.approx(expected["alpha"], rel=1e-6)
+    assert metrics["draft_acceptance"]["greedy_match"] == expected["greedy_match"]
+    assert metrics["draft_acceptance"]["per_k"]["4"] == pytest.approx(expected["per_k"][4])
+    assert metrics["draft_acceptance"]["prompts"] == 8 and 0 < expected["alpha"] < 1
 
 
 def test_hidden_state_loss_joins_the_token_losses_over_the_layer_map(tmp_path, teacher_dir, corpus):
@@ -173,6 +181,7 @@ def test_a_cache_of_anything_else_is_refused(tmp_path, teacher_dir, corpus, chan
     ({"stages": [StageConfig(losses=[*CACHED, LossConfig(name="hidden_mse")])], "cache": "somewhere"},
      "a teacher cache holds only"),
     ({"test_examples": 0}, "at least 1"),
+    ({"eval": LMEvalConfig(draft_k=[0, 2])}, "eval.draft_k .* each at least 1; got 16 and \\[0, 2\\]"),
 ])
 def test_config_errors_before_anything_loads(tmp_path, corpus, change, message):
     with pytest.raises(ConfigError, match=message):

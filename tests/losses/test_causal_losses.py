@@ -14,7 +14,7 @@ from distill.core.config import LossConfig, StageConfig
 from distill.core.errors import ConfigError
 from distill.core.loss_interface import LossInputs, LossSetup, build_losses, check_stages
 from distill.lm.vocab import common_vocab_size
-from distill.losses.causal.divergences import forward_kl, generalized_jsd, reverse_kl, topk_kl
+from distill.losses.causal.divergences import forward_kl, generalized_jsd, reverse_kl, topk_kl, total_variation
 from distill.losses.causal.fused import LogitSource, SoftenedStudent, TeacherTopK, TokenRows
 from distill.losses.causal.registered import (
     cross_entropy_rows,
@@ -86,6 +86,16 @@ def test_jsd_hand_value_and_its_ends_are_the_kl_forms():
     assert jsd_at(1.0) == dense(reverse_kl)
     assert jsd_at(1e-4) == pytest.approx(dense(forward_kl), rel=1e-3)
     assert jsd_at(1 - 1e-4) == pytest.approx(dense(reverse_kl), rel=1e-3)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_total_variation_hand_value_is_one_minus_the_overlap(temperature):
+    """TV(p, q) = sum |p - q| / 2 = 1 - sum min(p, q): one minus speculative sampling's acceptance chance."""
+    expected = hand_mean(lambda p, q: sum(abs(pi - qi) for pi, qi in zip(p, q)) / 2, temperature)
+    overlap = hand_mean(lambda p, q: 1 - sum(min(pi, qi) for pi, qi in zip(p, q)), temperature)
+    assert dense(total_variation, temperature) == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(overlap, rel=1e-9)
+    assert expected != pytest.approx(hand_mean(kl, temperature), rel=1e-2)
 
 
 def test_logits_are_cut_to_the_shared_vocabulary():
@@ -293,6 +303,7 @@ MIXES = {
     "forward_kl+ce": [LossConfig(name="forward_kl", weight=0.7, temperature=2.0),
                       LossConfig(name="next_token_ce", weight=0.3)],
     "jsd": [LossConfig(name="jsd", beta=0.3, temperature=1.5)],
+    "total_variation+forward_kl": [LossConfig(name="total_variation"), LossConfig(name="forward_kl", weight=0.5)],
     "topk_tail": [LossConfig(name="topk_kl", topk_tail=True), LossConfig(name="next_token_ce", weight=0.5)],
     "topk_renormalised": [LossConfig(name="topk_kl", topk_tail=False, temperature=2.0)],
     "topk_tail_t2": [LossConfig(name="topk_kl", topk_tail=True, temperature=2.0)],
@@ -313,7 +324,8 @@ def naive_total(specs, student_logits, teacher_logits, topk, labels):
             rows = topk_kl(student, flat(topk.logprobs).float(), flat(topk.indices).long(), t, spec.topk_tail)
             values[spec.name] = rows.mean() * t ** 2
         else:
-            divergence = forward_kl if spec.name == "forward_kl" else partial(generalized_jsd, beta=spec.beta)
+            divergence = {"forward_kl": forward_kl, "total_variation": total_variation}.get(
+                spec.name, partial(generalized_jsd, beta=spec.beta))
             values[spec.name] = divergence(student, teacher, t).mean() * t ** 2
     return sum(spec.weight * values[spec.name] for spec in specs), values
 

@@ -14,6 +14,8 @@ from distill.pipeline.card import (
     CardFacts,
     IndexDataset,
     IndexEntry,
+    LMCardFacts,
+    draft_section,
     hub_dataset_id,
     hub_model_id,
     loading_section,
@@ -164,3 +166,17 @@ def test_a_classifier_report_gate_on_a_figure_it_does_not_measure_is_refused():
                                           "accuracy, "):
         check_report_config(ReportConfig(model="m", gate=[GateRule("acuracy", min=0.9, relative_to="teacher")]))
     check_report_config(ReportConfig(model="m", gate=[GateRule("accuracy", min=0.9, relative_to="teacher")]))
+
+
+def test_an_lm_card_says_how_to_serve_the_model_as_its_teachers_draft():
+    facts = LMCardFacts(repo_id="me/draft", base_model="HuggingFaceTB/SmolLM2-135M-Instruct", datasets=[],
+                        dataset_name="imdb", perplexity=30.0, license=None, tags=[], gguf_files=[],
+                        draft={"alpha": 0.625, "tokens_per_pass": 2.375, "k": 4})
+    title, text, python, bash = draft_section(facts)
+    assert title == "## As a draft for speculative decoding"
+    assert "2.38 tokens per pass of `HuggingFaceTB/SmolLM2-135M-Instruct` with 4 proposals" in text
+    assert "acceptance rate of 0.625" in text
+    assert 'speculative_config={"model": "me/draft", "num_speculative_tokens": 4}' in python
+    assert "assistant_model=draft" in python and "-md draft.gguf --draft-max 4" in bash
+    facts.draft = None
+    assert draft_section(facts) == []

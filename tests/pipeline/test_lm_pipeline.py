@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
-from distill.lm.data import evaluation_texts
+from distill.lm.acceptance import acceptance
+from distill.lm.data import evaluation_texts, text_prompts
 from distill.pipeline.plan import PipelineConfig, StageEntry, plan_pipeline, run_pipeline
 from tests.helpers.lm_models import cycle_lines, save_trained_smollm2_lm
 from tests.helpers.lm_runs import WORDS
@@ -85,6 +86,7 @@ def test_each_copy_of_the_distilled_model_scores_as_it_does(lm_pipeline, name, r
     assert rows[name]["test_perplexity"] == pytest.approx(rows["distill"]["test_perplexity"], rel=rel)
     assert rows[name]["next_token_agreement"] == pytest.approx(rows["distill"]["next_token_agreement"],
                                                                abs=positions / 90)
+    assert rows[name]["draft_alpha"] == pytest.approx(rows["distill"]["draft_alpha"], rel=rel)
 
 
 @pytest.mark.parametrize("name", ["quantize", "gguf/f16", "gguf/q8_0"])
@@ -108,6 +110,19 @@ def test_the_reported_agreement_with_the_teacher_is_the_models_own(lm_pipeline):
     assert report_rows(stages)["distill"]["next_token_agreement"] == pytest.approx(same) and 0.5 < same < 1
 
 
+def test_each_model_is_scored_as_the_teachers_draft_on_the_teachers_own_continuations(lm_pipeline):
+    cfg, stages = lm_pipeline
+    teacher, distilled = cfg.stages[0].model, stages[1].output
+    texts = evaluation_texts(SimpleNamespace(data=cfg.corpus, **SPLIT), AutoTokenizer.from_pretrained(teacher))["test"]
+    expected = acceptance(AutoModelForCausalLM.from_pretrained(teacher).eval(),
+                          AutoModelForCausalLM.from_pretrained(distilled).eval(), text_prompts(texts, 16), 32, [4])
+    rows = report_rows(stages)
+    # the teacher is the ceiling: 32 tokens in seven passes of four proposals and one token of its own (the last alone)
+    assert rows["teacher"]["draft_alpha"] == pytest.approx(1.0) and rows["teacher"]["draft_tokens_per_pass"] == 32 / 7
+    assert rows["distill"]["draft_alpha"] == pytest.approx(expected["alpha"], rel=1e-6) and expected["alpha"] < 1
+    assert rows["distill"]["draft_tokens_per_pass"] == expected["per_k"][4]["greedy_tokens_per_pass"]
+
+
 def test_a_rerun_skips_every_finished_stage(lm_pipeline):
     cfg, stages = lm_pipeline
     markers = [stage.folder / "stage.json" for stage in stages]
@@ -122,4 +137,8 @@ def test_an_lm_pipeline_that_cannot_work_fails_before_any_work(lm_pipeline, tmp_
         cfg.stages[0], StageEntry(kind="export_gguf", model="@prune", overrides={"types": ["q4_k_x"]})])
     with pytest.raises(ConfigError, match=r"stage 2 \('export_gguf'\): types: llama.cpp knows no GGUF type"):
         plan_pipeline(bad)
+    unmeasured = PipelineConfig(output_dir=str(tmp_path / "bad"), corpus=cfg.corpus, stages=[
+        cfg.stages[0], StageEntry(kind="draft", overrides={**cfg.stages[1].overrides, "eval": {"draft_prompts": 0}})])
+    with pytest.raises(ConfigError, match=r"stage 2 \('draft'\): draft: .* eval.draft_prompts must be at least 1"):
+        plan_pipeline(unmeasured)
     assert not (tmp_path / "bad").exists()

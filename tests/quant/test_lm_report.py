@@ -15,12 +15,14 @@ import quant.measure.lm_report as lm_report
 from distill.core.config import CorpusConfig
 from distill.core.errors import ConfigError
 from distill.core.gate import GateRule
+from distill.lm.acceptance import acceptance
 from distill.lm.data import evaluation_texts, text_prompts
 from distill.lm.metrics import distinct_bigrams
 from distill.lm.sampling import SamplingConfig, complete, stop_tokens
 from quant.config import BudgetConfig, CompletionConfig, HarnessConfig, LMReportConfig, SpeedConfig
 from quant.measure.lm_report import (
     COMPLETION_FIGURES,
+    DRAFT_FIGURES,
     FIGURES,
     LMCandidate,
     agreement,
@@ -46,7 +48,7 @@ def row(model: str, decode: float, parameters=None, path="m", ppl=10.0, disk=12.
     return {"model": model, "stage": stage, "kind": "quantize_lm", "path": path, "validation_perplexity": ppl,
             "test_perplexity": ppl * 1.1, "next_token_agreement": 0.875, "kld_mean": 0.0123, "kld_p99": 0.25,
             "test_loop_share": 0.25, "test_completion_distinct_2": 0.5, "test_completion_tokens": 31.5,
-            "parameters": parameters, "disk_mb": disk, **SPEED, "decode_tokens_per_s": decode}
+            "draft_alpha": 0.75, "draft_tokens_per_pass": 3.25, "parameters": parameters, "disk_mb": disk, **SPEED, "decode_tokens_per_s": decode}
 
 
 def test_the_table_shows_each_model_with_its_speed_up_over_the_first():
@@ -55,9 +57,10 @@ def test_the_table_shows_each_model_with_its_speed_up_over_the_first():
     lines = table.splitlines()
     assert "prefill tok/s (64)" in lines[0] and "decode tok/s (16)" in lines[0] and len(lines) == 4
     assert lines[2] == ("| teacher | quantize_lm | 10.00 | 11.00 | 87.50% | 0.0123 | 0.250 | 25% | 0.500 | 31.5 | "
-                        "135.0M | 12.2 | 300 | 400 | 20.0 | 1.00x | disk |")
-    assert lines[3].startswith("| q4 | quantize_lm | 10.00 | 11.00 | 87.50% | 0.0123 | 0.250 | 25% | 0.500 | 31.5 | - |")
-    unmeasured = {key: value for key, value in rows[1].items() if key not in COMPLETION_FIGURES}
+                        "0.750 | 3.25 | 135.0M | 12.2 | 300 | 400 | 20.0 | 1.00x | disk |")
+    assert lines[3].startswith("| q4 | quantize_lm | 10.00 | 11.00 | 87.50% | 0.0123 | 0.250 | 25% | 0.500 | 31.5 | "
+                               "0.750 | 3.25 | - |")
+    unmeasured = {key: value for key, value in rows[1].items() if key not in COMPLETION_FIGURES + DRAFT_FIGURES}
     assert "| 0.250 | - | - | - | - |" in markdown_table([rows[0], unmeasured], prompt_tokens=64, new_tokens=16)
     assert lines[3].endswith("| 50.0 | 2.50x | speed |")
 
@@ -134,7 +137,8 @@ def test_each_candidate_is_measured_on_the_same_texts_against_the_teacher(tmp_pa
     corpus.write_text("\n".join(text for text, _ in make_sentences(20)) + "\n")
     cfg = LMReportConfig(teacher=str(folders[0]), data=CorpusConfig(source=str(corpus), max_length=16),
                          validation_examples=4, test_examples=4, speed=SpeedConfig(prompt_tokens=8, new_tokens=2),
-                         completions=CompletionConfig(prompts=3, prompt_tokens=4, max_new_tokens=5), lm_eval=None)
+                         completions=CompletionConfig(prompts=3, prompt_tokens=4, max_new_tokens=5, draft_prompts=2,
+                                                      draft_k=3), lm_eval=None)
     prompts = []
     monkeypatch.setattr(lm_report, "speed", lambda path, prompt, *args: prompts.append(prompt) or SPEED)
     teacher, other = measure_candidates(cfg, [LMCandidate("teacher", "-", "-", folders[0]),
@@ -153,6 +157,13 @@ def test_each_candidate_is_measured_on_the_same_texts_against_the_teacher(tmp_pa
     assert other["test_completion_distinct_2"] == distinct_bigrams(written)
     assert teacher["test_completion_distinct_2"] != other["test_completion_distinct_2"]
     assert len(prompts) == 2 and prompts[0] == prompts[1] and len(prompts[0]) == 8
+    # as the teacher's draft, on its greedy continuations of the first two openings: the teacher is the ceiling
+    # (3 proposals and its own token, then the fifth token alone), the other model its own acceptance
+    assert teacher["draft_alpha"] == pytest.approx(1.0) and teacher["draft_tokens_per_pass"] == 5 / 2
+    expected = acceptance(LlamaForCausalLM.from_pretrained(folders[0]).eval(),
+                          LlamaForCausalLM.from_pretrained(folders[1]).eval(), openings[:2], 5, [3])
+    assert other["draft_alpha"] == pytest.approx(expected["alpha"], rel=1e-9) and expected["alpha"] < 1
+    assert other["draft_tokens_per_pass"] == expected["per_k"][3]["greedy_tokens_per_pass"] < 5 / 2
 
 
 def test_the_report_files_are_written(tmp_path):
@@ -181,6 +192,10 @@ def test_the_lm_eval_table_has_a_column_per_task_and_metric_and_a_row_per_measur
     ({"lm_eval": HarnessConfig(tasks=[])}, "lm_eval.tasks is empty; the offline tasks: rotten_tomatoes_sentiment"),
     ({"speed": SpeedConfig(new_tokens=0)}, "speed.prompt_tokens, speed.new_tokens and speed.repeats"),
     ({"completions": CompletionConfig(prompt_tokens=0)}, "completions.prompt_tokens and"),
+    ({"completions": CompletionConfig(draft_k=0)}, "completions.draft_prompts must be at least 0 and "
+                                                    "completions.draft_k at least 1; got 16 and 0"),
+    ({"gate": [GateRule("draft_alpha", min=0.5)], "completions": CompletionConfig(prompts=0)},
+     "no figure 'draft_alpha'"),
     ({"gate": [GateRule("test_perplexityy", max=2)]}, r"gate\[0\]: the report measures no figure 'test_perplexityy'; "
                                                       "it measures validation_perplexity, test_perplexity, "),
     ({"gate": [GateRule("test_loop_share", max=0.2)], "completions": CompletionConfig(prompts=0)},

@@ -1,5 +1,5 @@
 """Divergences between a student's and a teacher's next-token distributions, one value per row of float32 (rows,
-vocabulary) logits: forward KL, reverse KL, the generalized JSD of GKD, and KL to a teacher's cached top-k (with
+vocabulary) logits: forward KL, reverse KL, the generalized JSD of GKD, total variation, and KL to a teacher's cached top-k (with
 repeated or sampled slots). Pure functions of tensors; `fused` runs them chunk by chunk over target positions."""
 from __future__ import annotations
 
@@ -46,6 +46,14 @@ def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     log_p, log_q = F.log_softmax(teacher / temperature, -1), F.log_softmax(student / temperature, -1)
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))
     return (beta * kl_rows(log_p, log_m) + (1 - beta) * kl_rows(log_q, log_m)) / (beta * (1 - beta))
+
+
+def total_variation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """TV(p, q) = sum |p - q| / 2 per row on logits softened at `temperature`. 1 - TV is the chance that speculative
+    sampling accepts a proposal of the student as the teacher's draft (Leviathan et al. 2023), which makes it the
+    loss that trains a draft for acceptance (DistillSpec, Zhou et al. 2024)."""
+    t = temperature
+    return (F.softmax(teacher / t, -1) - F.softmax(student / t, -1)).abs().sum(-1) / 2
 
 
 def sparse_kl_rows(log_p: torch.Tensor, log_q: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""The registered causal token losses (`next_token_ce`, `forward_kl`, `reverse_kl`, `jsd`, `topk_kl`), each a row
-loss of `divergences` run through the fused pass of `fused` (CE, forward KL and top-k KL with the tail bucket with
-their logit gradients in closed form), and the same losses as plain functions of logit sources."""
+"""The registered causal token losses (`next_token_ce`, `forward_kl`, `reverse_kl`, `jsd`, `total_variation`,
+`topk_kl`), each a row loss of `divergences` run through the fused pass of `fused` (CE, forward KL and top-k KL with
+the tail bucket with their logit gradients in closed form), and the same losses as plain functions of logit
+sources."""
 from __future__ import annotations
 
 from typing import Optional
@@ -20,6 +21,7 @@ from distill.losses.causal.divergences import (
     reverse_kl,
     sparse_kl_rows,
     topk_kl,
+    total_variation,
 )
 from distill.losses.causal.fused import (
     ClosedForm,
@@ -185,6 +187,11 @@ class ForwardKL(_TokenDivergence):
 @register("reverse_kl")
 class ReverseKL(_TokenDivergence):
     divergence = staticmethod(reverse_kl)
+
+
+@register("total_variation")
+class TotalVariation(_TokenDivergence):
+    divergence = staticmethod(total_variation)
 
 
 @register("jsd")
