@@ -41,20 +41,26 @@ def test_each_runtime_measures_the_teacher_alone_and_each_draft_at_each_k(root, 
             row = rows[name]
             assert len(row["rounds"]) == 2 and row["speed_up"] == pytest.approx(row["tokens_per_s"] /
                                                                                  alone["tokens_per_s"])
-            assert 0 <= row["acceptance"] <= 1 and 1 <= row["tokens_per_pass"] <= 4
+            assert 0 <= row["acceptance"] <= 1 and 1 <= row["tokens_per_pass"] <= 4 and row["lossless"]
         best = saved["best"][runtime]["two"]
         assert rows[best]["tokens_per_s"] == max(rows[name]["tokens_per_s"] for name in ("two, k=1", "two, k=3"))
     out = capsys.readouterr().out
     assert "| llama.cpp | two, k=3 |" in out and "best in transformers, two: two, k=" in out
 
 
-def test_a_draft_that_changes_the_teachers_tokens_fails_the_run():
-    def row(tokens):
-        return {"tokens": [[tokens]], "tokens_per_s": [1.0], "accepted": 0, "proposed": 1, "target_passes": 2}
+def test_a_draft_that_changes_the_teachers_tokens_fails_the_run_after_the_results_are_written():
+    def row(*runs):
+        return {"tokens": [list(runs)], "tokens_per_s": [1.0], "accepted": 0, "proposed": 1, "target_passes": 2}
 
-    with pytest.raises(RuntimeError, match="with 'bad, k=1' differ from its tokens alone: speculative decoding was "
-                                           "not lossless"):
-        bench.summary("llama.cpp", {bench.ALONE: row([5, 6]), "bad, k=1": row([5, 7])})
+    results = {"llama.cpp": bench.summary({bench.ALONE: row([5, 6, 7], [1, 2]), "bad, k=1": row([5, 6, 8], [1, 2]),
+                                           "good, k=1": row([5, 6, 7], [1, 2])})}
+    assert [results["llama.cpp"][name]["lossless"] for name in (bench.ALONE, "bad, k=1", "good, k=1")] == [
+        True, False, True]
+    assert results["llama.cpp"]["bad, k=1"]["first_difference"] == 2
+    assert "| llama.cpp | bad, k=1 | 1.0 | 1.00x | 0.0% | 2.50 | no (from token 2) |" in bench.table(results)
+    with pytest.raises(RuntimeError, match=r"speculative decoding was not lossless: llama.cpp 'bad, k=1' \(first at "
+                                           r"token 2\)$"):
+        bench.check_lossless(results)
 
 
 @pytest.mark.parametrize("extra, message", [
