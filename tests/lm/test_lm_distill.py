@@ -138,7 +138,7 @@ def test_cached_run_reads_the_cache_and_never_runs_the_teacher(tmp_path, teacher
     student = StudentConfig(layers=[1])
     if student_from == "saved":  # the teacher is never loaded: its weights cannot be compared, the rest is
         student = StudentConfig(init="pretrained", model=str(save_lm(tmp_path / "student", WORDS)))
-    unscored = LMEvalConfig(prompts=["a movie"], max_new_tokens=4, teacher_nll_prompts=0)
+    unscored = LMEvalConfig(prompts=["a movie"], max_new_tokens=4, teacher_nll_prompts=0, draft_prompts=0)
     distill_lm(lm_cfg(tmp_path, teacher_dir, corpus, CACHED, cache=str(cache), student=student, eval=unscored))
     assert calls == {"forward": 0, "loads": int(student_from == "teacher")}
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from distill.core.errors import ConfigError
 from distill.core.models import load_causal_lm
-from distill.lm.acceptance import draft_agreement, greedy_tokens_per_pass
+from distill.lm.acceptance import draft_agreement, greedy_tokens_per_pass, model_logits, target_paths
 from quant.export.gguf import convert, greedy_ids, loaded
 from quant.measure.speculative import (GgufDraft, check_gguf_vocabularies, gguf_speculative, parameter_count,
                                        torch_speculative)
@@ -37,7 +37,7 @@ def torch_pair(pair):
 @pytest.mark.parametrize("k", [1, 3])
 def test_transformers_output_is_the_targets_and_its_counts_are_the_offline_replays(torch_pair, k):
     target, draft = torch_pair
-    matches, _ = draft_agreement(target, draft, PROMPTS, NEW_TOKENS)
+    matches, _ = draft_agreement(target_paths(target, PROMPTS, NEW_TOKENS), model_logits(draft))
     assert 0.1 < sum(map(sum, matches)) / (len(PROMPTS) * NEW_TOKENS) < 0.9  # the draft is sometimes wrong
     for prompt, row in zip(PROMPTS, matches):
         alone, drafted = torch_speculative(target, None, prompt, NEW_TOKENS), torch_speculative(
