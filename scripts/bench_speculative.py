@@ -131,10 +131,11 @@ def summary(rows: dict[str, dict]) -> dict[str, dict]:
     for name, row in rows.items():
         differences = [next(i for i, (a, b) in enumerate(zip(got + [None], want + [None])) if a != b)
                        for run in row["tokens"] for got, want in zip(run, expected) if got != want]
+        made = sum(len(ids) for run in row["tokens"] for ids in run)
         results[name] = {"tokens_per_s": statistics.median(row["tokens_per_s"]),
                          "speed_up": statistics.median(row["tokens_per_s"]) / base,
                          "acceptance": row["accepted"] / row["proposed"] if row["proposed"] else None,
-                         "tokens_per_pass": sum(len(ids) for run in row["tokens"] for ids in run) / row["target_passes"],
+                         "tokens_per_pass": made / row["target_passes"],
                          "rounds": row["tokens_per_s"], "lossless": not differences,
                          "first_difference": min(differences, default=None)}
     return results
@@ -150,7 +151,8 @@ def check_lossless(results: dict[str, dict[str, dict]]) -> None:
 
 
 def table(results: dict[str, dict[str, dict]]) -> str:
-    lines = ["| runtime | variant | tokens/s | speed-up | acceptance | tokens per teacher pass | teacher's own tokens |",
+    lines = ["| runtime | variant | tokens/s | speed-up | acceptance | tokens per teacher pass | "
+             "teacher's own tokens |",
              "|---|---|---|---|---|---|---|"]
     for runtime, rows in results.items():
         for name, row in rows.items():

@@ -100,7 +100,7 @@ def draft_agreement(paths: TargetPaths, draft: LogitsOf) -> tuple[list[list[bool
     target's continuation; and the mean over those positions of 1 - TV(target, draft)."""
     matches, rates = [], []
     for row, start, target_logits in zip(paths.ids, paths.starts, paths.logits):
-        logits = torch.as_tensor(draft(row))[start:-1].double().cpu()
+        logits = draft(row)[start:-1].double().cpu()
         p = torch.softmax(target_logits.double(), -1)
         q = torch.softmax(logits[:, :p.shape[-1]], -1)  # a draft's padded embedding rows are never target tokens
         matches.append((q.argmax(-1) == torch.tensor(row[start + 1:])).tolist())

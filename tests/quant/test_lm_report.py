@@ -48,7 +48,8 @@ def row(model: str, decode: float, parameters=None, path="m", ppl=10.0, disk=12.
     return {"model": model, "stage": stage, "kind": "quantize_lm", "path": path, "validation_perplexity": ppl,
             "test_perplexity": ppl * 1.1, "next_token_agreement": 0.875, "kld_mean": 0.0123, "kld_p99": 0.25,
             "test_loop_share": 0.25, "test_completion_distinct_2": 0.5, "test_completion_tokens": 31.5,
-            "draft_alpha": 0.75, "draft_tokens_per_pass": 3.25, "parameters": parameters, "disk_mb": disk, **SPEED, "decode_tokens_per_s": decode}
+            "draft_alpha": 0.75, "draft_tokens_per_pass": 3.25, "parameters": parameters, "disk_mb": disk, **SPEED,
+            "decode_tokens_per_s": decode}
 
 
 def test_the_table_shows_each_model_with_its_speed_up_over_the_first():

@@ -1,6 +1,7 @@
 """Divergences between a student's and a teacher's next-token distributions, one value per row of float32 (rows,
-vocabulary) logits: forward KL, reverse KL, the generalized JSD of GKD, total variation, and KL to a teacher's cached top-k (with
-repeated or sampled slots). Pure functions of tensors; `fused` runs them chunk by chunk over target positions."""
+vocabulary) logits: forward KL, reverse KL, the generalized JSD of GKD, total variation, and KL to a teacher's cached
+top-k (with repeated or sampled slots). Pure functions of tensors; `fused` runs them chunk by chunk over target
+positions."""
 from __future__ import annotations
 
 import math
