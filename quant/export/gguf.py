@@ -191,9 +191,11 @@ def native_output_captured():
 
 @contextlib.contextmanager
 def loaded(path: Path, threads: int, context: int = 2048):
-    """A llama.cpp model (every position's logits kept), closed on exit."""
+    """A llama.cpp model (every position's logits kept), closed on exit, with flash attention as llama.cpp's own
+    tools and server run it (llama-cpp-python turns it off). It also makes a few tokens' logits in one batch equal
+    those one token at a time, for Q8_0 weights at least, which lossless speculative decoding needs."""
     model = llama_cpp().Llama(str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads, logits_all=True,
-                              verbose=False)
+                              flash_attn=True, verbose=False)
     try:
         yield model
     finally:

@@ -60,7 +60,8 @@ def torch_runner(folder: str):
 def gguf_runner(path: str, threads: int):
     import llama_cpp
 
-    llm = llama_cpp.Llama(path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, n_batch=1024, verbose=False)
+    llm = llama_cpp.Llama(path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, n_batch=1024,
+                          flash_attn=True, verbose=False)  # as llama.cpp serves it
 
     def run(prompt: list[int], new_tokens: int) -> tuple[float, float]:
         llm.reset()
