@@ -4,7 +4,8 @@ llama.cpp (a GGUF teacher with GGUF drafts), through `quant.measure.speculative`
 process of its own; in it the variants take turns over `--rounds` rounds (rotated, so that none always runs first)
 after one warm-up generation each. Per variant: tokens/s (new tokens over the wall time of generating them, prompt
 included, summed over the prompts; the median over rounds), its speed-up over the teacher alone, the acceptance
-(accepted draft tokens / proposed), tokens per teacher pass; per draft, the best k. The teacher's tokens must be the
+(accepted draft tokens / proposed), tokens per teacher pass; per draft, the best k; per model, the milliseconds of one
+pass over 1 to max(k) + 1 tokens (what verifying k proposals costs the teacher). The teacher's tokens must be the
 same with every draft as alone, token for token: the table says so per variant, and the run fails (after writing the
 table and the JSON) if any draft changed them.
 
@@ -35,12 +36,13 @@ from distill.core.models import load_causal_lm, load_tokenizer
 from distill.core.probe import run_probe
 from distill.lm.acceptance import check_draft_tokenizer
 from quant.export.gguf import loaded
-from quant.measure.speculative import (check_gguf_vocabularies, check_k, gguf_speculative, torch_speculative,
-                                       warn_if_larger)
+from quant.measure.speculative import (check_gguf_vocabularies, check_k, gguf_speculative, pass_seconds,
+                                       torch_speculative, warn_if_larger)
 
 RUNTIMES = {"transformers": ("teacher", "draft"), "llama.cpp": ("gguf_teacher", "gguf_draft")}
 """Each runtime's teacher and drafts among the arguments."""
 ALONE = "teacher alone"
+PASS_REPEATS = 10
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -94,7 +96,8 @@ def prompts_of(args: argparse.Namespace) -> list[list[int]]:
 
 
 def measure(args: argparse.Namespace, stack: ExitStack) -> dict[str, dict]:
-    """In this process: every variant of `args.runtime`, its rounds' tokens/s and counts, and its tokens."""
+    """In this process: every variant of `args.runtime`, its rounds' tokens/s and counts, and its tokens (`rows`);
+    the milliseconds of one pass of the teacher and of each draft over 1 to max(k) + 1 tokens (`pass_ms`)."""
     torch.set_num_threads(args.threads)
     drafts = drafts_of(args, args.runtime)
     if args.runtime == "transformers":
@@ -118,7 +121,9 @@ def measure(args: argparse.Namespace, stack: ExitStack) -> dict[str, dict]:
         row["tokens_per_s"].append(sum(len(run.tokens) for run in runs) / sum(run.seconds for run in runs))
         for key in ("accepted", "proposed", "target_passes"):
             row[key] += sum(getattr(run, key) for run in runs)
-    return rows
+    passes = {name: {size: 1000 * pass_seconds(model, prompts[0], size, PASS_REPEATS)
+                     for size in range(1, max(args.k) + 2)} for name, model in {"teacher": teacher, **models}.items()}
+    return {"rows": rows, "pass_ms": passes}
 
 
 def summary(rows: dict[str, dict]) -> dict[str, dict]:
@@ -163,6 +168,17 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def pass_table(passes: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Milliseconds per pass over n tokens, per runtime and model, n from 1 to max(k) + 1."""
+    sizes = max(len(costs) for models in passes.values() for costs in models.values())
+    lines = ["| runtime | model | " + " | ".join(f"{n} token{'s' * (n > 1)}" for n in range(1, sizes + 1)) + " |",
+             "|---|---|" + "---|" * sizes]
+    for runtime, models in passes.items():
+        for name, costs in models.items():
+            lines.append(f"| {runtime} | {name} | " + " | ".join(f"{ms:.1f} ms" for ms in costs.values()) + " |")
+    return "\n".join(lines)
+
+
 def best_k(results: dict[str, dict[str, dict]]) -> dict[str, dict[str, str]]:
     """Per runtime and draft, the variant with the most tokens/s."""
     best: dict[str, dict[str, str]] = {}
@@ -186,8 +202,9 @@ def main(argv: list[str]) -> None:
     with config_errors(debug):
         chosen = runtimes(args)
         prompts_of(args)  # a corpus or tokenizer that does not load fails here, before any model does
-    results = {runtime: summary(run_probe([sys.executable, __file__, *argv, "--runtime", runtime]))
-               for runtime in chosen}
+    measured = {runtime: run_probe([sys.executable, __file__, *argv, "--runtime", runtime]) for runtime in chosen}
+    results = {runtime: summary(out["rows"]) for runtime, out in measured.items()}
+    passes = {runtime: out["pass_ms"] for runtime, out in measured.items()}
     best = best_k(results)
     print(f"{args.prompts} prompts of {args.prompt_tokens} tokens, {args.new_tokens} greedy new tokens each, batch 1, "
           f"{args.threads} threads, median of {args.rounds} rounds")
@@ -195,9 +212,12 @@ def main(argv: list[str]) -> None:
     for runtime, drafts in best.items():
         for draft, name in drafts.items():
             print(f"best in {runtime}, {draft}: {name} ({results[runtime][name]['speed_up']:.2f}x)")
+    print(f"one pass over n tokens after the first prompt (median of {PASS_REPEATS}):")
+    print(pass_table(passes))
     if args.json:
         args.json.write_text(json.dumps({"args": {key: value for key, value in vars(args).items() if key != "json"},
-                                         "results": results, "best": best}, indent=2))
+                                         "results": results, "best": best, "pass_ms": passes},
+                                        indent=2))
     check_lossless(results)
 
 

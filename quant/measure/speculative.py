@@ -131,6 +131,30 @@ def gguf_speculative(target, draft, prompt: list[int], new_tokens: int, k: int =
     return Generated(tokens, seconds, 1 + proposer.calls, proposer.proposed)
 
 
+def pass_seconds(model, prefix: list[int], size: int, repeats: int) -> float:
+    """The median wall time of one pass of `model` (transformers or llama.cpp) over `size` more tokens after `prefix`
+    (in its cache): what checking `size` - 1 proposals costs the target, or `size` draft tokens the draft. A pass of
+    several tokens is not free on a CPU, and this is what a speed-up must pay for."""
+    times = []
+    if isinstance(model, torch.nn.Module):
+        with torch.inference_mode():
+            cache = model(torch.tensor([prefix]), use_cache=True).past_key_values
+            for _ in range(repeats):
+                cache.crop(len(prefix) - cache.get_seq_length())  # a negative count: the tokens to drop
+                start = time.perf_counter()
+                model(torch.tensor([prefix[:size]]), past_key_values=cache, use_cache=True)
+                times.append(time.perf_counter() - start)
+        return float(np.median(times))
+    model.reset()
+    model.eval(prefix)
+    for _ in range(repeats):
+        model.n_tokens = len(prefix)  # eval() drops the cache beyond it
+        start = time.perf_counter()
+        model.eval(prefix[:size])
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 # ----- checks before any work ---------------------------------------------------------------------------------------
 def gguf_vocabulary(path: str) -> list[str]:
     from gguf import GGUFReader

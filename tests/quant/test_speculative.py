@@ -14,7 +14,7 @@ from distill.core.models import load_causal_lm
 from distill.lm.acceptance import draft_agreement, greedy_tokens_per_pass, model_logits, target_paths
 from quant.export.gguf import convert, greedy_ids, loaded
 from quant.measure.speculative import (GgufDraft, check_gguf_vocabularies, gguf_speculative, parameter_count,
-                                       torch_speculative)
+                                       pass_seconds, torch_speculative)
 from tests.conftest import save_smollm2_tokenizer_lm
 from tests.helpers.drafts import save_draft_pair
 
@@ -114,3 +114,12 @@ def test_llama_cpp_scores_a_few_tokens_in_one_batch_as_it_does_one_at_a_time(tmp
                 llm.eval(ids[start:start + size])
             scores[size] = np.array(llm.scores[12:len(ids)])
     assert np.array_equal(scores[1], scores[2]) and np.array_equal(scores[1], scores[4])
+
+
+@pytest.mark.parametrize("runtime", ["transformers", "llama.cpp"])
+def test_a_pass_is_timed_over_the_tokens_after_the_prefix_and_leaves_the_cache_at_it(torch_pair, gguf_pair, runtime):
+    model = torch_pair[0] if runtime == "transformers" else gguf_pair["same"]
+    assert pass_seconds(model, PROMPTS[0], 3, 2) > 0
+    if runtime == "llama.cpp":  # the cache holds the prefix and the last pass's tokens, nothing beyond
+        assert model.n_tokens == len(PROMPTS[0]) + 3 and model.input_ids[:model.n_tokens].tolist() == PROMPTS[0] + \
+            PROMPTS[0][:3]

@@ -42,10 +42,14 @@ def test_each_runtime_measures_the_teacher_alone_and_each_draft_at_each_k(root, 
             assert len(row["rounds"]) == 2 and row["speed_up"] == pytest.approx(row["tokens_per_s"] /
                                                                                  alone["tokens_per_s"])
             assert 0 <= row["acceptance"] <= 1 and 1 <= row["tokens_per_pass"] <= 4 and row["lossless"]
+        passes = saved["pass_ms"][runtime]
+        assert list(passes) == ["teacher", "two"] and all(list(costs) == ["1", "2", "3", "4"] and
+                                                          min(costs.values()) > 0 for costs in passes.values())
         best = saved["best"][runtime]["two"]
         assert rows[best]["tokens_per_s"] == max(rows[name]["tokens_per_s"] for name in ("two, k=1", "two, k=3"))
     out = capsys.readouterr().out
     assert "| llama.cpp | two, k=3 |" in out and "best in transformers, two: two, k=" in out
+    assert "| runtime | model | 1 token | 2 tokens | 3 tokens | 4 tokens |" in out and "| llama.cpp | teacher | " in out
 
 
 def test_a_draft_that_changes_the_teachers_tokens_fails_the_run_after_the_results_are_written():
