@@ -249,19 +249,21 @@ def torch_greedy_ids(model: PreTrainedModel, prompt_ids: list[int], new_tokens: 
 
 
 @torch.inference_mode()
-def gguf_scores(llm, model: PreTrainedModel, texts: list[list[int]]) -> dict[str, float]:
-    """From one llama.cpp pass over each text: its test perplexity, and its next-token distributions against the
-    transformers model's on the same ids, at every position that predicts a token of the text
-    (`quant.measure.divergence`)."""
-    nll, kls, same = 0.0, [], []
-    for ids in texts:
-        logits = gguf_logits(llm, ids)
-        nll += text_nll(logits, ids)
+def gguf_scores(llms: dict, model: PreTrainedModel, texts: list[list[int]]) -> dict[str, dict[str, float]]:
+    """Per llama.cpp model of `llms`, from one pass over each text: its test perplexity, and its next-token
+    distributions against the transformers model's on the same ids, at every position that predicts a token of the
+    text (`quant.measure.divergence`). The transformers model runs once per text, whatever the number of files."""
+    nll, kls, same = dict.fromkeys(llms, 0.0), {name: [] for name in llms}, {name: [] for name in llms}
+    for ids in tqdm(texts, desc="checking in llama.cpp", unit="text"):
         reference = model(torch.tensor([ids])).logits[0, :-1].double().numpy()
-        kl, agree = token_divergences(reference, logits[:-1])
-        kls.append(kl)
-        same.append(agree)
-    return {"test_perplexity": math.exp(nll / predicted_tokens(texts)), **divergence_summary(kls, same)}
+        for name, llm in llms.items():
+            logits = gguf_logits(llm, ids)
+            nll[name] += text_nll(logits, ids)
+            kl, agree = token_divergences(reference, logits[:-1])
+            kls[name].append(kl)
+            same[name].append(agree)
+    return {name: {"test_perplexity": math.exp(nll[name] / predicted_tokens(texts)),
+                   **divergence_summary(kls[name], same[name])} for name in llms}
 
 
 @torch.no_grad()
@@ -312,12 +314,13 @@ def export_gguf(cfg: GgufConfig) -> RunResult:
     prompts = prompt_ids(tokenizer, cfg.prompts)
     expected = [torch_greedy_ids(model, ids, cfg.max_new_tokens) for ids in prompts]
     rows = {"transformers_fp32": {"test_perplexity": torch_perplexity(model, texts)}}
-    for name, path in tqdm(files.items(), desc="checking in llama.cpp", unit="file"):
-        with loaded(path, threads) as llm:
+    with contextlib.ExitStack() as stack:
+        llms = {name: stack.enter_context(loaded(path, threads)) for name, path in files.items()}
+        scores = gguf_scores(llms, model, texts)
+        for name, llm in llms.items():
             got = [greedy_ids(llm, ids, cfg.max_new_tokens) for ids in prompts]
-            rows[name] = {"file": path.name, "disk_mb": path.stat().st_size / 1e6,
-                          "imatrix": matrix is not None and name not in CONVERTER_TYPES,
-                          **gguf_scores(llm, model, texts),
+            rows[name] = {"file": files[name].name, "disk_mb": files[name].stat().st_size / 1e6,
+                          "imatrix": matrix is not None and name not in CONVERTER_TYPES, **scores[name],
                           "greedy_equal": got == expected,
                           "greedy_token_agreement": agreement(got, expected),
                           "tokenizer_equal": [llm.tokenize(p.encode(), add_bos=False, special=True) for p in
