@@ -2,21 +2,25 @@
 layers: the target's greedy tokens are the same with the draft as without, in transformers and in llama.cpp; the
 passes and proposals each runtime counts agree with the offline replay (`distill.lm.acceptance`) and with the
 target as its own draft; the GGUF draft keeps its cache only over the prefix it shares; a GGUF of another
-vocabulary is refused."""
+vocabulary is refused; llama.cpp scores a few tokens in one batch as one at a time; and a teacher of every family the
+LM job supports speculates losslessly with a layer-subset draft."""
 import math
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from distill.core.config import StudentConfig
 from distill.core.errors import ConfigError
 from distill.core.models import load_causal_lm
+from distill.core.student import build_student
 from distill.lm.acceptance import draft_agreement, greedy_tokens_per_pass, model_logits, target_paths
 from quant.export.gguf import convert, greedy_ids, loaded
 from quant.measure.speculative import (GgufDraft, check_gguf_vocabularies, gguf_speculative, parameter_count,
                                        pass_seconds, torch_speculative)
 from tests.conftest import save_smollm2_tokenizer_lm
 from tests.helpers.drafts import save_draft_pair
+from tests.helpers.families import FAMILIES, tiny_family_model
 
 pytest.importorskip("llama_cpp", reason="scripts/setup.sh builds llama.cpp's bindings")
 
@@ -123,3 +127,18 @@ def test_a_pass_is_timed_over_the_tokens_after_the_prefix_and_leaves_the_cache_a
     if runtime == "llama.cpp":  # the cache holds the prefix and the last pass's tokens, nothing beyond
         assert model.n_tokens == len(PROMPTS[0]) + 3 and model.input_ids[:model.n_tokens].tolist() == PROMPTS[0] + \
             PROMPTS[0][:3]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_speculates_losslessly_and_as_the_offline_replay_counts(family):
+    """A tiny teacher of each family the LM job supports (windowed layers shorter than the generation, where the
+    family has them), its draft three of its four layers (as `student.layers` copies them)."""
+    teacher = tiny_family_model(family, initializer_range=0.1)
+    draft = build_student(StudentConfig(layers=[0, 1, 2]), teacher).eval()
+    prompts = [[5, 9, 13, 7, 30], [20, 3, 11, 40]]
+    matches, _ = draft_agreement(target_paths(teacher, prompts, NEW_TOKENS), model_logits(draft))
+    assert 0 < sum(map(sum, matches)) < len(prompts) * NEW_TOKENS  # the draft is sometimes right, sometimes wrong
+    for prompt, row in zip(prompts, matches):
+        drafted = torch_speculative(teacher, draft, prompt, NEW_TOKENS, 2)
+        assert drafted.tokens == torch_speculative(teacher, None, prompt, NEW_TOKENS).tokens
+        assert NEW_TOKENS / drafted.target_passes == pytest.approx(greedy_tokens_per_pass([row], 2))
