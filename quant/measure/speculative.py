@@ -133,8 +133,8 @@ def gguf_speculative(target, draft, prompt: list[int], new_tokens: int, k: int =
 
 def pass_seconds(model, prefix: list[int], size: int, repeats: int) -> float:
     """The median wall time of one pass of `model` (transformers or llama.cpp) over `size` more tokens after `prefix`
-    (in its cache): what checking `size` - 1 proposals costs the target, or `size` draft tokens the draft. A pass of
-    several tokens is not free on a CPU, and this is what a speed-up must pay for."""
+    (in its cache): for the target, what checking `size` - 1 proposals costs (a draft proposes one token a pass). A
+    pass of several tokens is not free on a CPU, and a speed-up must pay for it."""
     times = []
     if isinstance(model, torch.nn.Module):
         with torch.inference_mode():
