@@ -5,6 +5,7 @@ Names resolve in that order: an existing local path wins, then `offline:NAME` (o
 offline package carries), then the Hub. `hub:ID` forces the Hub."""
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -59,6 +60,12 @@ def load_causal_lm(name: str, **kwargs) -> PreTrainedModel:
     """A causal language model from `name` (see `resolve_model`); remote code is trusted as for `load_classifier`."""
     path = resolve_model(name)
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=is_compressed(path), **kwargs)
+
+
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The name under which `model.forward` takes and returns its KV cache: transformers 5.25 renamed
+    `past_key_values` to `cache`; earlier 5.x releases know only the old name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def is_compressed(path: str) -> bool:

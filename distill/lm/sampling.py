@@ -4,7 +4,6 @@ tokens (a resumed run's on-policy batches equal an uninterrupted run's). What on
 data and the evaluation of completions share."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,6 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.core.errors import ConfigError
+from distill.core.models import cache_keyword
 
 
 @dataclass
@@ -63,8 +63,7 @@ def complete(model: PreTrainedModel, prompts: list[list[int]], cfg: SamplingConf
     written = torch.empty(len(prompts), 0, dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    # transformers 5.25 renamed `past_key_values` to `cache`; earlier 5.x releases take only the old name
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = cache_keyword(model)
     past, step_ids = None, input_ids
     for _ in range(cfg.max_new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from distill.core.models import cache_keyword
 from distill.core.probe import resident_peak_mb, run_probe
 
 
@@ -40,6 +41,7 @@ def torch_runner(folder: str):
     from quant.schemes.variants import load_variant
 
     model = load_variant(folder).eval()
+    name = cache_keyword(model)
 
     @torch.inference_mode()
     def run(prompt: list[int], new_tokens: int) -> tuple[float, float]:
@@ -47,11 +49,11 @@ def torch_runner(folder: str):
         start = time.perf_counter()
         out = model(ids, use_cache=True)
         prefill = time.perf_counter() - start
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        cache, token = out[name], out.logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(token, use_cache=True, **{name: cache})
+            cache, token = out[name], out.logits[:, -1].argmax(-1, keepdim=True)
         return prefill, time.perf_counter() - start
 
     return run

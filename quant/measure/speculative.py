@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.core.errors import ConfigError
-from distill.core.models import resolve_model
+from distill.core.models import cache_keyword, resolve_model
 from quant.export.gguf import greedy_ids
 
 logger = logging.getLogger(__name__)
@@ -137,12 +137,13 @@ def pass_seconds(model, prefix: list[int], size: int, repeats: int) -> float:
     pass of several tokens is not free on a CPU, and a speed-up must pay for it."""
     times = []
     if isinstance(model, torch.nn.Module):
+        name = cache_keyword(model)
         with torch.inference_mode():
-            cache = model(torch.tensor([prefix]), use_cache=True).past_key_values
+            cache = model(torch.tensor([prefix]), use_cache=True)[name]
             for _ in range(repeats):
                 cache.crop(len(prefix) - cache.get_seq_length())  # a negative count: the tokens to drop
                 start = time.perf_counter()
-                model(torch.tensor([prefix[:size]]), past_key_values=cache, use_cache=True)
+                model(torch.tensor([prefix[:size]]), use_cache=True, **{name: cache})
                 times.append(time.perf_counter() - start)
         return float(np.median(times))
     model.reset()
