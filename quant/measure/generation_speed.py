@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from distill.core.models import cache_keyword
 from distill.core.probe import resident_peak_mb, run_probe
 
 
@@ -38,6 +37,7 @@ def measure(model: str, prompt: list[int], new_tokens: int, threads: int, repeat
 
 
 def torch_runner(folder: str):
+    from distill.core.models import cache_keyword  # here, not at the top: a GGUF row's process never loads transformers
     from quant.schemes.variants import load_variant
 
     model = load_variant(folder).eval()

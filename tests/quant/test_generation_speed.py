@@ -1,6 +1,8 @@
 """Generation speed (`quant.measure.generation_speed`) of a tiny saved Llama: rates are tokens over the measured times,
 the median of the repeats, after a load and a warm-up that do not count; the peak resident memory is this process's own
 high-water mark; run as its own process it prints one JSON line of the same fields."""
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -44,3 +46,10 @@ def test_a_probe_process_reports_every_field(folder):
     result = speed(folder, PROMPT, NEW_TOKENS, threads=1, repeats=1)
     assert set(result) == {"prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb", "load_s"}
     assert all(value > 0 for value in result.values())
+
+
+def test_a_gguf_rows_process_does_not_load_transformers():
+    """Its peak resident memory is a figure of the report: importing transformers there would add to it what llama.cpp
+    never needs."""
+    code = "import sys, quant.measure.generation_speed; print('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
