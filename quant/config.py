@@ -39,6 +39,10 @@ class WeightSchemeConfig:
     """4-bit variants: consecutive weights of a row that share one scale. It must divide the input width of every
     quantized Linear (refused before work otherwise): 64 divides SmolLM2's 576, which 128, the usual choice for wider
     models, does not."""
+    dtype: str = "bf16"
+    """The precision of everything around the quantized weights (embeddings, norms, LM head, scales) and of the
+    activations, as the serving engine runs the folder: `bf16` or `fp16` (the A16 of W4A16), or `fp32` (the
+    unquantized tensors then take twice the disk)."""
 
 
 @dataclass

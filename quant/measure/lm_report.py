@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from distill.core.errors import ConfigError
 from distill.core.evaluate import count_parameters
@@ -120,7 +121,7 @@ def measure_candidates(cfg: LMReportConfig, candidates: list[LMCandidate]) -> li
                                       openings.prompts[:completions.draft_prompts], completions.max_new_tokens)
     reference = None
     rows = []
-    for candidate in candidates:
+    for candidate in tqdm(candidates, desc="measuring models", unit="model"):
         harness = harness_of(cfg, tokenizer, candidate.label)
         row = {"model": candidate.label, "stage": candidate.stage, "kind": candidate.kind, "path": str(candidate.path),
                **(measure_gguf(candidate.path, texts, threads, openings, harness) if candidate.gguf

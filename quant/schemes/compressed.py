@@ -1,7 +1,8 @@
 """Weight quantization through llm-compressor, saved in the compressed-tensors format that vLLM and SGLang load
-natively: int4 weights in groups along each row with one scale per group, activations in 16 or 32 bits (W4A16),
-rounded to nearest (`rtn_w4a16`, no calibration: the baseline) or by GPTQ (`gptq_w4a16`: each column's rounding error
-is compensated in the columns not yet rounded, through the Hessian of the layer's inputs on calibration text); and
+natively: int4 weights in groups along each row with one scale per group, activations and every other tensor in
+16 bits (W4A16; `scheme.dtype`, bf16 by default, as vLLM runs it and at half the disk of float32), rounded to
+nearest (`rtn_w4a16`, no calibration: the baseline) or by GPTQ (`gptq_w4a16`: each column's rounding error is
+compensated in the columns not yet rounded, through the Hessian of the layer's inputs on calibration text); and
 `w8a8_int8`, SmoothQuant's migration of activation outliers into the weights, then GPTQ int8 weights (one scale per
 row) with int8 activations quantized per token at run time. AWQ is left out: llm-compressor 0.14's AWQ pins its
 cached activations in page-locked memory, which needs a GPU ("Cannot access accelerator device").
@@ -15,6 +16,7 @@ llm-compressor 0.14 pins transformers 5.17; it is installed without its dependen
 here, its GPTQ and SmoothQuant run on the CPU with the project's transformers."""
 from __future__ import annotations
 
+import torch
 from datasets import Dataset
 from transformers import PreTrainedModel
 
@@ -35,9 +37,14 @@ def require_llmcompressor() -> None:
     require_package("llmcompressor", "the compressed-tensors variants need", INSTALL)
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def check_scheme(cfg: WeightSchemeConfig) -> None:
     if cfg.group_size < 1:
         raise ConfigError(f"scheme.group_size must be at least 1; got {cfg.group_size}")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"scheme.dtype must be one of {', '.join(DTYPES)}; got {cfg.dtype!r}")
 
 
 def quantized_linears(source: str, skip_modules: list[str] | None) -> dict[str, int]:
@@ -89,11 +96,12 @@ def recipe(variant: str, group_size: int, ignore: list[str]) -> list:
 def quantize_compressed(source: str, variant: str, scheme: WeightSchemeConfig, calibration: list[list[int]],
                         skip_modules: list[str] | None = None) -> PreTrainedModel:
     """The saved model `source` quantized as `variant` in memory (fake-quantized: it computes what the saved folder
-    will), on the CPU, in eval mode. `calibration` (token ids, each text run alone) feeds the calibrated variants."""
+    will), in `scheme.dtype`, on the CPU, in eval mode. `calibration` (token ids, each text run alone) feeds the
+    calibrated variants."""
     require_llmcompressor()
     from llmcompressor import oneshot
     linears = check_compressed(source, [variant], scheme, calibration, skip_modules)
-    model = load_pretrained(source)
+    model = load_pretrained(source, dtype=DTYPES[scheme.dtype])  # loaded so, as a reload of the folder is
     ignore = [name for name, module in model.named_modules() if is_linear(module) and name not in linears]
     data = {} if variant not in CALIBRATED else {
         "dataset": Dataset.from_dict({"input_ids": calibration, "attention_mask": [[1] * len(i) for i in calibration]}),

@@ -46,6 +46,8 @@ def lm_pipeline(tmp_path_factory):
             **SPLIT, "teacher": teacher, "variants": ["bf16"]}),
         StageEntry(kind="export_gguf", name="gguf", model="@distill", overrides={
             **SPLIT, "types": ["f16", "q8_0"], "prompts": ["the film"], "max_new_tokens": 4}),
+        StageEntry(kind="quantize_lm", name="teacher_gptq", model=teacher, overrides={
+            **SPLIT, "teacher": teacher, "variants": ["gptq_w4a16"], "scheme": {"group_size": 32}}),
         StageEntry(kind="report_lm", name="report", model="@distill", overrides={
             **SPLIT, "teacher": teacher, "speed": {"prompt_tokens": 16, "new_tokens": 4}, "repo_id": "me/tiny-lm",
             "lm_eval": {"limit": LM_EVAL_LIMIT}}),
@@ -66,7 +68,7 @@ def greedy_next_tokens(folder, texts) -> torch.Tensor:
 def test_every_stage_runs_and_the_report_measures_every_model(lm_pipeline):
     _, stages = lm_pipeline
     served, rows = stages[-1].output, report_rows(stages)
-    assert list(rows) == ["teacher", "prune", "distill", "quantize", "gguf/f16", "gguf/q8_0"]
+    assert list(rows) == ["teacher", "prune", "distill", "quantize", "gguf/f16", "gguf/q8_0", "teacher_gptq"]
     assert rows["teacher"]["test_perplexity"] < 3  # trained (uniform: 49,152), so the comparisons below can fail
     assert rows["prune"]["parameters"] < rows["teacher"]["parameters"]
     for row in rows.values():
@@ -99,6 +101,16 @@ def test_each_copy_of_the_distilled_model_scores_as_it_does_on_lm_eval(lm_pipeli
         assert rows[name]["lm_eval"][task]["acc"] == pytest.approx(metrics["acc"], abs=1 / LM_EVAL_LIMIT + 1e-9)
     results = json.loads((stages[-1].folder / "lm_eval" / name / "lm_eval_results.json").read_text())
     assert results["results"].keys() == rows[name]["lm_eval"].keys()
+
+
+def test_the_teachers_own_gptq_folder_is_measured_as_its_stage_measured_it(lm_pipeline):
+    """The report's row of the compressed-tensors folder (decompressed by a plain load) against the quantize stage's
+    own figures, computed in memory before saving, against the teacher it quantized."""
+    stages = lm_pipeline[1]
+    measured = json.loads((stages[-2].folder / "stage.json").read_text())["metrics"]["variants"]["gptq_w4a16"]
+    row = report_rows(stages)["teacher_gptq"]
+    assert row["test_perplexity"] == pytest.approx(measured["test_perplexity"], rel=1e-4)
+    assert row["kld_mean"] == pytest.approx(measured["kld_mean"], rel=1e-3) and row["kld_mean"] > 1e-4
 
 
 def test_the_reported_agreement_with_the_teacher_is_the_models_own(lm_pipeline):

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 from distill.core.config import CalibrationConfig, CorpusConfig
@@ -78,7 +79,18 @@ def test_gptq_weights_sit_on_a_4bit_grid(gptq):
         groups = weight.reshape(-1, GROUP)
         assert max(len(group.unique()) for group in groups) <= 16, name
         assert max(len(group.unique()) for group in original.get_submodule(name).weight.reshape(-1, GROUP)) == GROUP
-    assert torch.equal(reloaded.lm_head.weight, original.lm_head.weight)
+    assert torch.equal(reloaded.lm_head.weight, original.lm_head.weight.to(torch.bfloat16))
+
+
+def test_gptq_folder_keeps_every_other_tensor_in_bf16_as_vllm_runs_it(gptq):
+    """Packed int4 weights, and in bf16 their scales, the embedding, the norms and the LM head: no float32 tensor
+    doubling the disk."""
+    _, folder, _, _ = gptq
+    with safe_open(folder / "model.safetensors", "pt") as tensors:
+        dtypes = {name: tensors.get_slice(name).get_dtype() for name in tensors.keys()}
+    assert {dtypes[name] for name in dtypes if name.endswith("weight_packed")} == {"I32"}
+    floats = {name: dtype for name, dtype in dtypes.items() if not name.endswith(("weight_packed", "weight_shape"))}
+    assert set(floats.values()) == {"BF16"} and "lm_head.weight" in floats and any("weight_scale" in n for n in floats)
 
 
 def test_gptq_uses_its_calibration(tmp_path):
@@ -127,8 +139,9 @@ def test_job_measures_compressed_variants_from_their_reloaded_folders(tmp_path, 
     ({"scheme": WeightSchemeConfig(32)},
      f"scheme.group_size 32 does not divide the {HIDDEN} input features of model.layers.0.self_attn.q_proj; 16 does"),
     ({"calibration": CalibrationConfig(examples=1)}, "gptq_w4a16 needs at least 96 calibration tokens"),
+    ({"scheme": WeightSchemeConfig(GROUP, dtype="int8")}, "scheme.dtype must be one of bf16, fp16, fp32; got 'int8'"),
 ])
-def test_bad_group_size_and_too_little_calibration_are_refused_before_work(tmp_path, lm_corpus, overrides, message):
+def test_bad_scheme_and_too_little_calibration_are_refused_before_work(tmp_path, lm_corpus, overrides, message):
     source, data = lm_corpus
     cfg = job_config(tmp_path, source, data, ["fp32", "gptq_w4a16"])
     for name, value in overrides.items():
