@@ -2,6 +2,8 @@
 model is loaded. Unknown keys are rejected with the closest valid name."""
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import json
 import types
@@ -296,6 +298,11 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def apply_override(values: dict[str, Any], dotted: str, raw: str) -> None:
     """Set `a.b.c` (list items by index: `stages.0.epochs`) in a nested dict; the value is parsed as YAML."""
+    set_dotted(values, dotted, yaml.safe_load(raw) if raw != "" else None)
+
+
+def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` (list items by index: `stages.0.epochs`) in a nested dict to `value`."""
     keys = dotted.split(".")
     node: Any = values
     for key in keys[:-1]:
@@ -309,7 +316,6 @@ def apply_override(values: dict[str, Any], dotted: str, raw: str) -> None:
             raise ConfigError(f"{dotted}: {key} is inside a {type(node).__name__} value, not a section")
     if not isinstance(node, (dict, list)):
         raise ConfigError(f"{dotted}: {keys[-1]} is inside a {type(node).__name__} value, not a section")
-    value = yaml.safe_load(raw) if raw != "" else None
     if isinstance(node, list):
         node[_index(keys[-1], node, dotted)] = value
     else:
@@ -355,13 +361,21 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def merge_values(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """`update` over `base`: nested mappings merge key by key, anything else replaces."""
+    """`update` over `base`: nested mappings merge key by key, anything else replaces; a dotted key (`stages.0.epochs`)
+    sets that one value, after the others, inside a copy of what it reaches."""
     merged = dict(base)
     for key, value in update.items():
+        if "." in key:
+            continue
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = merge_values(merged[key], value)
         else:
             merged[key] = value
+    for key, value in update.items():
+        if "." in key:
+            head = key.split(".")[0]
+            merged[head] = copy.deepcopy(merged.get(head))
+            set_dotted(merged, key, value)
     return merged
 
 

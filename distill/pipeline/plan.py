@@ -52,8 +52,9 @@ class StageEntry:
     config: Optional[str] = None
     """A recipe YAML of the kind's config class, e.g. recipes/distill_tinybert.yaml."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Config values over the recipe's, nested as in its YAML. A string `@name` anywhere in them stands for the
-    model of the earlier stage `name` (e.g. `teacher: "@finetune"`)."""
+    """Config values over the recipe's, nested as in its YAML; a dotted key sets one value deep inside, list items by
+    index (`stages.0.learning_rate: 1.0e-3`). A string `@name` anywhere in them stands for the model of the earlier
+    stage `name` (e.g. `teacher: "@finetune"`)."""
     model: Optional[str] = None
     """The input model (a path, an id, or `@name`); None: the previous stage's model. The first stage takes the one
     its config names."""

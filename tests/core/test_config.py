@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.core.config import parse_args
+from distill.core.config import merge_values, parse_args
 from distill.core.errors import ConfigError
 from distill.encoder.config import DistillConfig, FinetuneConfig
 
@@ -29,6 +29,16 @@ def test_an_override_inside_an_optional_section_left_out_creates_it():
     assert parse_args(GgufConfig, []).calibration is None
     with pytest.raises(ConfigError, match="seed.x: x is inside a int value, not a section"):
         parse_args(DistillConfig, ["seed.x=1"])
+
+
+def test_a_dotted_key_in_merged_values_sets_one_item_of_a_list_and_leaves_the_rest():
+    """As a pipeline stage's overrides use it: one learning rate changed in a recipe's stage list, the losses kept."""
+    recipe = {"stages": [{"name": "a", "learning_rate": 3e-4, "losses": [{"name": "kl"}]}], "train": {"steps": 2}}
+    merged = merge_values(recipe, {"stages.0.learning_rate": 1e-3, "train": {"steps": 4}})
+    assert merged == {"stages": [{"name": "a", "learning_rate": 1e-3, "losses": [{"name": "kl"}]}], "train": {"steps": 4}}
+    assert recipe["stages"][0]["learning_rate"] == 3e-4  # the recipe's own values are not changed
+    with pytest.raises(ConfigError, match="override 'stages.1.epochs': '1' is not an index into a list of 1"):
+        merge_values(recipe, {"stages.1.epochs": 2})
 
 
 def test_unknown_keys_name_the_closest_valid_one(tmp_path):
