@@ -3,7 +3,6 @@ model is loaded. Unknown keys are rejected with the closest valid name."""
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 import json
 import types

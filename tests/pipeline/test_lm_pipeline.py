@@ -1,9 +1,10 @@
 """The causal-LM pipeline on a tiny Llama with SmolLM2's tokenizer, trained on the corpus (confident predictions, so a
 stage that broke the model would show): prune (width) -> distil from the unpruned model -> quantize -> GGUF export ->
-report, with the stage machinery of every pipeline (planned and checked before any work, finished stages skipped on a
-rerun). The report measures every model side by side (GGUF files in llama.cpp): each copy of the distilled model
-(bf16, GGUF F16 and Q8_0) scores as it does, and its agreement with the teacher is the one computed here; the served
-folder carries the model, its GGUF files, the report and a causal-LM card."""
+the teacher's own GPTQ folder -> report, with the stage machinery of every pipeline (planned and checked before any
+work, finished stages skipped on a rerun). The report measures every model side by side (GGUF files in llama.cpp):
+each copy of the distilled model (bf16, GGUF F16 and Q8_0) scores as it does, the teacher's GPTQ folder as its stage
+measured it, and the distilled model's agreement with the teacher is the one computed here; the served folder carries
+the model, its GGUF files, the report and a causal-LM card."""
 import json
 from types import SimpleNamespace
 
