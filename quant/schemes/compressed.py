@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from distill.core.errors import ConfigError, require_package
 from distill.core.models import load_tokenizer
 from quant.config import WeightSchemeConfig
+from quant.schemes.dynamic import HALF_DTYPES
 from quant.schemes.loading import empty_model, is_linear, load_pretrained, skip_patterns, target_linears
 
 INSTALL = ("bash scripts/setup.sh (pip install --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.20.0 "
@@ -37,7 +38,7 @@ def require_llmcompressor() -> None:
     require_package("llmcompressor", "the compressed-tensors variants need", INSTALL)
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {**HALF_DTYPES, "fp32": torch.float32}
 
 
 def check_scheme(cfg: WeightSchemeConfig) -> None:
