@@ -359,7 +359,8 @@ class LMReportConfig(ModelCardConfig):
     test_examples: int = 200
     """The last texts of the corpus: the test slice."""
     eval_examples: Optional[int] = 50
-    """Validation and test texts measured (the first ones of each); None: all."""
+    """Test texts measured (the first ones); None: all. The validation texts are the stages' to select on; the
+    report measures none of them."""
     eval_batch_size: int = 8
     """Texts per forward pass."""
     speed: SpeedConfig = field(default_factory=SpeedConfig)

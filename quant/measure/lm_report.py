@@ -1,5 +1,5 @@
 """The report of a causal-LM pipeline: the teacher and every model the earlier stages saved (each quantized variant,
-each GGUF file), measured side by side on the same held-out texts: validation and test perplexity, agreement of the
+each GGUF file), measured side by side on the same held-out texts: test perplexity, agreement of the
 greedy next token with the teacher's, generation quality (the share of greedy completions of the test texts'
 openings that loop, their distinct-2 and mean length), parameters, size on disk, CPU generation speed at batch 1
 (prefill of one `speed.prompt_tokens`-token prompt, decode of `speed.new_tokens` tokens, each model in a process of
@@ -30,18 +30,18 @@ from distill.lm.data import evaluation_texts, text_prompts
 from distill.lm.metrics import generation_scores
 from distill.lm.sampling import SamplingConfig, complete, stop_tokens, until_stop
 from quant.config import BudgetConfig, LMReportConfig
-from quant.export.gguf import gguf_logits, gguf_perplexity, greedy_ids, loaded, scores_perplexity
+from quant.export.gguf import gguf_logits, greedy_ids, loaded, scores_perplexity
 from quant.measure.classifier_metrics import weight_memory
 from quant.measure.compression_report import pareto_front, require_matplotlib
 from quant.measure.generation_speed import speed
 from quant.measure.lm_eval import check_tasks, hf_lm, run_lm_eval, task_metrics
 from quant.measure.divergence import token_divergences
-from quant.quantize_lm import logits_of, logits_perplexity, text_perplexity
+from quant.quantize_lm import logits_of, logits_perplexity
 from quant.schemes.variants import load_variant
 
 REPORT_NAME = "lm_report"
 PLOT_FILE = f"{REPORT_NAME}.png"
-FIGURES = ["validation_perplexity", "test_perplexity", "next_token_agreement", "kld_mean", "kld_p99", "parameters",
+FIGURES = ["test_perplexity", "next_token_agreement", "kld_mean", "kld_p99", "parameters",
            "weight_mb", "disk_mb", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb"]
 """The figures of every row, which a gate may name."""
 COMPLETION_FIGURES = ["test_loop_share", "test_completion_distinct_2", "test_completion_tokens"]
@@ -142,8 +142,7 @@ def measure_torch(path: Path, texts: dict, openings: Openings, harness: Optional
                for completion in complete(model, openings.prompts[start:start + openings.batch_size], greedy,
                                           openings.stops, openings.pad_id)]
     logits = torch_logits(model, texts["test"])
-    return {"validation_perplexity": text_perplexity(model, texts["validation"]),
-            "test_perplexity": logits_perplexity(map(torch.from_numpy, logits), texts["test"]), "logits": logits,
+    return {"test_perplexity": logits_perplexity(map(torch.from_numpy, logits), texts["test"]), "logits": logits,
             "parameters": count_parameters(model), "weight_mb": weight_memory(model, [])["weight_mb"],
             "disk_mb": folder_mb(path), "lm_eval": harness(model) if harness else None,
             **completion_figures(written), **openings.draft_figures(model_logits(model))}
@@ -180,7 +179,6 @@ def measure_gguf(path: Path, texts: dict, threads: int, openings: Openings, harn
                    for prompt in openings.prompts]
         logits = [gguf_logits(llm, ids).astype(np.float32) for ids in texts["test"]]
         return {"lm_eval": harness(llm) if harness else None,
-                "validation_perplexity": gguf_perplexity(llm, texts["validation"]),
                 "test_perplexity": scores_perplexity(logits, texts["test"]), "logits": logits,
                 "parameters": None, "weight_mb": path.stat().st_size / 1e6, "disk_mb": path.stat().st_size / 1e6,
                 **completion_figures(written),
@@ -256,15 +254,15 @@ def recommendation(rows: list[dict], budget: Optional[BudgetConfig], served: str
 
 def markdown_table(rows: list[dict], prompt_tokens: int, new_tokens: int) -> str:
     base, on_front = rows[0], fronts(rows)
-    lines = [f"| model | stage kind | val. ppl | test ppl | next-token agreement | KLD mean | KLD p99 | loop share | "
+    lines = [f"| model | stage kind | test ppl | next-token agreement | KLD mean | KLD p99 | loop share | "
              f"distinct-2 | completion tokens | draft alpha | draft tokens/pass | parameters | disk MB | peak RSS MB | "
              f"prefill tok/s ({prompt_tokens}) | decode tok/s ({new_tokens}) | decode speed-up | Pareto front |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         params = f"{row['parameters'] / 1e6:.1f}M" if row["parameters"] else "-"
         front = ", ".join(name for name, models in on_front.items() if row["model"] in models) or "-"
-        lines.append(f"| {row['model']} | {row['kind']} | {row['validation_perplexity']:.2f} | "
-                     f"{row['test_perplexity']:.2f} | {row['next_token_agreement']:.2%} | {row['kld_mean']:.4f} | "
+        lines.append(f"| {row['model']} | {row['kind']} | {row['test_perplexity']:.2f} | "
+                     f"{row['next_token_agreement']:.2%} | {row['kld_mean']:.4f} | "
                      f"{row['kld_p99']:.3f} | {completion_cells(row)} | {draft_cells(row)} | {params} | "
                      f"{row['disk_mb']:.1f} | "
                      f"{row['peak_rss_mb']:.0f} | "

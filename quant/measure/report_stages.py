@@ -135,7 +135,7 @@ def run_lm_report(cfg: LMReportConfig, context: StageContext) -> dict:
     """Measure, write the report, then `output_dir/model`: the served model, its GGUF files, the report, the card."""
     rows = measure_candidates(cfg, lm_candidates(cfg, context.earlier))
     served = next(row for row in rows if Path(row["path"]) == Path(cfg.model))
-    header = {"texts": {"validation": cfg.eval_examples, "test": cfg.eval_examples}, "served": cfg.model,
+    header = {"texts": {"test": cfg.eval_examples}, "served": cfg.model,
               "threads": cfg.speed.threads or torch.get_num_threads(), "torch": torch.__version__,
               "completions": to_dict(cfg.completions), "gate": gate_outcomes(cfg.gate, rows, served["model"])}
     tmp = Path(cfg.output_dir) / "model.tmp"

@@ -120,6 +120,6 @@ def test_a_gate_on_a_figure_no_report_measures_is_refused_before_any_work(models
     cfg = from_dict(PipelineConfig, yaml.safe_load(open(pipeline_yaml(models, "good", "refused",
                                                                        gate=["test_perplexty <= 2"]))))
     with pytest.raises(ConfigError, match=r"^stage 1 \('report_lm'\): gate\[0\]: the report measures no figure "
-                                          r"'test_perplexty'; it measures validation_perplexity, test_perplexity, "):
+                                          r"'test_perplexty'; it measures test_perplexity, next_token_agreement, "):
         plan_pipeline(cfg)
     assert not (models / "run-refused").exists()
