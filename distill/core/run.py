@@ -19,6 +19,7 @@ import datasets
 import torch
 import yaml
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedType, LoggerType, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
@@ -209,6 +210,10 @@ def start_run(cfg: RunConfig) -> tuple[Accelerator, Path]:
     `output_dir`. A folder holding an unfinished run (its checkpoint) of another config is refused."""
     run_dir = Path(cfg.output_dir)
     refuse_other_config(cfg, unfinished=(run_dir / CHECKPOINT_DIR).exists())
+    # a pipeline's earlier stage in this process left its own mixed precision in accelerate's process-wide state,
+    # which would refuse another; the processes themselves (PartialState) are kept
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=cfg.train.mixed_precision,
         log_with=cfg.train.report_to or None, project_dir=cfg.train.tracking_dir or str(run_dir / "tracking"),

@@ -2,7 +2,8 @@
 classifier or a causal LM, GGUF and ONNX export each refuse a folder that holds an unfinished run (config.yaml
 without metrics.json) of another config, and leave it as it was; a finished run of another config, or an unfinished
 one of the same config, is continued, its config.yaml rewritten to the resolved config. The config is written whole
-or not at all."""
+or not at all. A training run (`start_run`) gets its own mixed precision after another run in the same process, as a
+pipeline's stages run."""
 import dataclasses
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 import distill.core.run
 from distill.core.config import CorpusConfig, config_yaml
 from distill.core.errors import ConfigError
-from distill.core.run import record_config
+from distill.core.run import record_config, start_run
+from distill.lm.config import LMDistillConfig
 from prune.lm import PRUNE_LM
 from quant.config import GgufConfig, LMQuantConfig, OnnxExportConfig, QuantConfig
 from quant.quantize import QUANTIZE
@@ -114,3 +116,11 @@ def test_a_config_write_that_fails_leaves_the_recorded_config_whole(tmp_path, mo
 
 def no_rename(*args):
     raise OSError("disk full")
+
+
+def test_a_training_run_gets_its_own_mixed_precision_after_another_run_in_the_same_process(tmp_path):
+    for i, precision in enumerate(["no", "bf16", "no"]):
+        cfg = LMDistillConfig(output_dir=str(tmp_path / f"run{i}"))
+        cfg.train.mixed_precision = precision
+        accelerator, _ = start_run(cfg)
+        assert accelerator.mixed_precision == precision
