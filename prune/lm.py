@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -31,7 +30,7 @@ from distill.core.evaluate import count_parameters
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.models import ensure_pad_token, load_causal_lm, load_tokenizer
-from distill.core.run import RunResult, open_run
+from distill.core.run import RunResult, new_accelerator, open_run
 from distill.lm.data import LMCollator, held_out_splits
 from distill.lm.metrics import perplexity
 from prune.config import LMPruneConfig
@@ -319,7 +318,7 @@ def prune_lm(cfg: LMPruneConfig) -> RunResult:
     run_dir = open_run(cfg)
     model = load_causal_lm(cfg.model, dtype=torch.float32)
     set_seed(cfg.seed)
-    collate, accelerator = LMCollator(tokenizer), Accelerator(cpu=not torch.cuda.is_available())
+    collate, accelerator = LMCollator(tokenizer), new_accelerator(cpu=not torch.cuda.is_available())
     model.to(accelerator.device)
     batches = [{k: v.to(accelerator.device) for k, v in batch.items()}
                for batch in DataLoader(calibration_set, cfg.calibration.batch_size, collate_fn=collate)]

@@ -21,7 +21,7 @@ from distill.core.evaluate import alternating_latencies, latency_batch
 from distill.core.io import write_json_atomic
 from distill.core.jobs import Job, register_job
 from distill.core.models import load_tokenizer
-from distill.core.run import check_class_count, open_run
+from distill.core.run import check_class_count, new_accelerator, open_run
 from quant.config import QuantConfig, ReportConfig
 from quant.measure.classifier_metrics import markdown_table, measure_variant
 from quant.schemes.loading import auto_class, empty_model, load_config, skip_patterns
@@ -83,7 +83,7 @@ def evaluation_for(cfg: QuantConfig | ReportConfig, num_labels: int, tokenizer_s
     texts = list(raw[cfg.split]["text"][:cfg.latency.batch_size])
     return Evaluation(tokenizer, DataLoader(split, cfg.eval_batch_size, collate_fn=collator(tokenizer)),
                       latency_batch(tokenizer, texts, cfg.latency.batch_size, cfg.latency.max_length),
-                      Accelerator(cpu=True))
+                      new_accelerator(cpu=True))
 
 
 def build_and_measure(cfg: QuantConfig, variant: str, folder: Path, evaluation: Evaluation, skip: list[str]

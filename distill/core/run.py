@@ -205,16 +205,21 @@ def check_class_count(num_labels: int, labels: list[str], who: str = "model") ->
 
 
 # ----- start ------------------------------------------------------------------------------------------------------
+def new_accelerator(**settings) -> Accelerator:
+    """An Accelerator of these settings alone. A pipeline's earlier stage in this process left its own (mixed
+    precision, device) in accelerate's process-wide state, which would be kept or refuse these; the processes
+    themselves (PartialState) are kept."""
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(**settings)
+
+
 def start_run(cfg: RunConfig) -> tuple[Accelerator, Path]:
     """Create the Accelerator (with the configured trackers), seed everything, and record the resolved config in
     `output_dir`. A folder holding an unfinished run (its checkpoint) of another config is refused."""
     run_dir = Path(cfg.output_dir)
     refuse_other_config(cfg, unfinished=(run_dir / CHECKPOINT_DIR).exists())
-    # a pipeline's earlier stage in this process left its own mixed precision in accelerate's process-wide state,
-    # which would refuse another; the processes themselves (PartialState) are kept
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(
+    accelerator = new_accelerator(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=cfg.train.mixed_precision,
         log_with=cfg.train.report_to or None, project_dir=cfg.train.tracking_dir or str(run_dir / "tracking"),
     )

@@ -229,14 +229,9 @@ def predicted_tokens(texts: list[list[int]]) -> int:
     return max(sum(len(ids) - 1 for ids in texts), 1)
 
 
-def gguf_perplexity(llm, texts: list[list[int]]) -> float:
-    """exp of the mean next-token NLL over `texts` (token ids), from llama.cpp's logits."""
-    return scores_perplexity((gguf_logits(llm, ids) for ids in texts), texts)
-
-
 def scores_perplexity(logits: Iterable[np.ndarray], texts: list[list[int]]) -> float:
-    """`gguf_perplexity` from each text's llama.cpp logits already read (float32 or float64: the NLL is summed in
-    float64 either way)."""
+    """exp of the mean next-token NLL over `texts` (token ids), from each text's llama.cpp logits (float32 or float64:
+    the NLL is summed in float64 either way)."""
     return math.exp(sum(text_nll(rows, ids) for rows, ids in zip(logits, texts)) / predicted_tokens(texts))
 
 

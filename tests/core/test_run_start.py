@@ -2,12 +2,13 @@
 classifier or a causal LM, GGUF and ONNX export each refuse a folder that holds an unfinished run (config.yaml
 without metrics.json) of another config, and leave it as it was; a finished run of another config, or an unfinished
 one of the same config, is continued, its config.yaml rewritten to the resolved config. The config is written whole
-or not at all. A training run (`start_run`) gets its own mixed precision after another run in the same process, as a
-pipeline's stages run."""
+or not at all. A training run (`start_run`), or a job that makes its own Accelerator, gets its own mixed precision
+after another run in the same process, as a pipeline's stages run."""
 import dataclasses
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState
 
 import distill.core.run
 from distill.core.config import CorpusConfig, config_yaml
@@ -124,3 +125,11 @@ def test_a_training_run_gets_its_own_mixed_precision_after_another_run_in_the_sa
         cfg.train.mixed_precision = precision
         accelerator, _ = start_run(cfg)
         assert accelerator.mixed_precision == precision
+
+
+def test_pruning_after_a_bf16_run_in_the_same_process_does_not_run_in_bf16(models, tmp_path):
+    cfg = LMDistillConfig(output_dir=str(tmp_path / "distil"))
+    cfg.train.mixed_precision = "bf16"
+    start_run(cfg)
+    PRUNE_LM.run(job_cfg(tmp_path, models / "lm"))
+    assert AcceleratorState().mixed_precision == "no"
